@@ -1,0 +1,1 @@
+"""fastsd: fast Stable Diffusion text-to-image and image-to-image, served by Cog."""

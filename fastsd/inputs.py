@@ -1,0 +1,174 @@
+"""One validation path for every caller: raw inputs in, a complete GenerationRequest out.
+
+The Cog server started without a build schema passes whatever JSON it got, so nothing here
+trusts a type or a range. Every user mistake becomes one InputError sentence that names the
+input and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from . import images
+from .errors import InputError
+from .variants import Variant
+
+OUTPUT_FORMATS = ("webp", "jpg", "png")
+MAX_OUTPUTS = 8
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARACTERS = 10_000  # CLIP reads 77 tokens; anything longer is only a cost
+MAX_GUIDANCE_SCALE = 20.0
+MIN_SIDE, MAX_SIDE = 64, 2048
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str
+    image: Image.Image | None  # image-to-image when set, already fitted to width x height
+    strength: float
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    num_outputs: int
+    seed: int
+    output_format: str
+    output_quality: int
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Classifier-free guidance runs only above 1; LCM and turbo are meant to run without it."""
+        return self.guidance_scale > 1.0
+
+
+def _whole_number(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not value.is_integer()
+    ):
+        raise InputError(f"{name} must be a whole number, got {value!r}.")
+    return int(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a number, got {value!r}.")
+    return float(value)
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise InputError(f"{name} must be between {low:g} and {high:g}, got {value:g}.")
+
+
+def _text(name: str, value: Any, required: bool) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"{name} must be text, got {type(value).__name__}.")
+    if required and not value.strip():
+        raise InputError(f"{name} must not be empty.")
+    if len(value) > MAX_PROMPT_CHARACTERS:
+        raise InputError(f"{name} must be at most {MAX_PROMPT_CHARACTERS} characters, got {len(value)}.")
+    return value
+
+
+def _side(name: str, value: Any) -> int:
+    side = _whole_number(name, value)
+    if side % 8 or not MIN_SIDE <= side <= MAX_SIDE:
+        raise InputError(f"{name} must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE}, got {side}.")
+    return side
+
+
+def _round_half_up(value: float) -> int:
+    return math.floor(value + 0.5)
+
+
+def _multiple_of_8(side: float, rounding=_round_half_up) -> int:
+    return min(MAX_SIDE, max(MIN_SIDE, int(rounding(side / 8)) * 8))
+
+
+def _fit_to_budget(width: float, height: float, max_pixels: int) -> tuple[int, int]:
+    """The input image's size rounded to multiples of 8, scaled down only if over the pixel budget."""
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    nearest = _multiple_of_8(width * scale), _multiple_of_8(height * scale)
+    if nearest[0] * nearest[1] <= max_pixels:
+        return nearest
+    return _multiple_of_8(width * scale, math.floor), _multiple_of_8(height * scale, math.floor)
+
+
+def _size(variant: Variant, width: Any, height: Any, source: Image.Image | None) -> tuple[int, int]:
+    width = None if width is None else _side("width", width)
+    height = None if height is None else _side("height", height)
+    if source is None:
+        width, height = width or variant.width, height or variant.height
+    elif width is None and height is None:
+        width, height = _fit_to_budget(*source.size, variant.max_pixels)
+    elif width is None or height is None:  # keep the input's aspect ratio for the side left out
+        aspect = source.width / source.height
+        width = width or _multiple_of_8(height * aspect)
+        height = height or _multiple_of_8(width / aspect)
+    if width * height > variant.max_pixels:
+        raise InputError(
+            f"width x height must be at most {variant.max_pixels} pixels for {variant.name}, "
+            f"got {width}x{height} = {width * height}."
+        )
+    return width, height
+
+
+def validate(variant: Variant, *, prompt: Any, negative_prompt: Any = "", image: Path | str | None = None,
+             strength: Any = 0.8, num_inference_steps: Any = None, guidance_scale: Any = None, width: Any = None,
+             height: Any = None, num_outputs: Any = 1, seed: Any = None, output_format: Any = "webp",
+             output_quality: Any = 80) -> GenerationRequest:
+    """Check every input against the variant's limits and fill in its defaults."""
+    prompt = _text("prompt", prompt, required=True)
+    negative_prompt = _text("negative_prompt", negative_prompt, required=False)
+
+    num_outputs = _whole_number("num_outputs", num_outputs)
+    _in_range("num_outputs", num_outputs, 1, MAX_OUTPUTS)
+    if output_format not in OUTPUT_FORMATS:
+        raise InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}.")
+    output_quality = _whole_number("output_quality", output_quality)
+    _in_range("output_quality", output_quality, 1, 100)
+    seed = random.randint(0, MAX_SEED) if seed is None else _whole_number("seed", seed)
+    _in_range("seed", seed, 0, MAX_SEED)
+
+    guidance_scale = variant.guidance_scale if guidance_scale is None else _number("guidance_scale", guidance_scale)
+    _in_range("guidance_scale", guidance_scale, 0, MAX_GUIDANCE_SCALE)
+    strength = _number("strength", strength)
+    _in_range("strength", strength, 0, 1)
+
+    source = images.open_input_image(image) if image is not None else None
+    width, height = _size(variant, width, height, source)
+    if num_outputs * width * height > variant.max_batch_pixels:
+        raise InputError(
+            f"num_outputs x width x height must be at most {variant.max_batch_pixels} pixels for {variant.name}, "
+            f"got {num_outputs} x {width}x{height}; ask for fewer or smaller images."
+        )
+
+    if num_inference_steps is None:
+        steps = variant.num_inference_steps
+        if source is not None:
+            # Image-to-image runs int(steps * strength) steps: keep the variant's step count.
+            steps = min(variant.max_steps, math.ceil(steps / max(strength, 1e-6) - 1e-9))
+    else:
+        steps = _whole_number("num_inference_steps", num_inference_steps)
+        _in_range("num_inference_steps", steps, 1, variant.max_steps)
+    if source is not None and int(steps * strength) < 1:
+        raise InputError(
+            f"strength x num_inference_steps must be at least 1 for image-to-image, got {strength:g} x {steps} "
+            f"= {strength * steps:g}; raise strength to at least {1 / steps:.2g} or use more steps."
+        )
+
+    return GenerationRequest(
+        prompt=prompt, negative_prompt=negative_prompt,
+        image=None if source is None else images.fit(source, width, height),
+        strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale, width=width, height=height,
+        num_outputs=num_outputs, seed=seed, output_format=output_format, output_quality=output_quality,
+    )

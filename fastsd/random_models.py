@@ -1,0 +1,311 @@
+"""Random-weight models in the exact on-disk layout of the real hub repos.
+
+The hub cannot be reached from CI, and timing does not depend on weight values, so tests build
+tiny models and benchmarks full-size ones here. Each repo is written the way the hub lays it
+out: model_index.json, one folder per component, full-precision and fp16 safetensors where the
+real repo has both, tokenizers, scheduler configs, and LCM-LoRA files with kohya-style keys.
+
+    python -m fastsd.random_models --size tiny stabilityai/sd-turbo   # into ./weights, ./lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import variants, weights
+
+TINY = "tiny"
+FULL = "full"
+
+
+@dataclass(frozen=True)
+class RepoLayout:
+    pipeline: str  # diffusers pipeline class written to model_index.json
+    architecture: str  # variants.SD or variants.SDXL
+    cross_attention_dim: int
+    scheduler: tuple[str, dict]
+    fp16_files: bool = True  # the repo carries *.fp16.safetensors beside the full-precision files
+    safety_checker: bool = False  # SD1.5-era repos ship safety_checker/ and feature_extractor/
+    time_cond_proj_dim: int | None = None  # the distilled LCM UNet takes guidance as an embedding
+    extra_model_index: dict = field(default_factory=dict)
+
+
+_SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+REPOS: dict[str, RepoLayout] = {
+    "stabilityai/sd-turbo": RepoLayout(
+        "StableDiffusionPipeline", variants.SD, 1024,
+        ("EulerDiscreteScheduler", dict(_SD_SCHEDULER, timestep_spacing="trailing", prediction_type="epsilon")),
+    ),
+    "stabilityai/sdxl-turbo": RepoLayout(
+        "StableDiffusionXLPipeline", variants.SDXL, 2048,
+        ("EulerAncestralDiscreteScheduler", dict(_SD_SCHEDULER, timestep_spacing="trailing")),
+        extra_model_index={"force_zeros_for_empty_prompt": True},
+    ),
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": RepoLayout(
+        "StableDiffusionPipeline", variants.SD, 768,
+        ("PNDMScheduler", dict(_SD_SCHEDULER, skip_prk_steps=True, steps_offset=1)),
+        safety_checker=True,
+    ),
+    "stabilityai/stable-diffusion-xl-base-1.0": RepoLayout(
+        "StableDiffusionXLPipeline", variants.SDXL, 2048,
+        ("EulerDiscreteScheduler", dict(_SD_SCHEDULER, timestep_spacing="leading", steps_offset=1)),
+        extra_model_index={"force_zeros_for_empty_prompt": True},
+    ),
+    "SimianLuo/LCM_Dreamshaper_v7": RepoLayout(
+        "LatentConsistencyModelPipeline", variants.SD, 768,
+        ("LCMScheduler", dict(_SD_SCHEDULER, original_inference_steps=50, set_alpha_to_one=True)),
+        fp16_files=False, safety_checker=True, time_cond_proj_dim=256,
+    ),
+}
+VAE_REPOS = {variants.SDXL_VAE_FP16_FIX}  # a bare AutoencoderKL at the repo root
+LORA_REPOS = {hub_id: dim for dim, hub_id in variants.LCM_LORA_FOR.items()}  # hub id -> cross_attention_dim
+
+
+# --- component configs, per size ------------------------------------------------------------
+
+def _unet_config(layout: RepoLayout, size: str) -> dict:
+    xl = layout.architecture == variants.SDXL
+    config = dict(cross_attention_dim=layout.cross_attention_dim, time_cond_proj_dim=layout.time_cond_proj_dim)
+    if size == TINY:
+        config.update(
+            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        )
+        if xl:
+            config.update(addition_embed_type="text_time", addition_time_embed_dim=8,
+                          projection_class_embeddings_input_dim=8 * 6 + 32, use_linear_projection=True)
+        return config
+    if xl:  # the published SDXL UNet
+        config.update(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        )
+    else:  # SD1.5 (768) and SD2.1 (1024) differ in heads and projections
+        config.update(sample_size=64 if layout.cross_attention_dim == 768 else 96, layers_per_block=2,
+                      block_out_channels=(320, 640, 1280, 1280))
+        if layout.cross_attention_dim == 1024:
+            config.update(attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+        else:
+            config.update(attention_head_dim=8)
+    return config
+
+
+def _vae_config(architecture: str, size: str) -> dict:
+    scaling = 0.13025 if architecture == variants.SDXL else 0.18215
+    blocks = 4  # three downsamples: latents are 1/8 of the image, as in every real SD VAE
+    channels = (16,) * blocks if size == TINY else (128, 256, 512, 512)
+    return dict(
+        block_out_channels=channels, layers_per_block=1 if size == TINY else 2, latent_channels=4,
+        norm_num_groups=8 if size == TINY else 32, scaling_factor=scaling,
+        sample_size=64 if size == TINY else (1024 if architecture == variants.SDXL else 512),
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+    )
+
+
+def _text_config(hidden: int, size: str, projection_dim: int, vocab_size: int) -> dict:
+    # Real encoders: CLIP-L (768, 12 layers), OpenCLIP-H (1024, 23), OpenCLIP-bigG (1280, 32).
+    layers = {768: 12, 1024: 23, 1280: 32}[hidden]
+    heads = {768: 12, 1024: 16, 1280: 20}[hidden]
+    if size == TINY:
+        return dict(hidden_size=hidden, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                    vocab_size=vocab_size, max_position_embeddings=77, projection_dim=projection_dim)
+    return dict(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers, num_attention_heads=heads,
+                vocab_size=49408, max_position_embeddings=77, projection_dim=projection_dim,
+                hidden_act="quick_gelu" if hidden == 768 else "gelu")
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins that byte-level BPE (CLIP's tokenizer) uses for raw bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_ins, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            stand_ins.append(chr(byte))
+        else:
+            stand_ins.append(chr(256 + extra))
+            extra += 1
+    return stand_ins
+
+
+def write_clip_tokenizer(folder: Path, size: str) -> int:
+    """A working CLIP BPE tokenizer in the hub's files: the byte alphabet and a few merges. Sizes
+    share it: timing does not depend on the vocabulary (the encoder's embedding table is sized
+    separately). Returns the vocabulary size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_level_alphabet()
+    tokens = alphabet + [a + "</w>" for a in alphabet]
+    merges = [f"{a} {b}" for a in string.ascii_lowercase[:6] for b in "aeiou"]
+    tokens += [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        dict(special, tokenizer_class="CLIPTokenizer", model_max_length=77, do_lower_case=True)))
+    return len(tokens)
+
+
+# --- repos ----------------------------------------------------------------------------------
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def _text_encoders(layout: RepoLayout, folder: Path, size: str) -> dict:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    components = {}
+    if layout.architecture == variants.SDXL:
+        encoders = [("", 768, CLIPTextModel, 768), ("_2", 1280, CLIPTextModelWithProjection, 32 if size == TINY else 1280)]
+    else:
+        encoders = [("", layout.cross_attention_dim, CLIPTextModel, 512)]
+    for suffix, hidden, model_class, projection in encoders:
+        vocab_size = write_clip_tokenizer(folder / f"tokenizer{suffix}", size)
+        components[f"tokenizer{suffix}"] = CLIPTokenizer.from_pretrained(folder / f"tokenizer{suffix}")
+        # CLIP pools the text at the end-of-text token: its id must be the tokenizer's.
+        config = CLIPTextConfig(**_text_config(hidden, size, projection, vocab_size),
+                                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+        components[f"text_encoder{suffix}"] = model_class(config).eval()
+    return components
+
+
+def _safety_components(size: str) -> dict:
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    tiny = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+    vision = dict(tiny, image_size=32, patch_size=8) if size == TINY else dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+        patch_size=14)
+    config = CLIPConfig(text_config=dict(tiny, vocab_size=99), vision_config=vision, projection_dim=32 if size == TINY else 768)
+    processor = CLIPImageProcessor(crop_size=vision["image_size"], size=vision["image_size"])
+    return {"safety_checker": StableDiffusionSafetyChecker(config).eval(), "feature_extractor": processor}
+
+
+def build_model_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0) -> Path:
+    import diffusers
+
+    layout = REPOS[hub_id]
+    _seeded(seed)
+    staging = folder / ".staging-tokenizers"
+    components = _text_encoders(layout, staging, size)
+    components["unet"] = diffusers.UNet2DConditionModel(**_unet_config(layout, size)).eval()
+    components["vae"] = diffusers.AutoencoderKL(**_vae_config(layout.architecture, size)).eval()
+    scheduler_class, scheduler_config = layout.scheduler
+    components["scheduler"] = getattr(diffusers, scheduler_class)(**scheduler_config)
+    if layout.architecture == variants.SD:
+        if layout.safety_checker:
+            components.update(_safety_components(size))
+        else:
+            components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if layout.pipeline != "StableDiffusionXLPipeline":
+        components["image_encoder"] = None
+    pipeline = getattr(diffusers, layout.pipeline)(**components)
+    if layout.extra_model_index:
+        pipeline.register_to_config(**layout.extra_model_index)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    if layout.fp16_files:
+        pipeline.to(torch.float16).save_pretrained(folder, safe_serialization=True, variant="fp16")
+    # The hub repos carry the slow-tokenizer files (vocab.json, merges.txt), not tokenizer.json.
+    for tokenizer in folder.glob("tokenizer*"):
+        _remove_tree(tokenizer)
+        write_clip_tokenizer(tokenizer, size)
+    _remove_tree(staging)
+    return folder
+
+
+def build_vae_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0) -> Path:
+    import diffusers
+
+    _seeded(seed)
+    vae = diffusers.AutoencoderKL(**dict(_vae_config(variants.SDXL, size), force_upcast=False))
+    vae.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                 "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv")
+
+
+def kohya_lora_state_dict(unet, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """LoRA factors for the UNet's attention, feed-forward and ResNet layers, keyed the way the
+    published LCM-LoRA files are: lora_unet_<module path with _>.{lora_down.weight,lora_up.weight,alpha}."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if not name.endswith(_LORA_TARGETS) or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        key = "lora_unet_" + name.replace(".", "_")
+        if isinstance(module, torch.nn.Linear):
+            down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
+        else:
+            down_shape = (rank, module.in_channels, *module.kernel_size)
+            up_shape = (module.out_channels, rank, 1, 1)
+        state[f"{key}.lora_down.weight"] = torch.randn(down_shape, generator=generator) * 0.1
+        state[f"{key}.lora_up.weight"] = torch.randn(up_shape, generator=generator) * 0.1
+        state[f"{key}.alpha"] = torch.tensor(float(rank) / 2)
+    return {k: v.to(torch.float16) for k, v in state.items()}
+
+
+def build_lora_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0) -> Path:
+    import diffusers
+    from safetensors.torch import save_file
+
+    cross_attention_dim = LORA_REPOS[hub_id]
+    base = next(layout for layout in REPOS.values() if layout.cross_attention_dim == cross_attention_dim
+                and layout.time_cond_proj_dim is None)
+    unet = diffusers.UNet2DConditionModel(**_unet_config(base, size))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(kohya_lora_state_dict(unet, rank=4 if size == TINY else 64, seed=seed),
+              folder / weights.LORA_WEIGHT_NAME)
+    return folder
+
+
+def build(hub_id: str, root: Path, size: str = TINY, seed: int = 0) -> Path:
+    """Write the repo hub_id under root/weights/<hub id> or root/lora/<hub id>."""
+    if hub_id in LORA_REPOS:
+        return build_lora_repo(hub_id, root / "lora" / hub_id, size, seed)
+    if hub_id in VAE_REPOS:
+        return build_vae_repo(hub_id, root / "weights" / hub_id, size, seed)
+    return build_model_repo(hub_id, root / "weights" / hub_id, size, seed)
+
+
+def build_variant(variant: variants.Variant, root: Path, size: str = TINY) -> None:
+    for hub_id in variant.hub_ids.values():
+        build(hub_id, root, size)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variant", nargs="+", help="variant names (see fastsd.variants)")
+    parser.add_argument("--size", choices=(TINY, FULL), default=TINY)
+    parser.add_argument("--root", type=Path, default=weights.PROJECT_ROOT)
+    args = parser.parse_args()
+    for name in args.variant:
+        build_variant(variants.get_variant(name), args.root, args.size)
+        print(f"built {name} ({args.size}) under {args.root}")
+
+
+if __name__ == "__main__":
+    main()

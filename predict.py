@@ -1,0 +1,100 @@
+"""The Cog interface, and nothing else: typed inputs with their descriptions, and calls into fastsd.
+
+Cog reads this file's source to build the input schema without importing it, so every default,
+choice and description below is a literal.
+"""
+
+import logging
+import sys
+from typing import Optional
+
+from cog import BaseRunner, Input, Path
+
+from fastsd.engine import Engine
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s", force=True)
+
+
+class Predictor(BaseRunner):
+    def setup(self, weights: Optional[str] = None) -> None:
+        self.engine = Engine.from_environment()
+
+    def run(
+        self,
+        prompt: str = Input(description="What the image should show."),
+        negative_prompt: str = Input(
+            default="",
+            description="What the image should not show. Used only when guidance_scale is above 1 "
+            "(LCM and turbo run without guidance by default).",
+        ),
+        image: Optional[Path] = Input(
+            default=None,
+            description="A starting image (PNG, JPEG or WebP) for image-to-image. Without width and height the "
+            "output keeps its size, rounded to a multiple of 8.",
+        ),
+        strength: float = Input(
+            default=0.8,
+            ge=0.0,
+            le=1.0,
+            description="Image-to-image only: how much to change the starting image, from 0 (keep it) to 1 "
+            "(replace it). strength x num_inference_steps must reach 1.",
+        ),
+        num_inference_steps: Optional[int] = Input(
+            default=None,
+            ge=1,
+            le=100,
+            description="Denoising steps. Leave empty for the model's default (1 for turbo, 4 for LCM, 25 for "
+            "the base models); image-to-image then raises it so that strength x steps keeps that many.",
+        ),
+        guidance_scale: Optional[float] = Input(
+            default=None,
+            ge=0.0,
+            le=20.0,
+            description="Classifier-free guidance. 1 or less switches it off (the right choice for turbo and "
+            "LCM-LoRA); leave empty for the model's default.",
+        ),
+        width: Optional[int] = Input(
+            default=None,
+            ge=64,
+            le=2048,
+            description="Output width in pixels, a multiple of 8. Leave empty for the model's default (512, or "
+            "1024 for SDXL base models) or, with an image, for its width.",
+        ),
+        height: Optional[int] = Input(
+            default=None,
+            ge=64,
+            le=2048,
+            description="Output height in pixels, a multiple of 8. Leave empty for the model's default or, "
+            "with an image, for its height.",
+        ),
+        num_outputs: int = Input(
+            default=1, ge=1, le=8, description="How many images to make in one batch (1 to 8)."
+        ),
+        seed: Optional[int] = Input(
+            default=None,
+            ge=0,
+            le=4294967295,
+            description="Random seed for reproducible images; image i of a batch uses seed + i. Leave empty "
+            "for a random seed (it is logged and returned in the metrics).",
+        ),
+        output_format: str = Input(
+            default="webp", choices=["webp", "jpg", "png"], description="File format of the output images."
+        ),
+        output_quality: int = Input(
+            default=80,
+            ge=1,
+            le=100,
+            description="Quality of webp and jpg outputs, from 1 to 100 (png is lossless and ignores it).",
+        ),
+    ) -> list[Path]:
+        request = self.engine.validate(
+            prompt=prompt, negative_prompt=negative_prompt, image=image, strength=strength,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, width=width, height=height,
+            num_outputs=num_outputs, seed=seed, output_format=output_format, output_quality=output_quality,
+        )
+        result = self.engine.generate(request)
+        paths = self.engine.save(result, request)
+        self.record_metric("seed", result.seed)
+        self.record_metric("inference_time", round(result.inference_time, 4))
+        self.record_metric("encode_time", round(result.timings["encode_time"], 4))
+        return [Path(path) for path in paths]

@@ -1,0 +1,84 @@
+"""The real Cog HTTP server (coglet), started the way the image starts it, for the tests to call."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def data_uri(payload: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(payload).decode()}"
+
+
+def decode_output(uri: str) -> tuple[bytes, Image.Image]:
+    header, encoded = uri.split(",", 1)
+    assert header.startswith("data:") and header.endswith(";base64"), header
+    payload = base64.b64decode(encoded)
+    image = Image.open(io.BytesIO(payload))
+    image.load()
+    return payload, image
+
+
+class CogServer:
+    """`python -m cog.server.http` on a free loopback port, with the given environment."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = dict(os.environ, **env, PORT=str(self.port), COG_PREDICT_TYPE_STUB="predict.py:Predictor")
+        # coglet spawns its worker as `python`: the test interpreter's folder must come first.
+        environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            cwd=PROJECT_ROOT, env=environment, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health-check", timeout=10).json()
+
+    def wait_for_setup(self, timeout: float = 180) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            try:
+                state = self.health()
+                if state.get("status") not in (None, "STARTING"):
+                    return state
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_path.read_text()}")
+
+    def predict(self, **inputs) -> dict:
+        response = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=300)
+        assert response.status_code == 200, (response.status_code, response.text)
+        return response.json()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()

@@ -1,0 +1,145 @@
+"""Every variant through the real Cog HTTP server, as a user of the hosted API calls it."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from cog_server import CogServer, data_uri, decode_output
+from conftest import png_bytes
+from fastsd import variants
+
+SMALL = dict(width=64, height=64)  # the tiny models make any size cheap; keep requests fast
+
+
+@pytest.fixture(scope="module", params=list(variants.VARIANTS))
+def server(request, weights_root, tmp_path_factory):
+    name = request.param
+    log_path = tmp_path_factory.mktemp("logs") / f"{name}.log"
+    cog = CogServer({"FASTSD_VARIANT": name, "FASTSD_WEIGHTS_ROOT": str(weights_root)}, log_path)
+    try:
+        state = cog.wait_for_setup()
+        assert state["status"] == "READY", state
+        cog.variant = variants.VARIANTS[name]
+        yield cog
+    finally:
+        cog.stop()
+
+
+def succeeded(response: dict) -> list[tuple[bytes, Image.Image]]:
+    assert response["status"] == "succeeded", response.get("error")
+    return [decode_output(uri) for uri in response["output"]]
+
+
+def test_setup_logs_what_it_loaded(server):
+    logs = server.health()["setup"]["logs"]
+    assert f"loaded {server.variant.name}" in server.log_path.read_text() + logs
+
+
+def test_text_to_image_with_defaults_returns_webp_and_records_seed(server):
+    response = server.predict(prompt="a lighthouse at dawn", **SMALL)
+    [(payload, image)] = succeeded(response)
+    assert image.format == "WEBP" and image.size == (64, 64)
+    assert isinstance(response["metrics"]["seed"], int)
+    assert response["metrics"]["inference_time"] > 0
+    assert f"seed {response['metrics']['seed']}" in response["logs"]
+
+
+def test_default_size_is_the_variants(server):
+    if server.variant.width * server.variant.height > 512 * 512:
+        pytest.skip("1024x1024 is slow on the CPU even with tiny models")
+    [(_, image)] = succeeded(server.predict(prompt="a fox", num_inference_steps=1))
+    assert image.size == (server.variant.width, server.variant.height)
+
+
+def test_image_to_image_keeps_input_size_rounded_to_8(server):
+    response = server.predict(prompt="a red barn", image=data_uri(png_bytes(100, 70)), strength=0.5, seed=3)
+    [(_, image)] = succeeded(response)
+    assert image.size == (104, 72)
+
+
+def test_image_to_image_is_fitted_to_width_and_height(server):
+    response = server.predict(prompt="a red barn", image=data_uri(png_bytes(100, 70)), width=64, height=96)
+    [(_, image)] = succeeded(response)
+    assert image.size == (64, 96)
+
+
+def test_several_outputs_come_back_distinct(server):
+    outputs = succeeded(server.predict(prompt="three cats", num_outputs=3, seed=11, **SMALL))
+    assert len(outputs) == 3
+    assert len({payload for payload, _ in outputs}) == 3
+
+
+@pytest.mark.parametrize("output_format, pil_format", [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")])
+def test_each_output_format_decodes_at_the_requested_size(server, output_format, pil_format):
+    response = server.predict(prompt="a bowl of fruit", output_format=output_format, width=80, height=64, seed=1)
+    [(_, image)] = succeeded(response)
+    assert (image.format, image.size) == (pil_format, (80, 64))
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(server):
+    first = succeeded(server.predict(prompt="a glass city", seed=1234, output_format="png", **SMALL))
+    again = succeeded(server.predict(prompt="a glass city", seed=1234, output_format="png", **SMALL))
+    other = succeeded(server.predict(prompt="a glass city", seed=1235, output_format="png", **SMALL))
+    assert first[0][0] == again[0][0]
+    assert first[0][0] != other[0][0]
+
+
+def _bad_inputs(variant: variants.Variant) -> list[tuple[str, dict]]:
+    """(the input the error must name, request inputs) for each kind of mistake."""
+    batch_side = int((variant.max_pixels) ** 0.5) // 8 * 8
+    huge = io.BytesIO()
+    Image.new("1", (9000, 5000)).save(huge, format="PNG")  # 45 megapixels in a few kB
+    return [
+        ("prompt", {}),
+        ("prompt", {"prompt": ""}),
+        ("prompt", {"prompt": 42}),
+        ("width", {"width": 65}),
+        ("width", {"width": 4096}),
+        ("height", {"height": "tall"}),
+        ("width x height", {"width": 2048, "height": 2048}),
+        ("num_outputs", {"num_outputs": 9}),
+        ("num_outputs", {"num_outputs": 0}),
+        ("num_outputs x width x height", {"num_outputs": 8, "width": batch_side, "height": batch_side}),
+        ("strength", {"strength": 1.5}),
+        ("guidance_scale", {"guidance_scale": 50}),
+        ("guidance_scale", {"guidance_scale": "high"}),
+        ("num_inference_steps", {"num_inference_steps": 0}),
+        ("num_inference_steps", {"num_inference_steps": 1000}),
+        ("num_inference_steps", {"num_inference_steps": 2.5}),
+        ("seed", {"seed": -1}),
+        ("output_format", {"output_format": "gif"}),
+        ("output_quality", {"output_quality": 101}),
+        ("image", {"image": data_uri(b"this is not an image", "image/png")}),
+        ("image", {"image": data_uri(huge.getvalue())}),
+        ("strength x num_inference_steps", {"image": data_uri(png_bytes(64, 64)), "num_inference_steps": 1,
+                                            "strength": 0.5}),
+        ("bogus", {"bogus": True}),
+    ]
+
+
+def test_bad_inputs_fail_clearly_and_the_server_stays_ready(server):
+    for named_input, inputs in _bad_inputs(server.variant):
+        inputs = {"prompt": "a tree", **inputs} if "prompt" not in inputs and inputs else inputs
+        if inputs.get("prompt") is None:
+            inputs.pop("prompt", None)
+        response = server.predict(**inputs)
+        assert response["status"] == "failed", (inputs, response)
+        assert named_input in response["error"], (named_input, response["error"])
+        assert "Traceback" not in response["error"]
+        assert server.health()["status"] == "READY"
+    succeeded(server.predict(prompt="after all that, a tree", **SMALL))
+
+
+def test_missing_weights_fail_setup_naming_the_fetch_command(tmp_path):
+    cog = CogServer({"FASTSD_VARIANT": "sdxl-lcm", "FASTSD_WEIGHTS_ROOT": str(tmp_path)}, tmp_path / "server.log")
+    try:
+        state = cog.wait_for_setup()
+        assert state["status"] == "SETUP_FAILED"
+        text = state["setup"]["logs"] + cog.log_path.read_text()
+        assert "python scripts/download_weights.py sdxl-lcm" in text
+        assert "lcm-lora-sdxl" in text and "sdxl-vae-fp16-fix" in text
+    finally:
+        cog.stop()
