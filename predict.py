@@ -17,7 +17,7 @@ logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s",
 
 class Predictor(BaseRunner):
     def setup(self, weights: Optional[str] = None) -> None:
-        self.engine = Engine.from_environment()
+        self.engine = Engine.from_environment(weights_url=weights)
 
     def run(
         self,

@@ -16,7 +16,7 @@ from PIL import Image
 from . import images, inputs, pipelines
 from .inputs import GenerationRequest
 from .variants import Variant, variant_from_environment
-from .weights import model_folder
+from .weights import ensure_weights, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,11 @@ class Engine:
         return cls(variant, pipelines.load(variant, device, dtype))
 
     @classmethod
-    def from_environment(cls) -> "Engine":
-        return cls.load(variant_from_environment(model_folder))
+    def from_environment(cls, weights_url: str | None = None) -> "Engine":
+        """The engine for the variant the environment names; weights_url is Cog's setup(weights)."""
+        variant = variant_from_environment(model_folder)
+        ensure_weights(variant, weights_url)
+        return cls.load(variant)
 
     def validate(self, **raw: Any) -> GenerationRequest:
         return inputs.validate(self.variant, **raw)

@@ -56,3 +56,8 @@ def require_weights(variant: Variant) -> None:
         raise WeightsMissing(
             f"Weights for variant {variant.name} are missing: {listed}. Fetch them with: {fetch_command(variant)}"
         )
+
+
+def ensure_weights(variant: Variant, weights_url: str | None = None) -> None:
+    """Make sure the variant's weights are on disk before loading: the one entry point setup() uses."""
+    require_weights(variant)
