@@ -69,6 +69,15 @@ class CogServer:
             time.sleep(0.2)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_path.read_text()}")
 
+    def is_ready_again(self, timeout: float = 10) -> bool:
+        """READY once the worker has released its slot (BUSY may linger a moment after a reply)."""
+        deadline = time.monotonic() + timeout
+        while self.health()["status"] != "READY":
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def predict(self, **inputs) -> dict:
         response = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=300)
         assert response.status_code == 200, (response.status_code, response.text)

@@ -1,0 +1,205 @@
+"""The engine without Cog: what setup builds, and what one request does to the pipelines."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastsd import pipelines, variants
+from fastsd.engine import Engine
+from fastsd.errors import ConfigurationError
+from fastsd.weights import LORA_WEIGHT_NAME, lora_folder
+
+SMALL = dict(width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def engines(weights_root):
+    """One engine per variant, loaded on first use (setup is the expensive part)."""
+    loaded = {}
+
+    def get(name: str) -> Engine:
+        if name not in loaded:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
+                loaded[name] = Engine.load(variants.VARIANTS[name])
+        return loaded[name]
+    return get
+
+
+def unet_batch_sizes(engine: Engine):
+    """Record the batch size of every UNet call (a forward hook on the real module)."""
+    sizes = []
+    handle = engine.pipelines.text_to_image.unet.register_forward_hook(
+        lambda module, args, output: sizes.append(args[0].shape[0]))
+    return sizes, handle
+
+
+def generate(engine: Engine, **raw):
+    return engine.generate(engine.validate(**raw))
+
+
+@pytest.mark.parametrize("name, scheduler, spacing", [
+    ("sd-turbo", "EulerDiscreteScheduler", "trailing"),
+    ("sdxl-turbo", "EulerAncestralDiscreteScheduler", "trailing"),
+    ("sd15-lcm", "LCMScheduler", None),
+    ("sdxl-lcm", "LCMScheduler", None),
+    ("lcm-dreamshaper", "LCMScheduler", None),
+    ("sd15", "PNDMScheduler", None),
+    ("sdxl", "EulerDiscreteScheduler", None),
+])
+def test_each_variant_gets_its_scheduler(engines, name, scheduler, spacing):
+    engine = engines(name)
+    assert type(engine.pipelines.text_to_image.scheduler).__name__ == scheduler
+    if spacing:
+        assert engine.pipelines.text_to_image.scheduler.config.timestep_spacing == spacing
+
+
+def test_image_to_image_shares_the_text_to_image_weights(engines):
+    engine = engines("sdxl-lcm")
+    text, image = engine.pipelines.text_to_image, engine.pipelines.image_to_image
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert getattr(image, component) is getattr(text, component)
+
+
+def test_the_fp16_fix_vae_replaces_the_sdxl_vae(engines, weights_root):
+    vae = engines("sdxl-lcm").pipelines.text_to_image.vae
+    fix = load_file(weights_root / "weights" / variants.SDXL_VAE_FP16_FIX / "diffusion_pytorch_model.safetensors")
+    name, tensor = next(iter(fix.items()))
+    assert torch.equal(vae.state_dict()[name], tensor.to(vae.dtype))
+
+
+@pytest.mark.parametrize("name", ["sd15-lcm", "sdxl-lcm"])
+def test_lcm_lora_is_fused_exactly_once(engines, weights_root, name):
+    """Fused weight == base + (alpha / rank) * up @ down, for a layer the LoRA targets; no adapter left."""
+    variant = variants.VARIANTS[name]
+    unet = engines(name).pipelines.text_to_image.unet
+    base = load_file(weights_root / "weights" / variant.model / "unet" / "diffusion_pytorch_model.safetensors")
+    lora = load_file(weights_root / "lora" / variant.lora / LORA_WEIGHT_NAME)
+    layer = next(n for n in unet.state_dict() if n.endswith("attn1.to_q.weight"))
+    key = "lora_unet_" + layer.removesuffix(".weight").replace(".", "_")
+    down, up = lora[f"{key}.lora_down.weight"].float(), lora[f"{key}.lora_up.weight"].float()
+    scale = lora[f"{key}.alpha"].float() / down.shape[0]
+    expected = base[layer].float() + scale * (up @ down)
+    fused = unet.state_dict()[layer].float()
+    assert torch.allclose(fused, expected, atol=1e-3)
+    assert not torch.allclose(fused, base[layer].float() + 2 * scale * (up @ down), atol=1e-3)
+    assert not any("lora" in module for module, _ in unet.named_modules())
+
+
+@pytest.mark.parametrize("name", ["sd-turbo", "sdxl-lcm", "lcm-dreamshaper"])
+def test_outputs_come_from_one_batched_call(engines, name):
+    engine = engines(name)
+    sizes, handle = unet_batch_sizes(engine)
+    try:
+        result = generate(engine, prompt="four owls", num_outputs=4, num_inference_steps=1, seed=1, **SMALL)
+    finally:
+        handle.remove()
+    assert len(result.images) == 4
+    assert sizes == [4]  # one step, four images in one UNet call, no guidance batch
+
+
+def test_guidance_above_1_doubles_the_batch_and_uses_the_negative_prompt(engines, caplog):
+    engine = engines("sd15")
+    sizes, handle = unet_batch_sizes(engine)
+    try:
+        with caplog.at_level(logging.INFO, logger="fastsd"):
+            generate(engine, prompt="a dog", negative_prompt="blur", guidance_scale=7.5, num_inference_steps=1, seed=1,
+                     **SMALL)
+            assert "negative_prompt ignored" not in caplog.text
+            generate(engine, prompt="a dog", negative_prompt="blur", guidance_scale=1.0, num_inference_steps=1, seed=1,
+                     **SMALL)
+    finally:
+        handle.remove()
+    assert sizes == [2, 1]
+    assert "negative_prompt ignored: guidance_scale 1 <= 1" in caplog.text
+
+
+def test_the_negative_prompt_changes_a_guided_image(engines):
+    engine = engines("sd15")
+    common = dict(prompt="a dog", guidance_scale=7.5, num_inference_steps=2, seed=3, **SMALL)
+    plain = np.asarray(generate(engine, **common).images[0], dtype=int)
+    negative = np.asarray(generate(engine, negative_prompt="cats everywhere", **common).images[0], dtype=int)
+    assert np.abs(plain - negative).max() > 0
+
+
+def test_same_seed_same_image_and_image_i_of_a_batch_is_seed_plus_i(engines):
+    engine = engines("sd-turbo")
+    first = generate(engine, prompt="a kite", seed=40, num_outputs=2, **SMALL).images
+    again = generate(engine, prompt="a kite", seed=40, num_outputs=2, **SMALL).images
+    alone = generate(engine, prompt="a kite", seed=41, **SMALL).images[0]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
+    assert np.abs(np.asarray(first[1], dtype=int) - np.asarray(alone, dtype=int)).max() <= 2
+
+
+def test_image_to_image_starts_from_the_image(engines, tmp_path):
+    from PIL import Image
+
+    engine = engines("sd-turbo")
+    white, black = tmp_path / "white.png", tmp_path / "black.png"
+    Image.new("RGB", (64, 64), "white").save(white)
+    Image.new("RGB", (64, 64), "black").save(black)
+    common = dict(prompt="x", strength=0.5, seed=9)
+    from_white = np.asarray(generate(engine, image=white, **common).images[0], dtype=int)
+    from_black = np.asarray(generate(engine, image=black, **common).images[0], dtype=int)
+    assert from_white.shape == (64, 64, 3)
+    assert from_white.mean() != from_black.mean()
+
+
+def test_weights_variant_prefers_fp16_files_for_half_precision(weights_root):
+    sd15 = weights_root / "weights" / "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert pipelines.weights_variant(sd15, torch.float16) == "fp16"
+    assert pipelines.weights_variant(sd15, torch.float32) is None
+    dreamshaper = weights_root / "weights" / "SimianLuo/LCM_Dreamshaper_v7"  # full precision only
+    assert pipelines.weights_variant(dreamshaper, torch.float16) is None
+
+
+def test_a_repo_with_only_fp16_files_loads_them_in_full_precision(weights_root, tmp_path):
+    only_fp16 = tmp_path / "only-fp16"
+    shutil.copytree(weights_root / "weights" / "stabilityai/sd-turbo", only_fp16)
+    for full in only_fp16.glob("*/*.safetensors"):
+        if not full.name.endswith(".fp16.safetensors"):
+            full.unlink()
+    assert pipelines.weights_variant(only_fp16, torch.float32) == "fp16"
+
+
+def test_custom_models_detect_their_architecture_and_lora(weights_root, monkeypatch):
+    sd15 = weights_root / "weights" / "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    sdxl = weights_root / "weights" / "stabilityai/stable-diffusion-xl-base-1.0"
+    turbo = weights_root / "weights" / "stabilityai/sd-turbo"
+    custom = variants.custom_variant(str(sd15), sd15, "lcm-lora")
+    assert (custom.architecture, custom.lora, custom.num_inference_steps) == ("sd", variants.LCM_LORA_FOR[768], 4)
+    custom = variants.custom_variant(str(sdxl), sdxl, "lcm-lora")
+    assert (custom.architecture, custom.lora, custom.width) == ("sdxl", variants.LCM_LORA_FOR[2048], 1024)
+    assert variants.custom_variant(str(sdxl), sdxl, "none").lora is None
+    with pytest.raises(ConfigurationError, match="SD 2.x"):
+        variants.custom_variant(str(turbo), turbo, "lcm-lora")
+    with pytest.raises(ConfigurationError, match="FASTSD_ACCELERATION"):
+        variants.custom_variant(str(sd15), sd15, "turbo")
+    with pytest.raises(ConfigurationError, match="model_index.json"):
+        variants.custom_variant("nowhere", weights_root / "nowhere", "none")
+
+
+def test_a_custom_local_model_runs_with_its_lcm_lora(weights_root, tmp_path, monkeypatch):
+    fine_tune = tmp_path / "my-fine-tune"
+    shutil.copytree(weights_root / "weights" / "stable-diffusion-v1-5/stable-diffusion-v1-5", fine_tune)
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
+    monkeypatch.setenv("FASTSD_MODEL", str(fine_tune))
+    monkeypatch.setenv("FASTSD_ACCELERATION", "lcm-lora")
+    engine = Engine.from_environment()
+    assert engine.variant.lora == variants.LCM_LORA_FOR[768]
+    assert type(engine.pipelines.text_to_image.scheduler).__name__ == "LCMScheduler"
+    assert generate(engine, prompt="x", seed=1, **SMALL).images[0].size == (64, 64)
+    assert lora_folder(engine.variant.lora).is_dir()
+
+
+def test_unknown_variant_names_the_choices(monkeypatch):
+    monkeypatch.delenv("FASTSD_MODEL", raising=False)
+    monkeypatch.setenv("FASTSD_VARIANT", "sd-hyper")
+    with pytest.raises(ConfigurationError, match="sd-turbo, sdxl-turbo"):
+        Engine.from_environment()

@@ -1,0 +1,135 @@
+"""The validation path every caller shares: defaults, sizes, image-to-image rules, clear errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from conftest import png_bytes
+from fastsd import images, variants
+from fastsd.errors import InputError
+from fastsd.inputs import validate
+
+TURBO = variants.VARIANTS["sd-turbo"]
+SDXL_LCM = variants.VARIANTS["sdxl-lcm"]
+
+
+@pytest.fixture
+def input_image(tmp_path):
+    def make(width, height, **kwargs):
+        path = tmp_path / f"in-{width}x{height}.png"
+        path.write_bytes(png_bytes(width, height, **kwargs))
+        return path
+    return make
+
+
+def test_omitted_inputs_take_the_variants_defaults():
+    request = validate(SDXL_LCM, prompt="a boat")
+    assert (request.num_inference_steps, request.guidance_scale, request.width, request.height) == (4, 1.0, 1024, 1024)
+    assert (request.num_outputs, request.output_format, request.output_quality) == (1, "webp", 80)
+    assert 0 <= request.seed <= 2**32 - 1
+    assert not request.uses_guidance
+
+
+def test_random_seeds_differ_and_given_seeds_are_kept():
+    seeds = {validate(TURBO, prompt="x").seed for _ in range(5)}
+    assert len(seeds) > 1
+    assert validate(TURBO, prompt="x", seed=7).seed == 7
+
+
+def test_integral_floats_are_accepted_as_whole_numbers():
+    assert validate(TURBO, prompt="x", num_outputs=2.0, width=512.0).num_outputs == 2
+
+
+@pytest.mark.parametrize("name, value", [("num_outputs", True), ("seed", "12"), ("width", 512.5), ("strength", None)])
+def test_wrong_types_name_the_input(name, value):
+    with pytest.raises(InputError, match=name):
+        validate(TURBO, prompt="x", **{name: value})
+
+
+def test_image_to_image_keeps_the_input_size_rounded_to_multiples_of_8(input_image):
+    request = validate(TURBO, prompt="x", image=input_image(100, 70))
+    assert (request.width, request.height) == (104, 72)
+    assert request.image.size == (104, 72)
+
+
+def test_image_to_image_scales_a_large_input_into_the_pixel_budget(input_image):
+    request = validate(TURBO, prompt="x", image=input_image(3000, 1500))
+    assert request.width * request.height <= TURBO.max_pixels
+    assert request.width % 8 == 0 and request.height % 8 == 0
+    assert abs(request.width / request.height - 2) < 0.05
+
+
+def test_image_to_image_with_one_side_keeps_the_aspect_ratio(input_image):
+    request = validate(TURBO, prompt="x", image=input_image(200, 100), width=256)
+    assert (request.width, request.height) == (256, 128)
+
+
+def test_image_to_image_with_both_sides_is_fitted_without_stretching(input_image, tmp_path):
+    # Left half red, right half blue: a centre crop to a square keeps both colours side by side.
+    source = Image.new("RGB", (200, 100), (255, 0, 0))
+    source.paste((0, 0, 255), (100, 0, 200, 100))
+    path = tmp_path / "halves.png"
+    source.save(path)
+    request = validate(TURBO, prompt="x", image=path, width=64, height=64)
+    assert request.image.size == (64, 64)
+    assert request.image.getpixel((5, 32))[0] > 200 and request.image.getpixel((58, 32))[2] > 200
+
+
+def test_image_to_image_default_steps_keep_the_variants_effective_steps(input_image):
+    image = input_image(64, 64)
+    assert validate(TURBO, prompt="x", image=image, strength=0.5).num_inference_steps == 2
+    assert validate(SDXL_LCM, prompt="x", image=image, strength=0.5).num_inference_steps == 8
+    request = validate(TURBO, prompt="x", image=image, strength=0.3)
+    assert int(request.num_inference_steps * request.strength) == 1
+
+
+def test_image_to_image_below_one_step_is_an_error_not_a_no_op(input_image):
+    with pytest.raises(InputError, match=r"strength x num_inference_steps .* 0.5 x 1"):
+        validate(TURBO, prompt="x", image=input_image(64, 64), strength=0.5, num_inference_steps=1)
+    with pytest.raises(InputError, match="strength"):
+        validate(TURBO, prompt="x", image=input_image(64, 64), strength=0.0)
+
+
+def test_pixel_budgets_bound_each_image_and_the_batch():
+    with pytest.raises(InputError, match="width x height must be at most"):
+        validate(TURBO, prompt="x", width=2048, height=1024)
+    with pytest.raises(InputError, match="num_outputs x width x height"):
+        validate(TURBO, prompt="x", width=1024, height=1024, num_outputs=8)
+    assert validate(TURBO, prompt="x", width=512, height=512, num_outputs=8).num_outputs == 8
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    path = tmp_path / "rotated.jpg"
+    Image.new("RGB", (120, 80), "white").save(path, exif=exif)
+    assert images.open_input_image(path).size == (80, 120)
+
+
+def test_unreadable_and_oversized_images_are_input_errors(tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(InputError, match="image is not a readable image"):
+        images.open_input_image(junk)
+    huge = tmp_path / "huge.png"
+    Image.new("1", (9000, 5000)).save(huge)
+    with pytest.raises(InputError, match="at most 40000000 pixels"):
+        images.open_input_image(huge)
+    with pytest.raises(InputError, match="could not be read"):
+        images.open_input_image(tmp_path / "absent.png")
+
+
+def test_transparent_images_become_rgb(tmp_path):
+    path = tmp_path / "alpha.png"
+    path.write_bytes(png_bytes(64, 64, color=(10, 20, 30, 0), mode="RGBA"))
+    assert images.open_input_image(path).mode == "RGB"
+
+
+@pytest.mark.parametrize("output_format, pil_format", [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")])
+def test_encode_writes_the_requested_format(output_format, pil_format):
+    encoded = images.encode(Image.new("RGB", (64, 48), "green"), output_format, 80)
+    decoded = Image.open(io.BytesIO(encoded))
+    assert (decoded.format, decoded.size) == (pil_format, (64, 48))
