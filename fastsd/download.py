@@ -1,0 +1,316 @@
+"""Fetching a variant's weights from the Hugging Face hub: exactly the files the pipeline loads.
+
+The file selection is a pure function of a repo's file list (select_files), so it is tested
+offline against the real repos' lists. The transfer itself is huggingface_hub's
+snapshot_download into weights/<hub id>/ (lora/<hub id>/ for LoRAs): Xet transfers (hf_xet)
+with its progress bar, resume of interrupted files, HF_TOKEN for gated repos. After the transfer
+every file is checked against the sizes the hub reported and a manifest is written
+(fastsd.manifest) that setup() checks at every boot.
+
+Failures a person can fix (hub unreachable, repo gated or not found) come back as one
+WeightsDownloadError sentence, within seconds: the first call to the hub is model_info with a
+short timeout and no retries, so an unreachable hub is known before any download starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import manifest
+from .errors import ConfigurationError
+from .variants import Variant, custom_variant
+from .weights import LORA_WEIGHT_NAME, is_local_path, model_folder, role_folder, variant_repos
+
+log = logging.getLogger(__name__)
+
+MODEL, VAE, LORA, TINY_VAE = "model", "vae", "lora", "tiny_vae"
+# Components a diffusers pipeline repo ships that fastsd never loads (pipelines.py passes None).
+UNLOADED_COMPONENTS = {"safety_checker", "feature_extractor"}
+# The weight files diffusers reads: diffusers models and transformers models. Root-level
+# single-file checkpoints (sd_turbo.safetensors, sdxl_vae.safetensors, ...) have other names.
+WEIGHT_BASENAMES = {"diffusion_pytorch_model", "model"}
+_WEIGHT = re.compile(
+    r"^(?P<base>[A-Za-z0-9_]+)(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.safetensors$"
+)
+_WEIGHT_INDEX = re.compile(r"^(?P<base>[A-Za-z0-9_]+)\.safetensors\.index(?:\.(?P<variant>[A-Za-z0-9_]+))?\.json$")
+FP16 = "fp16"
+
+# The first call to the hub: short, so that an unreachable hub is reported in seconds.
+PROBE_TIMEOUT_S = float(os.environ.get("FASTSD_HUB_TIMEOUT", "10"))
+
+
+class WeightsDownloadError(ConfigurationError):
+    """The weights could not be fetched; the message says why and what to do, in one sentence."""
+
+
+# --- which files --------------------------------------------------------------------------------
+
+def _split(path: str) -> tuple[str, str]:
+    folder, _, name = path.rpartition("/")
+    return folder, name
+
+
+def _weight_sets(names: list[str]) -> dict[str | None, list[str]]:
+    """The safetensors weights of one folder (with their shard index files), by precision variant:
+    {None: full-precision files, "fp16": fp16 files}. Other variants (non_ema, ema, ...) and other
+    formats (.bin, .ckpt, .msgpack, .onnx, OpenVINO .xml/.bin) are not diffusers' default load."""
+    sets: dict[str | None, list[str]] = {}
+    for name in names:
+        match = _WEIGHT.match(name) or _WEIGHT_INDEX.match(name)
+        if not match or match["base"] not in WEIGHT_BASENAMES or match["variant"] not in (None, FP16):
+            continue
+        sets.setdefault(match["variant"], []).append(name)
+    # An index alone (shards absent) is no weights at all.
+    return {variant: files for variant, files in sets.items() if any(f.endswith(".safetensors") for f in files)}
+
+
+def _config_files(names: list[str]) -> list[str]:
+    """Configs, tokenizer and scheduler files: the small text files next to the weights."""
+    return [name for name in names
+            if name.endswith((".json", ".txt")) and not _WEIGHT_INDEX.match(name)]
+
+
+def select_files(role: str, repo_files: list[str] | set[str], model_index: dict | None = None) -> list[str]:
+    """The files of a hub repo that fastsd loads for a repo in this role, sorted.
+
+    model: model_index.json and, for each component it lists (but safety_checker and
+      feature_extractor), the configs, tokenizer files and the safetensors weights; fp16 weights
+      when every component with weights has them (what pipelines.weights_variant then loads),
+      else the full-precision ones. model_index (the repo's model_index.json) is required.
+    vae, tiny_vae: a bare autoencoder at the repo root: config.json and its full-precision
+      safetensors (the loader asks for no variant), fp16 only if that is all there is.
+    lora: pytorch_lora_weights.safetensors only.
+    """
+    files = sorted(set(repo_files))
+    by_folder: dict[str, list[str]] = {}
+    for path in files:
+        folder, name = _split(path)
+        by_folder.setdefault(folder, []).append(name)
+
+    if role == LORA:
+        if LORA_WEIGHT_NAME not in by_folder.get("", []):
+            raise WeightsDownloadError(f"the repo has no {LORA_WEIGHT_NAME}, the LoRA file fastsd loads")
+        return [LORA_WEIGHT_NAME]
+
+    if role in (VAE, TINY_VAE):
+        names = by_folder.get("", [])
+        if "config.json" not in names:
+            raise WeightsDownloadError("the repo has no config.json at its root: it is not a diffusers autoencoder")
+        sets = _weight_sets(names)
+        weights = sets.get(None) or sets.get(FP16)
+        if not weights:
+            raise WeightsDownloadError("the repo has no diffusion_pytorch_model.safetensors at its root")
+        return sorted(["config.json", *weights])
+
+    if role != MODEL:
+        raise ValueError(f"unknown role {role!r}")
+    if "model_index.json" not in by_folder.get("", []) or model_index is None:
+        raise WeightsDownloadError("the repo has no model_index.json: it is not a diffusers pipeline")
+    components = sorted(name for name, spec in model_index.items()
+                        if isinstance(spec, list) and spec and spec[0] is not None
+                        and name not in UNLOADED_COMPONENTS)
+    weight_sets = {component: _weight_sets(by_folder.get(component, [])) for component in components}
+    with_weights = [component for component, sets in weight_sets.items() if sets]
+    use_fp16 = bool(with_weights) and all(FP16 in weight_sets[c] for c in with_weights)
+    selected = ["model_index.json"]
+    for component in components:
+        names = by_folder.get(component, [])
+        if not names:
+            raise WeightsDownloadError(f"model_index.json lists {component} but the repo has no {component}/ folder")
+        chosen = _config_files(names)
+        sets = weight_sets[component]
+        if sets:
+            chosen += sets[FP16] if use_fp16 else (sets.get(None) or sets[FP16])
+        selected += [f"{component}/{name}" for name in chosen]
+    return sorted(selected)
+
+
+# --- the repos of a variant ---------------------------------------------------------------------
+
+@dataclass
+class Fetched:
+    hub_id: str
+    folder: Path
+    files: int
+    size: int
+    already_there: bool
+    seconds: float
+
+
+def _hub():
+    """huggingface_hub, imported late: its settings are read from the environment at import."""
+    # Reads of a stalled connection give up after this many seconds (the library default is 10;
+    # set here only if the person did not choose).
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    import huggingface_hub
+
+    return huggingface_hub
+
+
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def explain(error: Exception, hub_id: str) -> WeightsDownloadError:
+    """One sentence for an error of huggingface_hub or the network: what happened, what to do."""
+    if isinstance(error, WeightsDownloadError):
+        return error
+    from huggingface_hub import errors as hub_errors
+
+    if isinstance(error, hub_errors.GatedRepoError):
+        return WeightsDownloadError(
+            f"{hub_id} is gated: accept its conditions at {endpoint()}/{hub_id} with your account, then set HF_TOKEN "
+            "to a read token of that account and run the command again."
+        )
+    if isinstance(error, hub_errors.RepositoryNotFoundError):
+        return WeightsDownloadError(
+            f"{hub_id} was not found on the hub ({endpoint()}): check the id, or set HF_TOKEN if it is a private repo."
+        )
+    if isinstance(error, hub_errors.RevisionNotFoundError):
+        return WeightsDownloadError(f"{hub_id} has no such revision on the hub.")
+    if isinstance(error, hub_errors.OfflineModeIsEnabled):
+        return WeightsDownloadError(
+            f"Cannot fetch {hub_id}: HF_HUB_OFFLINE is set; unset it, or copy the weights into place by other means."
+        )
+    if isinstance(error, hub_errors.HfHubHTTPError):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status in (401, 403):
+            return WeightsDownloadError(
+                f"The hub refused {hub_id} (HTTP {status}): HF_TOKEN is missing, wrong or lacks access to this repo."
+            )
+        return WeightsDownloadError(
+            f"The hub answered HTTP {status} for {hub_id}; try again later ({str(error).splitlines()[0]})."
+        )
+    if isinstance(error, (OSError, ConnectionError)) or type(error).__module__.startswith(("httpx", "httpcore")):
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return WeightsDownloadError(
+            f"The Hugging Face hub ({endpoint()}) cannot be reached ({reason}) while fetching {hub_id}: check the "
+            "network, HF_ENDPOINT or a proxy, or bring a weights tar instead (FASTSD_WEIGHTS_URL, docs/weights.md)."
+        )
+    return WeightsDownloadError(f"Fetching {hub_id} failed: {type(error).__name__}: {error}")
+
+
+def _expected_entries(info, selected: list[str]) -> dict[str, dict]:
+    siblings = {sibling.rfilename: sibling for sibling in info.siblings or []}
+    entries = {}
+    for name in selected:
+        sibling = siblings[name]
+        entry: dict = {"size": sibling.size}
+        if sibling.lfs is not None:
+            entry["sha256"] = sibling.lfs.sha256
+        elif sibling.blob_id:
+            entry["git_sha1"] = sibling.blob_id
+        entries[name] = entry
+    return entries
+
+
+def _escape_glob(name: str) -> str:
+    """allow_patterns are fnmatch patterns: make a file name match only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def fetch_repo(role: str, hub_id: str, *, token: str | None = None, verify: bool = False,
+               progress: bool = True) -> Fetched:
+    """Fetch one repo's selected files into its folder, check them, write its manifest."""
+    hub = _hub()
+    started = time.perf_counter()
+    folder = role_folder(role, hub_id)
+    token = token or os.environ.get("HF_TOKEN") or None
+    try:
+        api = hub.HfApi(endpoint=endpoint(), token=token)
+        info = api.model_info(hub_id, files_metadata=True, timeout=PROBE_TIMEOUT_S)
+        repo_files = [sibling.rfilename for sibling in info.siblings or []]
+        model_index = None
+        if role == MODEL:
+            if "model_index.json" not in repo_files:
+                raise WeightsDownloadError(f"{hub_id} has no model_index.json: it is not a diffusers pipeline repo.")
+            index_path = hub.hf_hub_download(hub_id, "model_index.json", revision=info.sha, local_dir=folder,
+                                             token=token, endpoint=endpoint())
+            model_index = json.loads(Path(index_path).read_text())
+        try:
+            selected = select_files(role, repo_files, model_index)
+        except WeightsDownloadError as error:
+            raise WeightsDownloadError(f"{hub_id}: {error}.") from None
+        expected = _expected_entries(info, selected)
+
+        previous = manifest.load(folder) if folder.is_dir() else None
+        wanted = {"files": expected}
+        if (previous and previous.get("revision") == info.sha and previous["files"] == expected
+                and not manifest.check(folder, wanted)):
+            return Fetched(hub_id, folder, len(expected), manifest.total_size(wanted), True,
+                           time.perf_counter() - started)
+        # A file of the wrong size (truncated by a full disk, edited) is removed so that the
+        # library fetches it again instead of trusting its own metadata.
+        for problem in manifest.check(folder, wanted):
+            if problem.path.exists():
+                problem.path.unlink()
+        if not progress:
+            hub.utils.disable_progress_bars()
+        try:
+            hub.snapshot_download(
+                hub_id, revision=info.sha, local_dir=folder, allow_patterns=[_escape_glob(n) for n in selected],
+                token=token, endpoint=endpoint(), etag_timeout=PROBE_TIMEOUT_S,
+            )
+        finally:
+            if not progress:
+                hub.utils.enable_progress_bars()
+    except Exception as error:  # noqa: BLE001 - every failure becomes one sentence for a person
+        raise explain(error, hub_id) from error
+
+    problems = (manifest.verify if verify else manifest.check)(folder, wanted)
+    if problems:
+        raise WeightsDownloadError(
+            f"{hub_id} arrived damaged: {', '.join(map(str, problems))}; run the command again to fetch it again."
+        )
+    manifest.write(folder, expected, repo=hub_id, revision=info.sha, source=endpoint())
+    return Fetched(hub_id, folder, len(expected), manifest.total_size(wanted), False, time.perf_counter() - started)
+
+
+def fetch_variant(variant: Variant, *, tiny_vae: bool = True, token: str | None = None, verify: bool = False,
+                  progress: bool = True, report=print) -> list[Fetched]:
+    results = []
+    for role, hub_id in variant_repos(variant, tiny_vae=tiny_vae):
+        if role == MODEL and is_local_path(hub_id):
+            report(f"{hub_id}: a local folder, nothing to fetch")
+            continue
+        result = fetch_repo(role, hub_id, token=token, verify=verify, progress=progress)
+        state = "already there, unchanged" if result.already_there else f"fetched in {result.seconds:.0f} s"
+        report(f"{hub_id}: {result.files} files, {format_size(result.size)} in {result.folder} ({state})")
+        results.append(result)
+    return results
+
+
+def resolve_custom(model: str, acceleration: str, *, token: str | None = None) -> Variant:
+    """The variant for a custom base model: fetch its model_index.json and unet/config.json,
+    detect SD or SDXL from them, and pick the matching LCM-LoRA."""
+    hub = _hub()
+    folder = model_folder(model)
+    if folder.is_absolute() and (folder / "model_index.json").is_file():
+        return custom_variant(model, folder, acceleration)
+    token = token or os.environ.get("HF_TOKEN") or None
+    try:
+        api = hub.HfApi(endpoint=endpoint(), token=token)
+        info = api.model_info(model, timeout=PROBE_TIMEOUT_S)
+        for name in ("model_index.json", "unet/config.json"):
+            hub.hf_hub_download(model, name, revision=info.sha, local_dir=folder, token=token, endpoint=endpoint())
+    except Exception as error:  # noqa: BLE001
+        raise explain(error, model) from error
+    return custom_variant(model, folder, acceleration)
+
+
+def format_size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
+    raise AssertionError
+
+
+__all__ = ["MODEL", "VAE", "LORA", "TINY_VAE", "WeightsDownloadError",
+           "select_files", "fetch_repo", "fetch_variant", "resolve_custom", "explain"]

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Fetch from the Hugging Face hub exactly the files fastsd loads for one or more variants.
+
+    python scripts/download_weights.py sd-turbo [sdxl-lcm ...]   # into weights/ and lora/
+    python scripts/download_weights.py --all
+    python scripts/download_weights.py --list                    # variants, repos, what is on disk
+    python scripts/download_weights.py --model HUB_ID --acceleration {none,lcm-lora}
+
+Each repo lands in weights/<hub id>/ (lora/<hub id>/ for LoRAs) under the project root, or under
+FASTSD_WEIGHTS_ROOT / --root, with a .fastsd-manifest.json that setup() checks at boot. An
+interrupted run resumes where it stopped; a run over complete folders only checks them. Gated
+repos need HF_TOKEN. See docs/weights.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# Xet's high-performance mode uses every core and more memory for the transfer: right for a
+# command that only downloads (the person's own setting wins).
+os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
+
+
+def _status(variant, weights, manifest) -> str:
+    """What is on disk for a variant: ready, ready but unverified, damaged, or missing."""
+    states = []
+    for role, hub_id in weights.variant_repos(variant):
+        folder = weights.role_folder(role, hub_id)
+        marker = folder / weights._MARKER[role]
+        if not marker.is_file():
+            states.append("missing" if role != "tiny_vae" else "ready")  # the tiny VAE is optional
+            continue
+        try:
+            listed = manifest.load(folder)
+        except ValueError:
+            states.append("damaged")
+            continue
+        if listed is None:
+            states.append("unverified")
+        else:
+            states.append("damaged" if manifest.check(folder, listed) else "ready")
+    for state in ("missing", "damaged", "unverified"):
+        if state in states:
+            return state if state != "unverified" else "present (no manifest, not verified)"
+    return "ready"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="*", metavar="VARIANT", help="variant names (see --list)")
+    parser.add_argument("--all", action="store_true", help="every variant")
+    parser.add_argument("--list", action="store_true", help="list the variants, their repos and what is on disk")
+    parser.add_argument("--model", metavar="HUB_ID", help="a custom SD1.5/SD2.x/SDXL base model, by hub id")
+    parser.add_argument("--acceleration", default="lcm-lora", choices=("none", "lcm-lora"),
+                        help="with --model: fuse the matching LCM-LoRA (default) or not")
+    parser.add_argument("--no-tiny-vae", dest="tiny_vae", action="store_false",
+                        help="skip the tiny autoencoder (taesd / taesdxl; without it only vae=full is served)")
+    parser.add_argument("--verify", action="store_true",
+                        help="after fetching, re-hash every file against the hub's sha256 (reads every byte)")
+    parser.add_argument("--root", type=Path, help="the folder that holds weights/ and lora/ "
+                        "(default: FASTSD_WEIGHTS_ROOT, else the project root)")
+    args = parser.parse_args(argv)
+    if args.root:
+        os.environ["FASTSD_WEIGHTS_ROOT"] = str(args.root.resolve())
+
+    from fastsd import manifest, variants, weights
+    from fastsd.errors import ConfigurationError
+
+    if args.list:
+        print(f"weights root: {weights.weights_root()}")
+        for name, variant in variants.VARIANTS.items():
+            repos = ", ".join(f"{hub_id} ({role})" for role, hub_id in weights.variant_repos(variant))
+            print(f"{name:16} {_status(variant, weights, manifest):38} {repos}")
+        return 0
+
+    if not (args.variants or args.all or args.model):
+        parser.error("name at least one VARIANT, or --all, --list or --model HUB_ID")
+    # Progress bars and results go to the terminal; the library's own warnings would repeat them.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    from fastsd import download
+
+    try:
+        chosen = [variants.get_variant(name) for name in args.variants]
+        if args.all:
+            chosen += [v for v in variants.VARIANTS.values() if v not in chosen]
+        if args.model:
+            chosen.append(download.resolve_custom(args.model, args.acceleration))
+        done: dict[str, download.Fetched] = {}
+        for variant in chosen:
+            print(f"{variant.name}:")
+            for role, hub_id in weights.variant_repos(variant, tiny_vae=args.tiny_vae):
+                if hub_id in done:
+                    continue
+                if role == download.MODEL and weights.is_local_path(hub_id):
+                    print(f"  {hub_id}: a local folder, nothing to fetch")
+                    continue
+                result = download.fetch_repo(role, hub_id, verify=args.verify)
+                done[hub_id] = result
+                state = "already there" if result.already_there else f"fetched in {result.seconds:.0f} s"
+                print(f"  {hub_id}: {result.files} files, {download.format_size(result.size)} "
+                      f"-> {result.folder} ({state})")
+    except ConfigurationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    total = sum(result.size for result in done.values())
+    print(f"{len(done)} repos, {download.format_size(total)} in {weights.weights_root()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Make `cog build` produce an image for one variant, with its weights baked in.
+
+    python scripts/download_weights.py sdxl-lcm     # the weights, into weights/ and lora/
+    python scripts/select_variant.py sdxl-lcm       # .dockerignore + cog.yaml for that variant
+    cog build -t sdxl-lcm
+
+`cog build` sends the project folder to Docker, minus what .dockerignore names. This writes a
+.dockerignore that keeps out every weights folder but the variant's (and the tests, caches,
+.git, .venv), and sets the `- FASTSD_VARIANT=...` line of cog.yaml's environment: list, the
+variant the image serves. Nothing else in cog.yaml changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+# Never in an image: version control, environments, caches, tests and their outputs.
+ALWAYS_EXCLUDED = [
+    ".git", ".gitignore", ".venv", ".ci", ".pytest_cache", "**/__pycache__", "**/*.pyc", "tests", "docs",
+    "benchmarks", "outputs", "*.tar", "*.tar.partial",
+]
+_VARIANT_LINE = re.compile(r"^(?P<indent>[ \t]*-[ \t]*)FASTSD_VARIANT=[^\s#]*(?P<rest>.*)$", re.MULTILINE)
+
+
+def dockerignore_text(variant_name: str, folders: list[str]) -> str:
+    """folders: the variant's weight folders, relative to the project root (weights/<hub id>, ...)."""
+    lines = [
+        f"# Written by `python scripts/select_variant.py {variant_name}`: what `cog build` leaves out of the image.",
+        "# The code goes in, with the weights of this variant only; run the command again for another.",
+        *ALWAYS_EXCLUDED,
+        "# Every weights folder ... (later lines win: the ! lines below let this variant's back in)",
+        "weights/**",
+        "lora/**",
+        *[f"!{folder}/**" for folder in folders],
+        "# ... but not huggingface_hub's resume metadata, nor a fetch that was cut short.",
+        "**/.cache/huggingface",
+        ".fastsd-incoming-*",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def set_cog_variant(cog_yaml: str, variant_name: str) -> str:
+    """cog.yaml with its `- FASTSD_VARIANT=...` environment line naming variant_name."""
+    if not _VARIANT_LINE.search(cog_yaml):
+        raise ValueError("cog.yaml has no `  - FASTSD_VARIANT=...` line under environment:; add one "
+                         "(environment:\\n  - FASTSD_VARIANT=sd-turbo) and run this again.")
+    return _VARIANT_LINE.sub(lambda m: f"{m['indent']}FASTSD_VARIANT={variant_name}{m['rest']}", cog_yaml, count=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variant")
+    parser.add_argument("--no-tiny-vae", dest="tiny_vae", action="store_false",
+                        help="leave the tiny autoencoder (taesd / taesdxl) out of the image")
+    parser.add_argument("--project", type=Path, default=PROJECT_ROOT, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    import os
+
+    from fastsd import variants, weights
+    from fastsd.errors import ConfigurationError
+
+    # The folders as the image sees them: relative to the project folder that cog build sends.
+    os.environ["FASTSD_WEIGHTS_ROOT"] = str(args.project)
+    try:
+        variant = variants.get_variant(args.variant)
+        cog_path = args.project / "cog.yaml"
+        cog_yaml = set_cog_variant(cog_path.read_text(), variant.name)
+    except (ConfigurationError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    folders = [folder.relative_to(args.project).as_posix() for folder in weights.variant_folders(variant, args.tiny_vae)]
+    (args.project / ".dockerignore").write_text(dockerignore_text(variant.name, folders))
+    cog_path.write_text(cog_yaml)
+    missing = [folder for folder in folders if not (args.project / folder).is_dir()]
+    print(f"selected {variant.name}: .dockerignore keeps {', '.join(folders)}; cog.yaml FASTSD_VARIANT={variant.name}")
+    if missing:
+        print(f"note: {', '.join(missing)} not here yet; fetch with {weights.fetch_command(variant)} before cog build,"
+              " or the image will fetch them at boot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
