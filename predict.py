@@ -80,6 +80,12 @@ class Predictor(BaseRunner):
         output_format: str = Input(
             default="webp", choices=["webp", "jpg", "png"], description="File format of the output images."
         ),
+        vae: str = Input(
+            default="full",
+            choices=["full", "tiny"],
+            description="Decoder for the final image: full (best detail) or tiny (TAESD: several times faster to "
+            "decode, slightly softer detail; for realtime use).",
+        ),
         output_quality: int = Input(
             default=80,
             ge=1,
@@ -90,7 +96,7 @@ class Predictor(BaseRunner):
         request = self.engine.validate(
             prompt=prompt, negative_prompt=negative_prompt, image=image, strength=strength,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, width=width, height=height,
-            num_outputs=num_outputs, seed=seed, output_format=output_format, output_quality=output_quality,
+            num_outputs=num_outputs, seed=seed, output_format=output_format, output_quality=output_quality, vae=vae,
         )
         result = self.engine.generate(request)
         paths = self.engine.save(result, request)

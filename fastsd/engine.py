@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ import torch
 from PIL import Image
 
 from . import images, inputs, pipelines
+from .errors import InputError
 from .inputs import GenerationRequest
 from .variants import Variant, variant_from_environment
 from .weights import ensure_weights, model_folder
@@ -29,13 +34,47 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+class PromptCache:
+    """Encoded prompts for the most recent (prompt, negative prompt, guidance) requests.
+
+    The realtime case sends the same prompt with every new frame or seed: the text encoders then
+    run once, not per request. Bounded, least recently used out first.
+    """
+
+    _OUTPUT_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+    def __init__(self, pipeline, device: str, capacity: int = 32):
+        self._pipeline = pipeline
+        self._device = device
+        self._capacity = capacity
+        self._entries: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+
+    def get(self, prompt: str, negative_prompt: str | None, guidance: bool) -> dict[str, torch.Tensor]:
+        key = (prompt, negative_prompt, guidance)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        with torch.inference_mode():
+            encoded = self._pipeline.encode_prompt(prompt=prompt, device=self._device, num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=guidance, negative_prompt=negative_prompt)
+        embeddings = {name: tensor for name, tensor in zip(self._OUTPUT_NAMES, encoded) if tensor is not None}
+        self._entries[key] = embeddings
+        if len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+        return embeddings
+
+
 class Engine:
     """One variant's pipelines, loaded once, and the per-request path."""
 
     def __init__(self, variant: Variant, loaded: pipelines.Pipelines):
         self.variant = variant
         self.pipelines = loaded
+        self.prompts = PromptCache(loaded.text_to_image, loaded.device)
         self._output_dir = Path(tempfile.mkdtemp(prefix="fastsd-outputs-"))
+        self._encoders = ThreadPoolExecutor(max_workers=min(inputs.MAX_OUTPUTS, os.cpu_count() or 1))
+        self._accepted = {mode: set(inspect.signature(pipeline.__call__).parameters)
+                          for mode, pipeline in loaded.by_mode.items()}
 
     @classmethod
     def load(cls, variant: Variant, device: str | None = None, dtype: torch.dtype | None = None) -> "Engine":
@@ -43,40 +82,66 @@ class Engine:
 
     @classmethod
     def from_environment(cls, weights_url: str | None = None) -> "Engine":
-        """The engine for the variant the environment names; weights_url is Cog's setup(weights)."""
+        """The engine for the variant the environment names, warmed up; weights_url is Cog's setup(weights)."""
         variant = variant_from_environment(model_folder)
         ensure_weights(variant, weights_url)
-        return cls.load(variant)
+        engine = cls.load(variant)
+        engine.warm_up()
+        return engine
+
+    def warm_up(self) -> None:
+        """One small generation per VAE so that the first user does not pay for lazy initialisation."""
+        started = time.perf_counter()
+        side = 64 if self.pipelines.device == "cpu" else None  # the accelerators: the served default size
+        for vae in self.pipelines.vae_choices:
+            request = self.validate(prompt="warm-up", num_inference_steps=1, seed=0, vae=vae,
+                                    width=side or self.variant.width, height=side or self.variant.height)
+            self.generate(request)
+        log.info("warmed up in %.1f s", time.perf_counter() - started)
 
     def validate(self, **raw: Any) -> GenerationRequest:
-        return inputs.validate(self.variant, **raw)
+        request = inputs.validate(self.variant, **raw)
+        if request.vae not in self.pipelines.vae_choices:
+            raise InputError(
+                f"vae must be one of {', '.join(self.pipelines.vae_choices)} on this deployment, got {request.vae!r}: "
+                f"the tiny autoencoder {self.variant.tiny_vae} is not installed."
+            )
+        return request
+
+    def _negative_prompt(self, request: GenerationRequest) -> str | None:
+        if not request.negative_prompt:
+            return None
+        if not self.pipelines.accepts_negative_prompt:
+            log.info("negative_prompt ignored: %s embeds guidance and takes no negative prompt", self.variant.name)
+        elif not request.uses_guidance:
+            log.info("negative_prompt ignored: guidance_scale %.3g <= 1 switches classifier-free guidance off",
+                     request.guidance_scale)
+        else:
+            return request.negative_prompt
+        return None
 
     def generate(self, request: GenerationRequest) -> Result:
+        mode = (request.image is not None, request.vae)
+        pipeline, accepted = self.pipelines.get(*mode), self._accepted[mode]
+        started = time.perf_counter()
+        guidance = request.uses_guidance and self.pipelines.accepts_negative_prompt
+        embeddings = self.prompts.get(request.prompt, self._negative_prompt(request), guidance)
         arguments = dict(
-            prompt=request.prompt, num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale, num_images_per_prompt=request.num_outputs,
+            num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+            num_images_per_prompt=request.num_outputs,
             # One CPU generator per image: image i is reproducible alone with seed + i, on any device.
             generator=[torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_outputs)],
+            **{name: tensor for name, tensor in embeddings.items() if name in accepted},
         )
-        if request.negative_prompt:
-            if not self.pipelines.accepts_negative_prompt:
-                log.info("negative_prompt ignored: %s embeds guidance and takes no negative prompt", self.variant.name)
-            elif not request.uses_guidance:
-                log.info("negative_prompt ignored: guidance_scale %.3g <= 1 switches classifier-free guidance off",
-                         request.guidance_scale)
-            else:
-                arguments["negative_prompt"] = request.negative_prompt
         if request.image is None:
-            pipeline = self.pipelines.text_to_image
             arguments.update(width=request.width, height=request.height)
         else:
-            pipeline = self.pipelines.image_to_image
             arguments.update(image=request.image, strength=request.strength)
 
-        log.info("seed %d, %d step(s), guidance %.3g, %dx%d, %d image(s)%s", request.seed,
+        log.info("seed %d, %d step(s), guidance %.3g, %dx%d, %d image(s), vae %s%s", request.seed,
                  request.num_inference_steps, request.guidance_scale, request.width, request.height,
-                 request.num_outputs, f", image-to-image strength {request.strength:g}" if request.image else "")
-        started = time.perf_counter()
+                 request.num_outputs, request.vae,
+                 f", image-to-image strength {request.strength:g}" if request.image else "")
         try:
             with torch.inference_mode():
                 generated = pipeline(**arguments).images
@@ -94,11 +159,11 @@ class Engine:
         shutil.rmtree(self._output_dir, ignore_errors=True)
         self._output_dir.mkdir(parents=True)
         started = time.perf_counter()
-        extension = request.output_format
-        paths = [
-            images.save(image, self._output_dir / f"output-{i}.{extension}", request.output_format,
-                        request.output_quality)
-            for i, image in enumerate(result.images)
-        ]
+        targets = [self._output_dir / f"output-{i}.{request.output_format}" for i in range(len(result.images))]
+        # Pillow's encoders release the GIL: a batch encodes in parallel on the host's cores.
+        paths = list(self._encoders.map(
+            lambda pair: images.save(pair[0], pair[1], request.output_format, request.output_quality),
+            zip(result.images, targets),
+        ))
         result.timings["encode_time"] = time.perf_counter() - started
         return paths

@@ -9,34 +9,77 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .errors import ConfigurationError
 from .variants import Variant
 from .weights import LORA_WEIGHT_NAME, lora_folder, model_folder, require_weights
 
 log = logging.getLogger(__name__)
 
 
+FULL_VAE, TINY_VAE = "full", "tiny"
+
+
 @dataclass
 class Pipelines:
-    text_to_image: object
-    image_to_image: object
+    """Pipelines by (image-to-image?, vae): all share one UNet and text encoders."""
+
+    by_mode: dict[tuple[bool, str], object]
     device: str
     dtype: torch.dtype
     accepts_negative_prompt: bool  # the distilled LCM pipeline embeds guidance and takes none
 
+    @property
+    def text_to_image(self):
+        return self.by_mode[(False, FULL_VAE)]
+
+    @property
+    def image_to_image(self):
+        return self.by_mode[(True, FULL_VAE)]
+
+    @property
+    def vae_choices(self) -> tuple[str, ...]:
+        return tuple(sorted({vae for _, vae in self.by_mode}))
+
+    def get(self, image_to_image: bool, vae: str):
+        return self.by_mode[(image_to_image, vae)]
+
+
+def _cpu_supports_bf16() -> bool:
+    """bf16 halves CPU time where the cores compute it natively (AVX512-BF16 or AMX), and only there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 def select_device() -> tuple[str, torch.dtype]:
-    """CUDA in fp16, else Apple MPS in fp16, else the CPU in fp32: the same code on each."""
+    """CUDA in fp16, else Apple MPS in fp16, else the CPU in bf16 where native, else fp32.
+
+    FASTSD_DTYPE (float32, float16, bfloat16) overrides the dtype.
+    """
     if torch.cuda.is_available():
-        return "cuda", torch.float16
-    if torch.backends.mps.is_available():
-        return "mps", torch.float16
-    return "cpu", torch.float32
+        device, dtype = "cuda", torch.float16
+    elif torch.backends.mps.is_available():
+        device, dtype = "mps", torch.float16
+    else:
+        device, dtype = "cpu", torch.bfloat16 if _cpu_supports_bf16() else torch.float32
+    override = os.environ.get("FASTSD_DTYPE", "").strip()
+    if override:
+        if override not in _DTYPES:
+            raise ConfigurationError(f"FASTSD_DTYPE={override!r} is not allowed; choose one of: {', '.join(_DTYPES)}.")
+        dtype = _DTYPES[override]
+    return device, dtype
 
 
 def _component_folders(folder: Path) -> list[Path]:
@@ -78,6 +121,17 @@ def _set_scheduler(pipeline, variant: Variant) -> None:
     pipeline.scheduler = scheduler
 
 
+def _load_tiny_vae(variant: Variant, dtype: torch.dtype):
+    """The tiny autoencoder, or None when it is not installed (then only vae=full is served)."""
+    from diffusers import AutoencoderTiny
+
+    folder = model_folder(variant.tiny_vae)
+    if not (folder / "config.json").is_file():
+        log.info("tiny VAE %s not installed (%s): vae=tiny is unavailable", variant.tiny_vae, folder)
+        return None
+    return AutoencoderTiny.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
+
+
 def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None = None) -> Pipelines:
     from diffusers import AutoencoderKL, AutoPipelineForImage2Image, DiffusionPipeline
 
@@ -86,8 +140,7 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
     require_weights(variant)
     started = time.perf_counter()
     folder = model_folder(variant.model)
-    options = dict(dtype=dtype, use_safetensors=True, local_files_only=True,
-                   variant=weights_variant(folder, dtype))
+    options = dict(dtype=dtype, use_safetensors=True, local_files_only=True, variant=weights_variant(folder, dtype))
     index = json.loads((folder / "model_index.json").read_text())
     if "safety_checker" in index:
         # Not loaded: the same behaviour for every variant (the turbo and SDXL repos have none).
@@ -100,16 +153,27 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
         _fuse_lcm_lora(text_to_image, variant)
     _set_scheduler(text_to_image, variant)
     text_to_image.to(device)
-    text_to_image.set_progress_bar_config(disable=True)
-    image_to_image = AutoPipelineForImage2Image.from_pipe(text_to_image)
-    image_to_image.set_progress_bar_config(disable=True)
 
-    accepts_negative_prompt = "negative_prompt" in inspect.signature(text_to_image.__call__).parameters
+    # from_pipe shares the components; it also casts them all to its dtype argument, float32 unless
+    # told otherwise, so the dtype is always passed.
+    by_mode = {(False, FULL_VAE): text_to_image,
+               (True, FULL_VAE): AutoPipelineForImage2Image.from_pipe(text_to_image, dtype=dtype)}
+    tiny_vae = _load_tiny_vae(variant, dtype)
+    if tiny_vae is not None:
+        tiny_vae.to(device)
+        # The tiny VAE adds ~10 MB; everything else is shared, not a second model.
+        by_mode[(False, TINY_VAE)] = type(text_to_image).from_pipe(text_to_image, vae=tiny_vae, dtype=dtype)
+        by_mode[(True, TINY_VAE)] = AutoPipelineForImage2Image.from_pipe(text_to_image, vae=tiny_vae, dtype=dtype)
+    for pipeline in by_mode.values():
+        pipeline.set_progress_bar_config(disable=True)
+
+    loaded = Pipelines(by_mode, device, dtype,
+                       accepts_negative_prompt="negative_prompt" in inspect.signature(text_to_image.__call__).parameters)
     log.info(
-        "loaded %s (%s%s%s) as %s + %s on %s in %s, scheduler %s, in %.1f s",
+        "loaded %s (%s%s%s) as %s + %s on %s in %s, scheduler %s, vae choices %s, in %.1f s",
         variant.name, variant.model, f" + LoRA {variant.lora} (fused)" if variant.lora else "",
         f" + VAE {variant.vae}" if variant.vae else "", type(text_to_image).__name__,
-        type(image_to_image).__name__, device, str(dtype).removeprefix("torch."),
-        type(text_to_image.scheduler).__name__, time.perf_counter() - started,
+        type(loaded.image_to_image).__name__, device, str(dtype).removeprefix("torch."),
+        type(text_to_image.scheduler).__name__, "/".join(loaded.vae_choices), time.perf_counter() - started,
     )
-    return Pipelines(text_to_image, image_to_image, device, dtype, accepts_negative_prompt)
+    return loaded

@@ -65,6 +65,7 @@ REPOS: dict[str, RepoLayout] = {
     ),
 }
 VAE_REPOS = {variants.SDXL_VAE_FP16_FIX}  # a bare AutoencoderKL at the repo root
+TINY_VAE_REPOS = set(variants.TINY_VAE_FOR.values())  # a bare AutoencoderTiny at the repo root
 LORA_REPOS = {hub_id: dim for dim, hub_id in variants.LCM_LORA_FOR.items()}  # hub id -> cross_attention_dim
 
 
@@ -238,6 +239,16 @@ def build_vae_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0) -
     return folder
 
 
+def build_tiny_vae_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0) -> Path:
+    import diffusers
+
+    _seeded(seed)
+    config = {} if size == FULL else dict(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+    diffusers.AutoencoderTiny(**config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 _LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                  "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv")
 
@@ -282,11 +293,13 @@ def build(hub_id: str, root: Path, size: str = TINY, seed: int = 0) -> Path:
         return build_lora_repo(hub_id, root / "lora" / hub_id, size, seed)
     if hub_id in VAE_REPOS:
         return build_vae_repo(hub_id, root / "weights" / hub_id, size, seed)
+    if hub_id in TINY_VAE_REPOS:
+        return build_tiny_vae_repo(hub_id, root / "weights" / hub_id, size, seed)
     return build_model_repo(hub_id, root / "weights" / hub_id, size, seed)
 
 
-def build_variant(variant: variants.Variant, root: Path, size: str = TINY) -> None:
-    for hub_id in variant.hub_ids.values():
+def build_variant(variant: variants.Variant, root: Path, size: str = TINY, tiny_vae: bool = True) -> None:
+    for hub_id in [*variant.hub_ids.values(), *([variant.tiny_vae] if tiny_vae else [])]:
         build(hub_id, root, size)
 
 

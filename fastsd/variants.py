@@ -33,6 +33,8 @@ LCM_LORA_FOR = {
     2048: "latent-consistency/lcm-lora-sdxl",
 }
 SDXL_VAE_FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"
+# The tiny autoencoders (TAESD): a decoder ~18x cheaper than the full VAE's, the `vae=tiny` input.
+TINY_VAE_FOR = {SD: "madebyollin/taesd", SDXL: "madebyollin/taesdxl"}
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,13 @@ class Variant:
     max_batch_pixels: int = 8 * 512 * 512  # all images of one request together
 
     @property
+    def tiny_vae(self) -> str:
+        """Hub id of the tiny autoencoder for this architecture: optional, loaded when present."""
+        return TINY_VAE_FOR[self.architecture]
+
+    @property
     def hub_ids(self) -> dict[str, str]:
-        """Every hub repo this preset loads, by role."""
+        """Every hub repo this preset needs, by role (the optional tiny VAE is not among them)."""
         roles = {"model": self.model, "lora": self.lora, "vae": self.vae}
         return {role: repo for role, repo in roles.items() if repo}
 

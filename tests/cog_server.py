@@ -79,7 +79,14 @@ class CogServer:
         return True
 
     def predict(self, **inputs) -> dict:
-        response = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=300)
+        # A sync runner takes one prediction at a time, and coglet can still answer 409 (busy) for
+        # a moment after it replied to the previous one: retry briefly, as a client would.
+        deadline = time.monotonic() + 10
+        while True:
+            response = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=300)
+            if response.status_code != 409 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert response.status_code == 200, (response.status_code, response.text)
         return response.json()
 

@@ -15,7 +15,8 @@ from fastsd import random_models, variants
 def weights_root(tmp_path_factory) -> Path:
     """A project root holding weights/<hub id> and lora/<hub id> for every variant's repos."""
     root = tmp_path_factory.mktemp("fastsd-root")
-    for hub_id in sorted({hub for variant in variants.VARIANTS.values() for hub in variant.hub_ids.values()}):
+    hub_ids = {hub for variant in variants.VARIANTS.values() for hub in [*variant.hub_ids.values(), variant.tiny_vae]}
+    for hub_id in sorted(hub_ids):
         random_models.build(hub_id, root)
     return root
 

@@ -67,6 +67,18 @@ def test_image_to_image_shares_the_text_to_image_weights(engines):
         assert getattr(image, component) is getattr(text, component)
 
 
+@pytest.mark.parametrize("name", ["sd-turbo", "sdxl-lcm"])
+def test_every_pipeline_keeps_the_chosen_dtype(weights_root, monkeypatch, name):
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
+    loaded = pipelines.load(variants.VARIANTS[name], "cpu", torch.bfloat16)
+    assert set(loaded.vae_choices) == {"full", "tiny"}
+    for mode, pipeline in loaded.by_mode.items():
+        for component in ("unet", "vae", "text_encoder"):
+            assert getattr(pipeline, component).dtype == torch.bfloat16, (mode, component)
+    assert loaded.get(False, "tiny").vae is not loaded.text_to_image.vae
+    assert loaded.get(True, "tiny").unet is loaded.text_to_image.unet
+
+
 def test_the_fp16_fix_vae_replaces_the_sdxl_vae(engines, weights_root):
     vae = engines("sdxl-lcm").pipelines.text_to_image.vae
     fix = load_file(weights_root / "weights" / variants.SDXL_VAE_FP16_FIX / "diffusion_pytorch_model.safetensors")

@@ -66,6 +66,14 @@ def test_image_to_image_is_fitted_to_width_and_height(server):
     assert image.size == (64, 96)
 
 
+def test_the_tiny_vae_makes_a_different_image_from_the_same_latents(server):
+    full = succeeded(server.predict(prompt="a clock tower", seed=5, vae="full", output_format="png", **SMALL))
+    tiny = succeeded(server.predict(prompt="a clock tower", seed=5, vae="tiny", output_format="png", **SMALL))
+    assert tiny[0][1].size == (64, 64)
+    assert "vae tiny" in server.predict(prompt="a clock tower", seed=5, vae="tiny", **SMALL)["logs"]
+    assert full[0][0] != tiny[0][0]
+
+
 def test_several_outputs_come_back_distinct(server):
     outputs = succeeded(server.predict(prompt="three cats", num_outputs=3, seed=11, **SMALL))
     assert len(outputs) == 3
@@ -114,6 +122,7 @@ def _bad_inputs(variant: variants.Variant) -> list[tuple[str, dict]]:
         ("seed", {"seed": -1}),
         ("output_format", {"output_format": "gif"}),
         ("output_quality", {"output_quality": 101}),
+        ("vae", {"vae": "medium"}),
         ("image", {"image": data_uri(b"this is not an image", "image/png")}),
         ("image", {"image": data_uri(huge.getvalue())}),
         ("strength x num_inference_steps", {"image": data_uri(png_bytes(64, 64)), "num_inference_steps": 1,
