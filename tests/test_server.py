@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from cog_server import CogServer, data_uri, decode_output
+from fastsd.cog_server import CogServer, data_uri, decode_output
 from conftest import png_bytes
 from fastsd import variants
 

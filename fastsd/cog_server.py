@@ -1,18 +1,22 @@
-"""The real Cog HTTP server (coglet), started the way the image starts it, for the tests to call."""
+"""The real Cog HTTP server (coglet), started the way the image starts it, for tests and benchmarks.
+
+Standard library only, so the benchmark runs on a bare GPU machine with nothing to install beyond
+the wheels it carries.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-
-import requests
-from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,9 +31,13 @@ def data_uri(payload: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(payload).decode()}"
 
 
-def decode_output(uri: str) -> tuple[bytes, Image.Image]:
+def decode_output(uri: str):
+    """(bytes, decoded PIL image) of one output data URI."""
+    from PIL import Image
+
     header, encoded = uri.split(",", 1)
-    assert header.startswith("data:") and header.endswith(";base64"), header
+    if not (header.startswith("data:") and header.endswith(";base64")):
+        raise ValueError(f"not a base64 data URI: {header[:60]}")
     payload = base64.b64decode(encoded)
     image = Image.open(io.BytesIO(payload))
     image.load()
@@ -43,7 +51,7 @@ class CogServer:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environment = dict(os.environ, **env, PORT=str(self.port), COG_PREDICT_TYPE_STUB="predict.py:Predictor")
-        # coglet spawns its worker as `python`: the test interpreter's folder must come first.
+        # coglet spawns its worker as `python`: this interpreter's folder must come first.
         environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
@@ -52,10 +60,20 @@ class CogServer:
             cwd=PROJECT_ROOT, env=environment, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
-    def health(self) -> dict:
-        return requests.get(f"{self.url}/health-check", timeout=10).json()
+    def _request(self, method: str, path: str, body: dict | None = None, timeout: float = 600) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
 
-    def wait_for_setup(self, timeout: float = 180) -> dict:
+    def health(self) -> dict:
+        return self._request("GET", "/health-check", timeout=10)[1]
+
+    def wait_for_setup(self, timeout: float = 900) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -64,7 +82,7 @@ class CogServer:
                 state = self.health()
                 if state.get("status") not in (None, "STARTING"):
                     return state
-            except requests.ConnectionError:
+            except (urllib.error.URLError, ConnectionError):
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_path.read_text()}")
@@ -83,12 +101,13 @@ class CogServer:
         # a moment after it replied to the previous one: retry briefly, as a client would.
         deadline = time.monotonic() + 10
         while True:
-            response = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=300)
-            if response.status_code != 409 or time.monotonic() > deadline:
+            status, body = self._request("POST", "/predictions", {"input": inputs})
+            if status != 409 or time.monotonic() > deadline:
                 break
-            time.sleep(0.05)
-        assert response.status_code == 200, (response.status_code, response.text)
-        return response.json()
+            time.sleep(0.01)
+        if status != 200:
+            raise RuntimeError(f"POST /predictions answered {status}: {body}")
+        return body
 
     def stop(self) -> None:
         self.process.terminate()
