@@ -1,0 +1,325 @@
+"""Benchmark fastsd end to end through the Cog server against stock diffusers, on this machine's device.
+
+    python scripts/benchmark.py                      # sd-turbo, full-size random weights
+    python scripts/benchmark.py --quick              # tiny models: a CPU smoke run and the server overhead
+    python scripts/benchmark.py --variants sd-turbo sdxl-turbo sdxl-lcm --runs 20 --batch 12
+
+Weights are random, in the real on-disk layout (fastsd.random_models), built once under --root:
+timing does not depend on the values, and nothing is downloaded. For each variant, in one run:
+
+1. server: run() end to end as a user gets it, through the real Cog HTTP server (coglet),
+   including input handling and output encoding: default inputs, vae=tiny, and a batch;
+2. phases: prompt encoding, denoising, decoding and output encoding, in process;
+3. baseline: the stock diffusers path a user would otherwise write (AutoPipelineForText2Image
+   with default settings, the model card's steps and guidance) on the same weights.
+
+Prints a table and writes JSON (medians after warm-up, min, max, images/s, peak memory, device,
+dtype, library versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from fastsd import images, random_models, variants  # noqa: E402
+from fastsd.cog_server import CogServer, decode_output  # noqa: E402
+from fastsd.engine import Engine  # noqa: E402
+from fastsd.pipelines import select_device  # noqa: E402
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
+
+
+def summary(seconds: list[float], images_per_call: int = 1) -> dict:
+    median = statistics.median(seconds)
+    return {"median_ms": round(median * 1000, 2), "min_ms": round(min(seconds) * 1000, 2),
+            "max_ms": round(max(seconds) * 1000, 2), "runs": len(seconds),
+            "images_per_s": round(images_per_call / median, 2)}
+
+
+def timed(call, warmup: int, runs: int, device: str) -> list[float]:
+    for _ in range(warmup):
+        call()
+    durations = []
+    for _ in range(runs):
+        synchronize(device)
+        started = time.perf_counter()
+        call()
+        synchronize(device)
+        durations.append(time.perf_counter() - started)
+    return durations
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    return platform.processor() or device
+
+
+def ensure_weights(variant: variants.Variant, root: Path, size: str) -> None:
+    for hub_id in [*variant.hub_ids.values(), variant.tiny_vae]:
+        folder = root / ("lora" if hub_id in random_models.LORA_REPOS else "weights") / hub_id
+        if not folder.is_dir():
+            print(f"building {size} random weights for {hub_id} under {root} ...", flush=True)
+            random_models.build(hub_id, root, size)
+
+
+def worker_peak_rss_mib(server: CogServer) -> float | None:
+    """Peak resident memory of the server's worker process (the one that holds the model)."""
+    try:
+        import psutil
+
+        children = psutil.Process(server.process.pid).children(recursive=True)
+        peaks = []
+        for child in children:
+            status = Path(f"/proc/{child.pid}/status").read_text()
+            peaks += [int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM")]
+        return round(max(peaks), 1) if peaks else None
+    except (ImportError, OSError):
+        return None
+
+
+def bench_server(variant, root: Path, cases: dict, args, log_dir: Path) -> dict:
+    server = CogServer({"FASTSD_VARIANT": variant.name, "FASTSD_WEIGHTS_ROOT": str(root)},
+                       log_dir / f"server-{variant.name}.log")
+    results = {}
+    try:
+        state = server.wait_for_setup()
+        if state["status"] != "READY":
+            raise RuntimeError(f"setup failed: {server.log_path.read_text()[-3000:]}")
+        for name, inputs in cases.items():
+            overheads = []
+
+            def call():
+                started = time.perf_counter()
+                response = server.predict(prompt=PROMPT, seed=1, **inputs)
+                if response["status"] != "succeeded":
+                    raise RuntimeError(f"{name}: {response.get('error')}")
+                decode_output(response["output"][0])
+                # Everything but the pipeline call: HTTP, coglet, validation, output encoding, data URIs.
+                overheads.append(time.perf_counter() - started - response["metrics"]["inference_time"])
+
+            durations = timed(call, args.warmup, args.runs, "cpu")
+            results[name] = dict(summary(durations, inputs.get("num_outputs", 1)), inputs=inputs,
+                                 overhead_median_ms=round(statistics.median(overheads[args.warmup:]) * 1000, 2))
+            print(f"  server {name:>12}: {results[name]['median_ms']:9.1f} ms median", flush=True)
+        results["worker_peak_rss_mib"] = worker_peak_rss_mib(server)
+    finally:
+        server.stop()
+    return results
+
+
+class PhaseTimer:
+    """Forward hooks that time each component call (with a device sync, so only for measuring)."""
+
+    def __init__(self, device: str):
+        self.device, self.totals, self.handles = device, {}, []
+
+    def watch(self, name: str, module) -> None:
+        def before(*_):
+            synchronize(self.device)
+            module._phase_started = time.perf_counter()
+
+        def after(*_):
+            synchronize(self.device)
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - module._phase_started
+
+        self.handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def bench_phases(variant, args, device: str, side: dict) -> dict:
+    engine = Engine.load(variant)
+    engine.warm_up()
+    results = {"dtype": str(engine.pipelines.dtype).removeprefix("torch.")}
+    for vae in engine.pipelines.vae_choices:
+        pipeline = engine.pipelines.get(False, vae)
+        samples: dict[str, list[float]] = {}
+        for run in range(args.warmup + args.runs):
+            engine.prompts = type(engine.prompts)(pipeline, device)  # measure the text encoders every time
+            timer = PhaseTimer(device)
+            for name in ("text_encoder", "text_encoder_2"):
+                if getattr(pipeline, name, None) is not None:
+                    timer.watch("prompt_encoding", getattr(pipeline, name))
+            timer.watch("denoising", pipeline.unet)
+            timer.watch("decoding", pipeline.vae.decoder)
+            request = engine.validate(prompt=PROMPT, seed=1, vae=vae, **side)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            synchronize(device)
+            started = time.perf_counter()
+            result = engine.generate(request)
+            total = time.perf_counter() - started
+            timer.remove()
+            engine.save(result, request)
+            if run >= args.warmup:
+                for name, seconds in {**timer.totals, "output_encoding": result.timings["encode_time"],
+                                      "total_generate": total}.items():
+                    samples.setdefault(name, []).append(seconds)
+        results[f"vae_{vae}"] = {name: round(statistics.median(values) * 1000, 2) for name, values in samples.items()}
+        if device == "cuda":
+            results[f"vae_{vae}"]["peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        print(f"  phases vae={vae}: {results[f'vae_{vae}']}", flush=True)
+    del engine
+    release(device)
+    return results
+
+
+def bench_baseline(variant, root: Path, args, device: str, side: dict) -> dict:
+    """What a user writes from the model card: AutoPipelineForText2Image with default settings."""
+    from diffusers import AutoPipelineForText2Image, LCMScheduler
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    folder = root / "weights" / variant.model
+    fp16 = device == "cuda" and any(folder.glob("unet/*.fp16.safetensors"))
+    pipe = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=dtype, variant="fp16" if fp16 else None)
+    if variant.lora:
+        pipe.load_lora_weights(str(root / "lora" / variant.lora))
+    if variant.use_lcm_scheduler:
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    results = {"dtype": str(dtype).removeprefix("torch.")}
+    for name, batch in (("default", 1), (f"batch_{args.batch}", args.batch)):
+        def call():
+            pipe(prompt=PROMPT, num_inference_steps=variant.num_inference_steps, guidance_scale=variant.guidance_scale,
+                 width=side.get("width", variant.width), height=side.get("height", variant.height),
+                 num_images_per_prompt=batch,
+                 generator=torch.Generator("cpu").manual_seed(1))
+        runs = args.runs if batch == 1 else max(1, args.runs // 2)
+        results[name] = summary(timed(call, args.warmup, runs, device), batch)
+        print(f"  baseline {name:>10}: {results[name]['median_ms']:9.1f} ms median", flush=True)
+        if args.quick or device == "cpu":
+            break  # a batch of full-size images on a CPU takes minutes and says nothing new
+    del pipe
+    release(device)
+    return results
+
+
+def bench_encoding(args) -> dict:
+    """Output encoders at 512 and 1024, on an image with natural-image statistics (1/f spectrum)."""
+    import numpy as np
+    from PIL import Image
+
+    results = {}
+    for side in (512, 1024):
+        rng = np.random.default_rng(0)
+        frequency = np.hypot(np.fft.fftfreq(side)[:, None], np.fft.fftfreq(side)[None, :])
+        channels = []
+        for _ in range(3):
+            spectrum = np.exp(2j * np.pi * rng.random((side, side))) / np.maximum(frequency, 1 / side) ** 1.5
+            channel = np.real(np.fft.ifft2(spectrum))
+            channels.append((channel - channel.min()) / np.ptp(channel))
+        image = Image.fromarray((np.stack(channels, -1) * 255).astype("uint8"))
+        for output_format in ("webp", "jpg", "png"):
+            durations = timed(lambda: images.encode(image, output_format, 80), 1, max(3, args.runs), "cpu")
+            size_kib = len(images.encode(image, output_format, 80)) / 1024
+            results[f"{output_format}_{side}"] = dict(summary(durations), kib=round(size_kib, 1))
+    return results
+
+
+def release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("torch", "diffusers", "transformers", "peft", "pillow", "coglet"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device']} | {report['dtype']} | {report['versions']}")
+    print(f"{'variant':<16}{'case':<14}{'median ms':>11}{'min':>9}{'max':>9}{'img/s':>9}{'vs stock':>10}")
+    for name, result in report["variants"].items():
+        stock = result["baseline"]["default"]["median_ms"]
+        rows = [(case, r) for case, r in result["server"].items() if isinstance(r, dict)]
+        rows += [(f"stock {case}", r) for case, r in result["baseline"].items() if isinstance(r, dict)]
+        for case, r in rows:
+            per_image = r["median_ms"] / r["inputs"].get("num_outputs", 1) if "inputs" in r else r["median_ms"]
+            ratio = "" if case.startswith("stock") else f"{stock / per_image:.2f}x"
+            print(f"{name:<16}{case:<14}{r['median_ms']:>11.1f}{r['min_ms']:>9.1f}{r['max_ms']:>9.1f}"
+                  f"{r['images_per_s']:>9.2f}{ratio:>10}")
+        print(f"{name:<16}server, input handling and output encoding over the bare pipeline call (default "
+              f"inputs): {result['server']['default']['overhead_median_ms']:.1f} ms median")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["sd-turbo"], choices=list(variants.VARIANTS))
+    parser.add_argument("--quick", action="store_true", help="tiny models, few runs: a smoke run on a CPU")
+    parser.add_argument("--runs", type=int, help="measured runs per case (default 5, --quick 10)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8, help="images per request in the batch case")
+    parser.add_argument("--root", type=Path, help="where the random weights are built and kept")
+    parser.add_argument("--json", type=Path, help="where to write the results (default: benchmarks/...)")
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args()
+    size = random_models.TINY if args.quick else random_models.FULL
+    args.runs = args.runs or (10 if args.quick else 5)
+    root = args.root or Path.home() / ".cache" / "fastsd-benchmark" / size
+    os.environ["FASTSD_WEIGHTS_ROOT"] = str(root)  # the in-process engine loads the same weights as the server
+    device, dtype = select_device()
+    log_dir = Path(args.json).parent if args.json else Path("benchmarks")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(device),
+              "dtype": str(dtype).removeprefix("torch."), "weights": size, "versions": versions(), "variants": {}}
+
+    for name in args.variants:
+        variant = variants.VARIANTS[name]
+        ensure_weights(variant, root, size)
+        print(f"{name} on {report['device']} ({report['dtype']}, {size} weights)", flush=True)
+        side = dict(width=64, height=64) if args.quick else {}
+        cases = {"default": {**side}, "vae_tiny": {"vae": "tiny", **side},
+                 f"batch_{args.batch}": {"num_outputs": args.batch, "vae": "tiny", **side}}
+        if device == "cpu" and not args.quick:
+            cases.pop(f"batch_{args.batch}")  # minutes per request on a CPU, and no new information
+        result = {"server": bench_server(variant, root, cases, args, log_dir),
+                  "phases": bench_phases(variant, args, device, side)}
+        result["baseline"] = {"default": {"median_ms": float("nan")}} if args.skip_baseline else bench_baseline(
+            variant, root, args, device, side)
+        report["variants"][name] = result
+    report["encoding"] = bench_encoding(args)
+
+    out = args.json or log_dir / f"results-{device}-{size}-{datetime.now():%Y%m%d-%H%M}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print_table(report)
+    print("\noutput encoding (ms median, KiB):",
+          ", ".join(f"{k} {v['median_ms']:.1f}/{v['kib']:.0f}" for k, v in report["encoding"].items()))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
