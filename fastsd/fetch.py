@@ -75,11 +75,13 @@ class _Retry(Exception):
 class RangedReader(io.RawIOBase):
     """A read-only stream of the resource at url, fetched as parallel Range requests."""
 
-    def __init__(self, url: str, *, chunk_size: int = CHUNK_SIZE, workers: int = WORKERS,
-                 attempts: int = ATTEMPTS, timeout: float = TIMEOUT_S, backoff: float = 0.5):
+    def __init__(self, url: str, *, chunk_size: int | None = None, workers: int | None = None,
+                 attempts: int | None = None, timeout: float = TIMEOUT_S, backoff: float = 0.5):
         super().__init__()
         self.url, self.shown = url, redact(url)
-        self.chunk_size, self.workers, self.attempts = chunk_size, max(1, workers), attempts
+        self.chunk_size = chunk_size or CHUNK_SIZE
+        self.workers = max(1, workers or WORKERS)
+        self.attempts = attempts or ATTEMPTS
         self.timeout, self.backoff = timeout, backoff
         self.position = 0
         self.total: int | None = None

@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [folder for folder in folders if not (args.project / folder).is_dir()]
     print(f"selected {variant.name}: .dockerignore keeps {', '.join(folders)}; cog.yaml FASTSD_VARIANT={variant.name}")
     if missing:
-        print(f"note: {', '.join(missing)} not here yet; fetch with {weights.fetch_command(variant)} before cog build,"
-              " or the image will fetch them at boot")
+        print(f"note: {', '.join(missing)} not here yet: run {weights.fetch_command(variant)} before cog build "
+              "(else the image fetches what it needs at boot, from FASTSD_WEIGHTS_URL or the hub)")
     return 0
 
 

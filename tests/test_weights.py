@@ -1,0 +1,535 @@
+"""Weights on disk: manifests checked at boot, the weights tar fetched at start, packing, baking.
+
+Everything runs offline: the weights tar is served from a local HTTP server on 127.0.0.1 that
+can honour or ignore Range requests, drop connections midway, or serve damaged archives.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import http.server
+import io
+import json
+import logging
+import re
+import shutil
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from fastsd import fetch, manifest, variants, weights
+from fastsd.errors import ConfigurationError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+
+import pack_weights  # noqa: E402
+import select_variant  # noqa: E402
+
+SD_TURBO = variants.VARIANTS["sd-turbo"]
+SD15_LCM = variants.VARIANTS["sd15-lcm"]
+
+
+def copy_variant(source_root: Path, variant, root: Path) -> Path:
+    """A private copy of a variant's tiny model folders (the session's shared root stays intact)."""
+    for folder in weights.variant_folders(variant):
+        relative = folder.relative_to(source_root) if folder.is_relative_to(source_root) else None
+        if relative is None:
+            continue
+        if folder.is_dir():
+            shutil.copytree(folder, root / relative, dirs_exist_ok=True)
+    return root
+
+
+@pytest.fixture
+def root(tmp_path, weights_root, monkeypatch) -> Path:
+    """A weights root holding sd-turbo and sd15-lcm (model + LoRA), tiny, without manifests."""
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
+    mine = tmp_path / "root"
+    for variant in (SD_TURBO, SD15_LCM):
+        copy_variant(weights_root, variant, mine)
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(mine))
+    return mine
+
+
+def add_manifest(folder: Path) -> dict:
+    files = manifest.describe_local(folder)
+    manifest.write(folder, files, repo="test")
+    return files
+
+
+# --- the manifest check at boot -----------------------------------------------------------------
+
+def test_folder_without_manifest_loads_and_says_so(root, caplog):
+    from fastsd.engine import Engine
+
+    caplog.set_level(logging.INFO, logger="fastsd.weights")
+    weights._logged_unverified.clear()
+    weights.ensure_weights(SD_TURBO)
+    engine = Engine.load(SD_TURBO)
+    assert engine.pipelines.text_to_image is not None
+    assert f"{weights.model_folder(SD_TURBO.model)} has no .fastsd-manifest.json" in caplog.text
+
+
+def test_complete_folder_with_manifest_passes(root):
+    for folder in weights.variant_folders(SD15_LCM):
+        if folder.is_dir():
+            add_manifest(folder)
+    weights.ensure_weights(SD15_LCM)  # no error
+
+
+def test_truncated_file_fails_setup_naming_it_and_the_fetch_command(root):
+    folder = weights.model_folder(SD_TURBO.model)
+    add_manifest(folder)
+    unet = sorted((folder / "unet").glob("*.safetensors"))[0]
+    size = unet.stat().st_size
+    with open(unet, "r+b") as stream:
+        stream.truncate(size // 2)
+    with pytest.raises(weights.WeightsMissing) as raised:
+        weights.ensure_weights(SD_TURBO)
+    message = str(raised.value)
+    assert f"{unet} ({size // 2} bytes, expected {size})" in message
+    assert "python scripts/download_weights.py sd-turbo" in message
+    assert "\n" not in message
+
+
+def test_missing_file_listed_in_manifest_fails_setup(root):
+    folder = weights.lora_folder(SD15_LCM.lora)
+    add_manifest(folder)
+    weights.require_weights(SD15_LCM)
+    (folder / weights.LORA_WEIGHT_NAME).rename(folder / "moved-away")
+    with pytest.raises(weights.WeightsMissing, match="missing") as raised:
+        weights.require_weights(SD15_LCM)
+    assert weights.LORA_WEIGHT_NAME in str(raised.value)
+    assert "python scripts/download_weights.py sd15-lcm" in str(raised.value)
+
+
+def test_missing_config_file_named_by_manifest(root):
+    folder = weights.model_folder(SD_TURBO.model)
+    add_manifest(folder)
+    (folder / "unet" / "config.json").unlink()
+    with pytest.raises(weights.WeightsMissing, match=re.escape(str(folder / "unet" / "config.json") + " (missing)")):
+        weights.require_weights(SD_TURBO)
+
+
+def test_verify_catches_a_changed_byte_that_the_size_check_cannot(root):
+    folder = weights.lora_folder(SD15_LCM.lora)
+    add_manifest(folder)
+    path = folder / weights.LORA_WEIGHT_NAME
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert manifest.check(folder) == []
+    assert [str(p) for p in manifest.verify(folder)] == [f"{path} (sha256 differs)"]
+
+
+def test_unreadable_manifest_is_reported_not_a_traceback(root):
+    folder = weights.model_folder(SD_TURBO.model)
+    manifest.manifest_path(folder).write_text("{not json")
+    with pytest.raises(weights.WeightsMissing, match="not a valid fastsd manifest"):
+        weights.require_weights(SD_TURBO)
+
+
+def test_missing_weights_without_url_and_without_hub_fail_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(tmp_path))
+    monkeypatch.delenv(weights.WEIGHTS_URL_ENV, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(weights.WeightsMissing) as raised:
+        weights.ensure_weights(SD_TURBO)
+    message = str(raised.value)
+    assert message.startswith("Weights for variant sd-turbo are missing:")
+    assert "python scripts/download_weights.py sd-turbo" in message and "FASTSD_WEIGHTS_URL" in message
+    assert "cannot be reached" in message
+
+
+def test_hub_not_asked_when_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(weights.WEIGHTS_URL_ENV, raising=False)
+    with pytest.raises(weights.WeightsMissing, match="HF_HUB_OFFLINE is set"):
+        weights.ensure_weights(SD_TURBO)
+
+
+# --- a local HTTP server for the weights tar ----------------------------------------------------
+
+class TarServer:
+    """Serves one payload at /weights.tar on 127.0.0.1, with single-range Range support.
+
+    drop: how many responses cut off after half their body (then the connection closes);
+    ranges: False to ignore Range headers (answer 200 with everything).
+    """
+
+    def __init__(self, payload: bytes, *, ranges: bool = True, drop: int = 0, status: int = 200):
+        self.payload, self.ranges, self.drop, self.status = payload, ranges, drop, status
+        self.requests: list[str | None] = []  # the Range header of each GET
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                requested = self.headers.get("Range")
+                with server.lock:
+                    server.requests.append(requested)
+                    cut = server.drop > 0
+                    server.drop -= cut
+                if server.status != 200 or self.path.split("?")[0] != "/weights.tar":
+                    self.send_response(server.status if server.status != 200 else 404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data, start = server.payload, 0
+                match = re.fullmatch(r"bytes=(\d+)-(\d*)", requested or "")
+                if server.ranges and match:
+                    start = int(match[1])
+                    end = min(int(match[2]) if match[2] else len(data) - 1, len(data) - 1)
+                    body = data[start:end + 1]
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                else:
+                    body = data
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes" if server.ranges else "none")
+                self.end_headers()
+                if cut:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/weights.tar?signature=secret"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 64 KiB and quick retries, so that a tiny model's tar takes many range requests."""
+    monkeypatch.setattr(fetch, "CHUNK_SIZE", 64 * 1024)
+    monkeypatch.setattr(fetch, "WORKERS", 4)
+    monkeypatch.setenv("FASTSD_NO_PGET", "1")
+
+
+@pytest.fixture
+def sd_turbo_tar(root, tmp_path) -> bytes:
+    out = tmp_path / "sd-turbo.tar"
+    pack_weights.pack(SD_TURBO, out, report=lambda line: None)
+    return out.read_bytes()
+
+
+def empty_root(tmp_path, monkeypatch) -> Path:
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(fresh))
+    return fresh
+
+
+def test_setup_fetches_a_missing_variant_from_the_tar_with_parallel_range_requests(
+        sd_turbo_tar, small_chunks, tmp_path, monkeypatch, caplog):
+    from fastsd.engine import Engine
+
+    fresh = empty_root(tmp_path, monkeypatch)
+    caplog.set_level(logging.INFO, logger="fastsd.weights")
+    with TarServer(sd_turbo_tar) as server:
+        weights.ensure_weights(SD_TURBO, server.url)
+    ranges = [r for r in server.requests if r]
+    assert len(ranges) == len(server.requests) >= len(sd_turbo_tar) // (64 * 1024)
+    assert "bytes=0-65535" in ranges
+    folder = fresh / "weights" / SD_TURBO.model
+    assert manifest.load(folder) is not None and manifest.check(folder) == []
+    assert not list(fresh.glob(".fastsd-incoming-*"))
+    assert "secret" not in caplog.text  # the signed URL's query stays out of the logs
+    Engine.load(SD_TURBO)
+
+
+def test_weights_url_from_the_environment(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
+    fresh = empty_root(tmp_path, monkeypatch)
+    with TarServer(sd_turbo_tar) as server:
+        monkeypatch.setenv(weights.WEIGHTS_URL_ENV, server.url)
+        weights.ensure_weights(SD_TURBO)
+    assert (fresh / "weights" / SD_TURBO.model / "model_index.json").is_file()
+
+
+def test_a_dropped_connection_resumes_from_the_byte_it_reached(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
+    fresh = empty_root(tmp_path, monkeypatch)
+    with TarServer(sd_turbo_tar, drop=3) as server:
+        weights.ensure_weights(SD_TURBO, server.url)
+    # A resumed request starts inside a chunk, not at a multiple of the chunk size.
+    starts = [int(re.match(r"bytes=(\d+)-", r)[1]) for r in server.requests]
+    assert any(start % (64 * 1024) for start in starts)
+    assert manifest.check(fresh / "weights" / SD_TURBO.model) == []
+
+
+def test_a_connection_that_keeps_dropping_fails_clearly_and_leaves_nothing(
+        sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
+    fresh = empty_root(tmp_path, monkeypatch)
+    monkeypatch.setattr(fetch, "ATTEMPTS", 2)
+    with TarServer(sd_turbo_tar, drop=10_000) as server:
+        with pytest.raises(fetch.ArchiveError, match=r"failed at byte \d+ after 2 attempts") as raised:
+            weights.ensure_weights(SD_TURBO, server.url)
+    assert "secret" not in str(raised.value)
+    assert list(fresh.iterdir()) == []
+
+
+def test_a_server_without_range_support_is_read_as_one_stream(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
+    fresh = empty_root(tmp_path, monkeypatch)
+    with TarServer(sd_turbo_tar, ranges=False) as server:
+        weights.ensure_weights(SD_TURBO, server.url)
+    assert len(server.requests) == 1
+    assert manifest.check(fresh / "weights" / SD_TURBO.model) == []
+
+
+def test_a_dropped_connection_without_range_support_is_a_clear_error(sd_turbo_tar, small_chunks, tmp_path,
+                                                                       monkeypatch):
+    empty_root(tmp_path, monkeypatch)
+    with TarServer(sd_turbo_tar, ranges=False, drop=1) as server:
+        with pytest.raises(ConfigurationError, match="cannot resume|damaged"):
+            weights.ensure_weights(SD_TURBO, server.url)
+
+
+def test_http_error_is_one_sentence(small_chunks, tmp_path, monkeypatch):
+    empty_root(tmp_path, monkeypatch)
+    with TarServer(b"", status=403) as server:
+        with pytest.raises(fetch.ArchiveError, match=r"answered HTTP 403 .*signed URL may have expired"):
+            weights.ensure_weights(SD_TURBO, server.url)
+
+
+def test_a_corrupt_archive_is_refused(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
+    fresh = empty_root(tmp_path, monkeypatch)
+    damaged = bytearray(sd_turbo_tar)
+    damaged[100:400] = b"\x07" * 300  # inside the first member's header: its checksum fails
+    with TarServer(bytes(damaged)) as server:
+        with pytest.raises(fetch.ArchiveError, match="damaged or not a tar"):
+            weights.ensure_weights(SD_TURBO, server.url)
+    with TarServer(b"this is not a tar at all" * 1000) as server:
+        with pytest.raises(fetch.ArchiveError, match="damaged or not a tar"):
+            weights.ensure_weights(SD_TURBO, server.url)
+    assert list(fresh.iterdir()) == []
+
+
+def test_a_truncated_archive_is_refused(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
+    empty_root(tmp_path, monkeypatch)
+    with TarServer(sd_turbo_tar[: len(sd_turbo_tar) // 2]) as server:
+        with pytest.raises(fetch.ArchiveError, match="damaged or not a tar"):
+            weights.ensure_weights(SD_TURBO, server.url)
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def test_a_file_of_the_wrong_size_in_the_tar_is_refused(root, small_chunks, tmp_path, monkeypatch):
+    folder = weights.model_folder(SD_TURBO.model)
+    files = add_manifest(folder)
+    members = []
+    for name in sorted(files):
+        data = (folder / name).read_bytes()
+        if name == "unet/config.json":
+            data = data[:-10]
+        members.append(_file(f"weights/{SD_TURBO.model}/{name}", data))
+    members.append(_file(f"weights/{SD_TURBO.model}/{manifest.MANIFEST_NAME}",
+                         manifest.manifest_path(folder).read_bytes()))
+    fresh = empty_root(tmp_path, monkeypatch)
+    with TarServer(_tar(members)) as server:
+        with pytest.raises(fetch.ArchiveError, match=r"does not match its manifest: .*unet/config.json \(\d+ bytes, "
+                                                       r"expected \d+\)"):
+            weights.ensure_weights(SD_TURBO, server.url)
+    assert list(fresh.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../escaped", "weights/../../escaped", "/tmp/escaped", "weights/a/../../../escaped"])
+def test_path_traversal_is_refused(name, small_chunks, tmp_path, monkeypatch):
+    fresh = empty_root(tmp_path, monkeypatch)
+    payload = _tar([_file(f"weights/{SD_TURBO.model}/model_index.json", b"{}"), _file(name, b"owned")])
+    with TarServer(payload) as server:
+        with pytest.raises(fetch.ArchiveError, match="leads outside its folder"):
+            weights.ensure_weights(SD_TURBO, server.url)
+    assert not (tmp_path / "escaped").exists() and not Path("/tmp/escaped").exists()
+    assert list(fresh.iterdir()) == []
+
+
+def test_links_and_members_outside_weights_are_refused(small_chunks, tmp_path, monkeypatch):
+    empty_root(tmp_path, monkeypatch)
+    link = tarfile.TarInfo(f"weights/{SD_TURBO.model}/model_index.json")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with TarServer(_tar([(link, None)])) as server:
+        with pytest.raises(fetch.ArchiveError, match="a link"):
+            weights.ensure_weights(SD_TURBO, server.url)
+    with TarServer(_tar([_file("predict.py", b"print('replaced')")])) as server:
+        with pytest.raises(fetch.ArchiveError, match="outside weights/ and lora/"):
+            weights.ensure_weights(SD_TURBO, server.url)
+
+
+def test_a_tar_for_another_variant_is_refused(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
+    empty_root(tmp_path, monkeypatch)
+    with TarServer(sd_turbo_tar) as server:
+        with pytest.raises(fetch.ArchiveError, match=f"has no weights/{SD15_LCM.model}/"):
+            weights.ensure_weights(SD15_LCM, server.url)
+
+
+def test_a_local_tar_path_works_too(sd_turbo_tar, tmp_path, monkeypatch):
+    fresh = empty_root(tmp_path, monkeypatch)
+    path = tmp_path / "local.tar"
+    path.write_bytes(sd_turbo_tar)
+    weights.ensure_weights(SD_TURBO, str(path))
+    assert manifest.check(fresh / "weights" / SD_TURBO.model) == []
+
+
+def test_pget_is_used_when_on_path_and_its_output_is_checked(sd_turbo_tar, tmp_path, monkeypatch):
+    """A stand-in pget (unpacks with tar, as the real one does) proves the command line and that
+    what it unpacked passes the same checks: a link it let through is refused."""
+    fresh = empty_root(tmp_path, monkeypatch)
+    monkeypatch.delenv("FASTSD_NO_PGET", raising=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "pget-args"
+    (bin_dir / "pget").write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" > {record}\n'
+        '[ "$1" = "-x" ] || exit 2\n'
+        'mkdir -p "$3" && tar -xf "$SOURCE_TAR" -C "$3" && [ -z "$ADD_LINK" ] || ln -s /etc "$3/weights/link"\n'
+    )
+    (bin_dir / "pget").chmod(0o755)
+    archive = tmp_path / "served.tar"
+    archive.write_bytes(sd_turbo_tar)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("SOURCE_TAR", str(archive))
+    weights.ensure_weights(SD_TURBO, "https://example.invalid/sd-turbo.tar")
+    assert record.read_text().split()[:2] == ["-x", "https://example.invalid/sd-turbo.tar"]
+    assert manifest.check(fresh / "weights" / SD_TURBO.model) == []
+
+    shutil.rmtree(fresh / "weights")
+    monkeypatch.setenv("ADD_LINK", "1")
+    with pytest.raises(fetch.ArchiveError, match="a link or special file"):
+        weights.ensure_weights(SD_TURBO, "https://example.invalid/sd-turbo.tar")
+
+
+# --- packing ------------------------------------------------------------------------------------
+
+def test_pack_writes_a_manifest_for_a_folder_without_one(root, tmp_path):
+    out = tmp_path / "out.tar"
+    pack_weights.pack(SD15_LCM, out, report=lambda line: None)
+    with tarfile.open(out) as archive:
+        names = archive.getnames()
+        model_manifest = json.load(archive.extractfile(f"weights/{SD15_LCM.model}/{manifest.MANIFEST_NAME}"))
+    folder = weights.model_folder(SD15_LCM.model)
+    assert set(model_manifest["files"]) == set(manifest.local_files(folder))
+    unet = next(n for n in model_manifest["files"] if n.startswith("unet/") and n.endswith(".safetensors"))
+    assert model_manifest["files"][unet]["sha256"] == manifest.sha256_of(folder / unet)
+    assert f"lora/{SD15_LCM.lora}/{weights.LORA_WEIGHT_NAME}" in names
+    assert all(n.startswith(("weights/", "lora/")) for n in names)
+    assert not manifest.manifest_path(folder).exists()  # the folder itself is left as it was
+
+
+def test_pack_keeps_to_the_manifest_and_refuses_a_damaged_folder(root, tmp_path):
+    folder = weights.lora_folder(SD15_LCM.lora)
+    add_manifest(folder)
+    (folder / "notes.txt").write_text("not listed in the manifest")
+    out = tmp_path / "out.tar"
+    pack_weights.pack(SD15_LCM, out, report=lambda line: None)
+    with tarfile.open(out) as archive:
+        assert f"lora/{SD15_LCM.lora}/notes.txt" not in archive.getnames()
+    with open(folder / weights.LORA_WEIGHT_NAME, "r+b") as stream:
+        stream.truncate(10)
+    with pytest.raises(ConfigurationError, match="does not match its manifest"):
+        pack_weights.pack(SD15_LCM, out, report=lambda line: None)
+
+
+# --- baking one variant into an image -----------------------------------------------------------
+
+def dockerignore_excludes(patterns: list[str], path: str) -> bool:
+    """Docker's .dockerignore rule, enough for these patterns: the last pattern that matches the
+    path or one of its parent folders decides; `!` re-includes; `**` spans folders."""
+    excluded = False
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        body = pattern[1:] if negated else pattern
+        regex = re.escape(body).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        if any(re.fullmatch(regex, prefix) for prefix in prefixes):
+            excluded = not negated
+    return excluded
+
+
+def test_select_variant_writes_dockerignore_and_cog_yaml(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    cog_yaml = (PROJECT_ROOT / "cog.yaml").read_text()
+    (project / "cog.yaml").write_text(cog_yaml)
+    assert select_variant.main(["sdxl-lcm", "--project", str(project)]) == 0
+    written = (project / "cog.yaml").read_text()
+    assert "  - FASTSD_VARIANT=sdxl-lcm\n" in written
+    assert written.replace("FASTSD_VARIANT=sdxl-lcm", "FASTSD_VARIANT=X") == re.sub(
+        r"FASTSD_VARIANT=[^\s]+", "FASTSD_VARIANT=X", cog_yaml)  # nothing else changed
+
+    patterns = [line for line in (project / ".dockerignore").read_text().splitlines()
+                if line and not line.startswith("#")]
+    kept = ["predict.py", "fastsd/engine.py", "cog.yaml", "requirements.txt",
+            "weights/stabilityai/stable-diffusion-xl-base-1.0/unet/diffusion_pytorch_model.fp16.safetensors",
+            "weights/madebyollin/sdxl-vae-fp16-fix/config.json",
+            "lora/latent-consistency/lcm-lora-sdxl/pytorch_lora_weights.safetensors",
+            "weights/madebyollin/taesdxl/config.json"]
+    left_out = [".git/config", ".venv/bin/python", "tests/test_weights.py", "fastsd/__pycache__/x.pyc",
+                "weights/stabilityai/sd-turbo/model_index.json", "lora/latent-consistency/lcm-lora-sdv1-5/x",
+                "weights/stabilityai/stable-diffusion-xl-base-1.0/.cache/huggingface/download/x.metadata",
+                "weights/madebyollin/taesd/config.json", "sd-turbo.tar", ".fastsd-incoming-abc/weights/x"]
+    assert [p for p in kept if dockerignore_excludes(patterns, p)] == []
+    assert [p for p in left_out if not dockerignore_excludes(patterns, p)] == []
+
+
+def test_select_variant_refuses_an_unknown_variant_or_a_cog_yaml_without_the_line(tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "cog.yaml").write_text("build:\n  gpu: true\n")
+    assert select_variant.main(["sd-turbo", "--project", str(project)]) == 1
+    assert "no `  - FASTSD_VARIANT=...` line" in capsys.readouterr().err
+    assert select_variant.main(["nope", "--project", str(project)]) == 1
+    assert "not a known variant" in capsys.readouterr().err
+    assert not (project / ".dockerignore").exists()
+
+
+def test_committed_dockerignore_is_the_one_for_the_default_variant(monkeypatch):
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(PROJECT_ROOT))
+    folders = [folder.relative_to(PROJECT_ROOT).as_posix() for folder in weights.variant_folders(SD_TURBO)]
+    assert f"weights/{SD_TURBO.model}" in folders
+    assert (PROJECT_ROOT / ".dockerignore").read_text() == select_variant.dockerignore_text("sd-turbo", folders)
+    assert "FASTSD_VARIANT=sd-turbo" in (PROJECT_ROOT / "cog.yaml").read_text()
+
+
+def test_fnmatch_is_not_used_by_the_selection_escape():
+    # allow_patterns are fnmatch patterns: a file name with [ must only match itself.
+    from fastsd.download import _escape_glob
+
+    assert fnmatch.fnmatch("a[1].json", _escape_glob("a[1].json"))
+    assert not fnmatch.fnmatch("a1.json", _escape_glob("a[1].json"))
