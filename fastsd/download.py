@@ -39,7 +39,8 @@ _WEIGHT = re.compile(
     r"^(?P<base>[A-Za-z0-9_]+)(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.safetensors$"
 )
 _WEIGHT_INDEX = re.compile(r"^(?P<base>[A-Za-z0-9_]+)\.safetensors\.index(?:\.(?P<variant>[A-Za-z0-9_]+))?\.json$")
-FP16 = "fp16"
+FP16, FULL = "fp16", "full"
+PRECISIONS = (FP16, FULL)
 
 # The first call to the hub: short, so that an unreachable hub is reported in seconds.
 PROBE_TIMEOUT_S = float(os.environ.get("FASTSD_HUB_TIMEOUT", "10"))
@@ -76,13 +77,16 @@ def _config_files(names: list[str]) -> list[str]:
             if name.endswith((".json", ".txt")) and not _WEIGHT_INDEX.match(name)]
 
 
-def select_files(role: str, repo_files: list[str] | set[str], model_index: dict | None = None) -> list[str]:
+def select_files(role: str, repo_files: list[str] | set[str], model_index: dict | None = None,
+                 precision: str = FP16) -> list[str]:
     """The files of a hub repo that fastsd loads for a repo in this role, sorted.
 
     model: model_index.json and, for each component it lists (but safety_checker and
       feature_extractor), the configs, tokenizer files and the safetensors weights; fp16 weights
       when every component with weights has them (what pipelines.weights_variant then loads),
       else the full-precision ones. model_index (the repo's model_index.json) is required.
+      precision="full" prefers the full-precision weights instead (for CPU deployments, where
+      they load without a cast: docs/weights.md has the numbers).
     vae, tiny_vae: a bare autoencoder at the repo root: config.json and its full-precision
       safetensors (the loader asks for no variant), fp16 only if that is all there is.
     lora: pytorch_lora_weights.safetensors only.
@@ -118,6 +122,8 @@ def select_files(role: str, repo_files: list[str] | set[str], model_index: dict 
     weight_sets = {component: _weight_sets(by_folder.get(component, [])) for component in components}
     with_weights = [component for component, sets in weight_sets.items() if sets]
     use_fp16 = bool(with_weights) and all(FP16 in weight_sets[c] for c in with_weights)
+    if precision == FULL and all(None in weight_sets[c] for c in with_weights):
+        use_fp16 = False
     selected = ["model_index.json"]
     for component in components:
         names = by_folder.get(component, [])
@@ -216,7 +222,7 @@ def _escape_glob(name: str) -> str:
 
 
 def fetch_repo(role: str, hub_id: str, *, token: str | None = None, verify: bool = False,
-               progress: bool = True) -> Fetched:
+               progress: bool = True, precision: str = FP16) -> Fetched:
     """Fetch one repo's selected files into its folder, check them, write its manifest."""
     hub = _hub()
     started = time.perf_counter()
@@ -234,7 +240,7 @@ def fetch_repo(role: str, hub_id: str, *, token: str | None = None, verify: bool
                                              token=token, endpoint=endpoint())
             model_index = json.loads(Path(index_path).read_text())
         try:
-            selected = select_files(role, repo_files, model_index)
+            selected = select_files(role, repo_files, model_index, precision)
         except WeightsDownloadError as error:
             raise WeightsDownloadError(f"{hub_id}: {error}.") from None
         expected = _expected_entries(info, selected)

@@ -5,6 +5,7 @@
     python scripts/download_weights.py --all
     python scripts/download_weights.py --list                    # variants, repos, what is on disk
     python scripts/download_weights.py --model HUB_ID --acceleration {none,lcm-lora}
+    python scripts/download_weights.py sd-turbo --precision full     # fp32 files, for a CPU server
 
 Each repo lands in weights/<hub id>/ (lora/<hub id>/ for LoRAs) under the project root, or under
 FASTSD_WEIGHTS_ROOT / --root, with a .fastsd-manifest.json that setup() checks at boot. An
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --model: fuse the matching LCM-LoRA (default) or not")
     parser.add_argument("--no-tiny-vae", dest="tiny_vae", action="store_false",
                         help="skip the tiny autoencoder (taesd / taesdxl; without it only vae=full is served)")
+    parser.add_argument("--precision", choices=("fp16", "full"), default="fp16",
+                        help="fp16 weights (default: half the bytes; what a GPU loads) or full precision (fp32: "
+                        "what a CPU deployment loads fastest)")
     parser.add_argument("--verify", action="store_true",
                         help="after fetching, re-hash every file against the hub's sha256 (reads every byte)")
     parser.add_argument("--root", type=Path, help="the folder that holds weights/ and lora/ "
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 if role == download.MODEL and weights.is_local_path(hub_id):
                     print(f"  {hub_id}: a local folder, nothing to fetch")
                     continue
-                result = download.fetch_repo(role, hub_id, verify=args.verify)
+                result = download.fetch_repo(role, hub_id, verify=args.verify, precision=args.precision)
                 done[hub_id] = result
                 state = "already there" if result.already_there else f"fetched in {result.seconds:.0f} s"
                 print(f"  {hub_id}: {result.files} files, {download.format_size(result.size)} "

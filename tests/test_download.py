@@ -310,3 +310,170 @@ def test_gated_missing_and_forbidden_repos_are_one_sentence(repo, message, fake_
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+# --- a whole download, from a stand-in hub on loopback ------------------------------------------
+
+class LocalHub:
+    """Serves folders as hub repos, the way huggingface_hub reads them: model_info with file
+    metadata, the recursive tree listing, HEAD and GET (with Range) on /resolve/. Extra files
+    (root checkpoints, pickles) are added to each repo to prove they are not fetched."""
+
+    SHA = "0123456789abcdef0123456789abcdef01234567"
+    EXTRA = {"sd_turbo.safetensors": b"x" * 3000, "unet/diffusion_pytorch_model.bin": b"p" * 2000,
+             "README.md": b"# readme\n"}
+
+    def __init__(self, repos: dict[str, Path]):
+        import hashlib
+
+        self.files: dict[str, dict[str, bytes]] = {}
+        for repo, folder in repos.items():
+            contents = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+                        if p.is_file() and ".cache" not in p.parts and not p.name.startswith(".fastsd")}
+            if (folder / "model_index.json").is_file():
+                contents.update(self.EXTRA)
+            self.files[repo] = contents
+        self.gets: list[str] = []
+
+        def entry(data: bytes, lfs: bool) -> dict:
+            blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            sha256 = hashlib.sha256(data).hexdigest()
+            return dict(blob=blob, sha256=sha256, lfs=lfs)
+
+        self.meta = {repo: {name: entry(data, name.endswith((".safetensors", ".bin"))) for name, data in files.items()}
+                     for repo, files in self.files.items()}
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, body=b"", headers=None, send_body=True):
+                self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if send_body:
+                    self.wfile.write(body)
+
+            def route(self, send_body):
+                path = self.path.split("?")[0]
+                if path.startswith("/api/models/"):
+                    rest = path[len("/api/models/"):]
+                    repo, _, tail = rest.partition("/tree/") if "/tree/" in rest else (rest, "", "")
+                    repo = repo.split("/revision/")[0]
+                    if repo not in hub.files:
+                        return self.reply(404, b"{}", {"X-Error-Code": "RepoNotFound"})
+                    meta = hub.meta[repo]
+                    if "/tree/" in rest:
+                        listing = [dict(type="file", path=name, size=len(hub.files[repo][name]), oid=m["blob"],
+                                        **({"lfs": dict(oid=m["sha256"], size=len(hub.files[repo][name]),
+                                                        pointerSize=134)} if m["lfs"] else {}))
+                                   for name, m in meta.items()]
+                        return self.reply(200, json.dumps(listing).encode(), {"Content-Type": "application/json"})
+                    siblings = [dict(rfilename=name, size=len(hub.files[repo][name]), blobId=m["blob"],
+                                     **({"lfs": dict(sha256=m["sha256"], size=len(hub.files[repo][name]),
+                                                     pointerSize=134)} if m["lfs"] else {}))
+                                for name, m in meta.items()]
+                    body = json.dumps(dict(id=repo, modelId=repo, sha=hub.SHA, siblings=siblings)).encode()
+                    return self.reply(200, body, {"Content-Type": "application/json"})
+                marker = f"/resolve/{hub.SHA}/"
+                if marker in path:
+                    repo, name = path.split(marker, 1)
+                    repo = repo.lstrip("/")
+                    data = hub.files.get(repo, {}).get(name)
+                    if data is None:
+                        return self.reply(404, b"", {"X-Error-Code": "EntryNotFound"})
+                    m = hub.meta[repo][name]
+                    headers = {"X-Repo-Commit": hub.SHA, "ETag": f'"{m["sha256"] if m["lfs"] else m["blob"]}"'}
+                    if send_body:
+                        hub.gets.append(f"{repo}/{name}")
+                    requested = self.headers.get("Range")
+                    if requested and send_body:
+                        start = int(requested.split("=")[1].split("-")[0])
+                        headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                        return self.reply(206, data[start:], headers)
+                    return self.reply(200, data, headers, send_body)
+                return self.reply(404)
+
+            def do_GET(self):
+                self.route(True)
+
+            def do_HEAD(self):
+                self.route(False)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_download_fetches_exactly_the_selection_writes_manifests_and_repairs(weights_root, tmp_path):
+    variant = variants.VARIANTS["sd-turbo"]
+    repos = {hub_id: weights_root / "weights" / hub_id for _, hub_id in weights.variant_repos(variant)}
+    hub = LocalHub(repos)
+    try:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1"}
+        done, _ = run_command("sd-turbo", env=env, root=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+
+        model = tmp_path / "weights" / variant.model
+        listed = json.loads((model / ".fastsd-manifest.json").read_text())
+        expected = download.select_files("model", hub.files[variant.model],
+                                         json.loads(hub.files[variant.model]["model_index.json"]))
+        assert sorted(listed["files"]) == expected
+        assert all(name.endswith(".fp16.safetensors") for name in expected if name.endswith(".safetensors"))
+        assert listed["revision"] == LocalHub.SHA
+        assert listed["files"]["unet/config.json"]["git_sha1"] == hub.meta[variant.model]["unet/config.json"]["blob"]
+        assert not any(name.endswith(("sd_turbo.safetensors", ".bin", "README.md")) for name in hub.gets)
+        on_disk = {p.relative_to(model).as_posix() for p in model.rglob("*")
+                   if p.is_file() and ".cache" not in p.parts}
+        assert on_disk == {*expected, ".fastsd-manifest.json"}
+        assert (tmp_path / "weights" / variant.tiny_vae / ".fastsd-manifest.json").is_file()
+        assert "2 repos," in done.stdout, done.stdout
+
+        # A second run checks and fetches nothing.
+        fetched = len(hub.gets)
+        done, _ = run_command("sd-turbo", env=env, root=tmp_path)
+        assert done.returncode == 0 and "already there" in done.stdout and len(hub.gets) == fetched
+
+        # A truncated file fails the boot check, and the same command fetches it again.
+        unet = model / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+        with open(unet, "r+b") as stream:
+            stream.truncate(100)
+        with pytest.raises(weights.WeightsMissing, match="damaged"):
+            with_root(tmp_path, weights.require_weights, variant)
+        done, _ = run_command("sd-turbo", env=env, root=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert f"{variant.model}/unet/diffusion_pytorch_model.fp16.safetensors" in hub.gets[fetched:]
+        with_root(tmp_path, weights.require_weights, variant)
+    finally:
+        hub.close()
+
+
+def with_root(root: Path, function, *args):
+    saved = os.environ.get("FASTSD_WEIGHTS_ROOT")
+    os.environ["FASTSD_WEIGHTS_ROOT"] = str(root)
+    try:
+        return function(*args)
+    finally:
+        if saved is None:
+            del os.environ["FASTSD_WEIGHTS_ROOT"]
+        else:
+            os.environ["FASTSD_WEIGHTS_ROOT"] = saved
+
+
+def test_full_precision_on_request():
+    repo = REPOS["stabilityai/sd-turbo"]
+    selected = download.select_files("model", repo["files"], repo["index"], precision="full")
+    assert [f for f in selected if f.endswith(".safetensors")] == [
+        "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors"]
