@@ -18,7 +18,7 @@ import torch
 
 from .errors import ConfigurationError
 from .variants import Variant
-from .weights import LORA_WEIGHT_NAME, lora_folder, model_folder, require_weights
+from .weights import LORA_WEIGHT_NAME, lora_folder, model_folder, require_weights, weights_root
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,17 @@ def _component_folders(folder: Path) -> list[Path]:
 def weights_variant(folder: Path, dtype: torch.dtype) -> str | None:
     """"fp16" to load the *.fp16.safetensors files, None for the full-precision ones.
 
-    Half precision loads the fp16 files when every component has them (half the bytes to read);
-    full precision prefers the full-precision files, falling back to fp16 when a repo has only those.
+    Half precision (fp16, bf16) reads the fp16 files: half the bytes, and the values it keeps
+    anyway. Full precision reads the full-precision files, unless a component has only fp16 ones.
+    With "fp16", diffusers loads the full-precision file of any component that has no fp16 file.
     """
     with_weights = [path for path in _component_folders(folder) if any(path.glob("*.safetensors"))]
-    has_fp16 = all(any(path.glob("*.fp16.safetensors")) for path in with_weights)
-    has_full = all(any(not f.name.endswith(".fp16.safetensors") for f in path.glob("*.safetensors"))
-                   for path in with_weights)
-    if has_fp16 and (dtype == torch.float16 or not has_full):
+    has_fp16 = [any(path.glob("*.fp16.safetensors")) for path in with_weights]
+    has_full = [any(not f.name.endswith(".fp16.safetensors") for f in path.glob("*.safetensors"))
+                for path in with_weights]
+    if not any(has_fp16):
+        return None
+    if dtype in (torch.float16, torch.bfloat16) or not all(has_full):
         return "fp16"
     return None
 
@@ -119,6 +122,33 @@ def _set_scheduler(pipeline, variant: Variant) -> None:
     if variant.timestep_spacing and scheduler.config.timestep_spacing != variant.timestep_spacing:
         scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing=variant.timestep_spacing)
     pipeline.scheduler = scheduler
+
+
+def compile_mode() -> str | None:
+    """torch.compile mode from FASTSD_COMPILE (off by default until measured on each GPU kind).
+
+    FASTSD_COMPILE=1 means "max-autotune-no-cudagraphs"; any other value is taken as the mode itself
+    (for example reduce-overhead, which adds CUDA graphs for static shapes).
+    """
+    value = os.environ.get("FASTSD_COMPILE", "").strip()
+    if value in ("", "0", "false"):
+        return None
+    return "max-autotune-no-cudagraphs" if value in ("1", "true") else value
+
+
+def _compile(modules) -> None:
+    """Compile in place (Module.compile), so every pipeline sharing a module gets the compiled one.
+
+    Compilation happens at the first call of each shape: Engine.warm_up runs the served default in
+    setup. Inductor's cache (TORCHINDUCTOR_CACHE_DIR, kept beside the weights by default) lets the
+    next cold boot skip most of the work.
+    """
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(weights_root() / ".torch-compile-cache"))
+    mode = compile_mode()
+    for module in modules:
+        module.to(memory_format=torch.channels_last)
+        module.compile(mode=mode)
+    log.info("compiled %d modules with torch.compile mode %s", len(modules), mode)
 
 
 def _load_tiny_vae(variant: Variant, dtype: torch.dtype):
@@ -166,6 +196,8 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
         by_mode[(True, TINY_VAE)] = AutoPipelineForImage2Image.from_pipe(text_to_image, vae=tiny_vae, dtype=dtype)
     for pipeline in by_mode.values():
         pipeline.set_progress_bar_config(disable=True)
+    if compile_mode():
+        _compile([text_to_image.unet, text_to_image.vae.decoder, *([tiny_vae.decoder] if tiny_vae else [])])
 
     loaded = Pipelines(by_mode, device, dtype,
                        accepts_negative_prompt="negative_prompt" in inspect.signature(text_to_image.__call__).parameters)

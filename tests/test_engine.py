@@ -166,9 +166,23 @@ def test_image_to_image_starts_from_the_image(engines, tmp_path):
 def test_weights_variant_prefers_fp16_files_for_half_precision(weights_root):
     sd15 = weights_root / "weights" / "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert pipelines.weights_variant(sd15, torch.float16) == "fp16"
+    assert pipelines.weights_variant(sd15, torch.bfloat16) == "fp16"
     assert pipelines.weights_variant(sd15, torch.float32) is None
     dreamshaper = weights_root / "weights" / "SimianLuo/LCM_Dreamshaper_v7"  # full precision only
     assert pipelines.weights_variant(dreamshaper, torch.float16) is None
+
+
+def test_a_repo_mixing_fp16_and_full_precision_components_loads(weights_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(weights_root / "weights" / "stabilityai/sd-turbo", mixed)
+    (mixed / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (mixed / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    for dtype in (torch.float32, torch.bfloat16):
+        assert pipelines.weights_variant(mixed, dtype) == "fp16"
+    variant = variants.custom_variant(str(mixed), mixed, "none")
+    loaded = pipelines.load(variant, "cpu", torch.float32)
+    assert loaded.text_to_image.unet.dtype == torch.float32
 
 
 def test_a_repo_with_only_fp16_files_loads_them_in_full_precision(weights_root, tmp_path):
@@ -215,3 +229,18 @@ def test_unknown_variant_names_the_choices(monkeypatch):
     monkeypatch.setenv("FASTSD_VARIANT", "sd-hyper")
     with pytest.raises(ConfigurationError, match="sd-turbo, sdxl-turbo"):
         Engine.from_environment()
+
+
+def test_compiled_modules_are_shared_and_give_the_same_image(weights_root, monkeypatch, tmp_path):
+    """FASTSD_COMPILE compiles the UNet and decoders in place (about a minute on a 2-core CPU)."""
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    request = dict(prompt="a compiled cat", seed=2, **SMALL)
+    eager = Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
+    expected = np.asarray(generate(eager, **request).images[0], dtype=int)
+    monkeypatch.setenv("FASTSD_COMPILE", "default")
+    compiled = Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
+    unet = compiled.pipelines.text_to_image.unet
+    assert unet._compiled_call_impl is not None
+    assert compiled.pipelines.get(True, "tiny").unet is unet
+    assert np.abs(np.asarray(generate(compiled, **request).images[0], dtype=int) - expected).max() <= 2
