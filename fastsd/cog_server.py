@@ -27,6 +27,21 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _python_folder(scratch: Path) -> Path:
+    """A folder whose `python` is this interpreter: coglet spawns its worker as plain `python`,
+    which a machine with only `python3` (or another Python first on PATH) would get wrong."""
+    own = Path(sys.executable).parent
+    if (own / "python").exists() and (own / "python").resolve() == Path(sys.executable).resolve():
+        return own
+    folder = scratch / ".python-shim"
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "python"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(sys.executable)
+    return folder
+
+
 def data_uri(payload: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(payload).decode()}"
 
@@ -51,8 +66,7 @@ class CogServer:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environment = dict(os.environ, **env, PORT=str(self.port), COG_PREDICT_TYPE_STUB="predict.py:Predictor")
-        # coglet spawns its worker as `python`: this interpreter's folder must come first.
-        environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
+        environment["PATH"] = f"{_python_folder(log_path.parent)}{os.pathsep}{environment.get('PATH', '')}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
