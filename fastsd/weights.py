@@ -193,3 +193,37 @@ def _fetch_from_hub(variant: Variant, missing: list[Path]) -> None:
         download.fetch_variant(variant, progress=False, report=log.info)
     except download.WeightsDownloadError as error:
         raise WeightsMissing(f"{unfetchable}; fetching from the hub failed: {error}") from None
+
+
+def ensure_model_folder(model: str, weights_url: str | None = None) -> None:
+    """For a custom model (FASTSD_MODEL) named by hub id: fetch its folder before anything reads
+    its configs (custom_variant detects SD or SDXL from them), from the weights tar at
+    weights_url or FASTSD_WEIGHTS_URL (with the LCM-LoRAs and tiny autoencoders it holds), else
+    from the hub. A local folder, or one already there, is left alone."""
+    folder = model_folder(model)
+    if is_local_path(model) or (folder / "model_index.json").is_file():
+        return
+    root = weights_root()
+    url = weights_url or os.environ.get(WEIGHTS_URL_ENV, "").strip() or None
+    if url:
+        from . import fetch
+        from .variants import LCM_LORA_FOR, VARIANTS
+
+        extras = {Path("lora") / hub_id for hub_id in LCM_LORA_FOR.values()}
+        extras |= {Path("weights") / v.tiny_vae for v in VARIANTS.values() if isinstance(getattr(v, "tiny_vae", None), str)}
+        optional = [extra for extra in sorted(extras) if not (root / extra).is_dir()]
+        fetch.fetch_archive(url, root, [folder.relative_to(root)], optional=optional, log=log.info)
+        return
+    acceleration = os.environ.get("FASTSD_ACCELERATION", "lcm-lora").strip()
+    command = f"python scripts/download_weights.py --model {model} --acceleration {acceleration}"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise WeightsMissing(f"The weights of {model} are missing ({folder}). Fetch them with: {command}, or set "
+                             f"{WEIGHTS_URL_ENV} to a weights tar; HF_HUB_OFFLINE is set, so the hub was not asked.")
+    from . import download
+
+    log.info("weights of %s missing: fetching them from the hub (%s)", model, download.endpoint())
+    try:
+        download.fetch_repo(download.MODEL, model, progress=False)
+    except download.WeightsDownloadError as error:
+        raise WeightsMissing(f"The weights of {model} are missing ({folder}). Fetch them with: {command}, or set "
+                             f"{WEIGHTS_URL_ENV} to a weights tar; fetching from the hub failed: {error}") from None

@@ -2,6 +2,7 @@
 """Pack a variant's weight folders into a tar that setup() can fetch at boot.
 
     python scripts/pack_weights.py sd-turbo sd-turbo.tar [--no-tiny-vae] [--root DIR]
+    python scripts/pack_weights.py custom custom.tar --model ORG/NAME --acceleration lcm-lora
 
 The tar holds weights/<hub id>/ and lora/<hub id>/ exactly as they sit under the weights root,
 each with its .fastsd-manifest.json: a folder fetched by download_weights.py keeps its manifest
@@ -87,8 +88,11 @@ def pack(variant, out: Path, tiny_vae: bool = True, report=print) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variant")
+    parser.add_argument("variant", help="a variant name, or custom with --model")
     parser.add_argument("out", type=Path, help="the tar to write")
+    parser.add_argument("--model", metavar="HUB_ID", help="a custom base model under weights/ (variant: custom)")
+    parser.add_argument("--acceleration", default="lcm-lora", choices=("none", "lcm-lora"),
+                        help="with --model: also pack the matching LCM-LoRA (default)")
     parser.add_argument("--no-tiny-vae", dest="tiny_vae", action="store_false",
                         help="leave out the tiny autoencoder (taesd / taesdxl), packed by default when present")
     parser.add_argument("--root", type=Path, help="the folder that holds weights/ and lora/")
@@ -98,8 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     from fastsd import variants
     from fastsd.errors import ConfigurationError
 
+    from fastsd import weights
+
     try:
-        pack(variants.get_variant(args.variant), args.out, args.tiny_vae)
+        if args.model:
+            variant = variants.custom_variant(args.model, weights.model_folder(args.model), args.acceleration)
+        else:
+            variant = variants.get_variant(args.variant)
+        pack(variant, args.out, args.tiny_vae)
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

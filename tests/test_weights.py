@@ -533,3 +533,27 @@ def test_fnmatch_is_not_used_by_the_selection_escape():
 
     assert fnmatch.fnmatch("a[1].json", _escape_glob("a[1].json"))
     assert not fnmatch.fnmatch("a1.json", _escape_glob("a[1].json"))
+
+
+def test_a_custom_model_is_fetched_from_the_tar_before_its_configs_are_read(root, tmp_path, monkeypatch):
+    """FASTSD_MODEL=<hub id>: the engine must fetch the folder before custom_variant reads it."""
+    shutil.copytree(weights.model_folder(SD15_LCM.model), root / "weights" / "someone" / "custom-sd15")
+    out = tmp_path / "custom.tar"
+    assert pack_weights.main(["custom", str(out), "--model", "someone/custom-sd15"]) == 0
+    fresh = empty_root(tmp_path, monkeypatch)
+    weights.ensure_model_folder("someone/custom-sd15", str(out))
+    variant = variants.custom_variant("someone/custom-sd15", weights.model_folder("someone/custom-sd15"), "lcm-lora")
+    assert variant.lora == SD15_LCM.lora
+    assert (fresh / "lora" / SD15_LCM.lora / weights.LORA_WEIGHT_NAME).is_file()  # came along, optional
+    weights.ensure_weights(variant, str(out))  # nothing left to fetch
+    assert manifest.check(fresh / "weights" / "someone" / "custom-sd15") == []
+
+
+def test_a_custom_model_without_tar_or_hub_is_one_clear_error(tmp_path, monkeypatch):
+    empty_root(tmp_path, monkeypatch)
+    monkeypatch.delenv(weights.WEIGHTS_URL_ENV, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(weights.WeightsMissing, match=r"python scripts/download_weights.py --model someone/x "
+                                                     r"--acceleration lcm-lora.*cannot be reached"):
+        weights.ensure_model_folder("someone/x")
