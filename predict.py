@@ -80,11 +80,11 @@ class Predictor(BaseRunner):
         output_format: str = Input(
             default="webp", choices=["webp", "jpg", "png"], description="File format of the output images."
         ),
-        vae: str = Input(
-            default="full",
+        vae: Optional[str] = Input(
+            default=None,
             choices=["full", "tiny"],
-            description="Decoder for the final image: full (best detail) or tiny (TAESD: several times faster to "
-            "decode, slightly softer detail; for realtime use).",
+            description="Decoder for the final image: full (finest detail) or tiny (TAESD: 10x less work, slightly "
+            "softer detail). Leave empty for the model's default: tiny for the 1-step turbo models, full otherwise.",
         ),
         output_quality: int = Input(
             default=80,

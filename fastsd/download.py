@@ -86,7 +86,7 @@ def select_files(role: str, repo_files: list[str] | set[str], model_index: dict 
       when every component with weights has them (what pipelines.weights_variant then loads),
       else the full-precision ones. model_index (the repo's model_index.json) is required.
       precision="full" prefers the full-precision weights instead (for CPU deployments, where
-      they load without a cast: docs/weights.md has the numbers).
+      they load without a cast: README.md, "Cold boot", has the numbers).
     vae, tiny_vae: a bare autoencoder at the repo root: config.json and its full-precision
       safetensors (the loader asks for no variant), fp16 only if that is all there is.
     lora: pytorch_lora_weights.safetensors only.
@@ -197,7 +197,7 @@ def explain(error: Exception, hub_id: str) -> WeightsDownloadError:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         return WeightsDownloadError(
             f"The Hugging Face hub ({endpoint()}) cannot be reached ({reason}) while fetching {hub_id}: check the "
-            "network, HF_ENDPOINT or a proxy, or bring a weights tar instead (FASTSD_WEIGHTS_URL, docs/weights.md)."
+            "network, HF_ENDPOINT or a proxy, or bring a weights tar instead (FASTSD_WEIGHTS_URL; README.md, section Weights)."
         )
     return WeightsDownloadError(f"Fetching {hub_id} failed: {type(error).__name__}: {error}")
 

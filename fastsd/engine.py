@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -20,8 +21,8 @@ from PIL import Image
 from . import images, inputs, pipelines
 from .errors import InputError
 from .inputs import GenerationRequest
-from .variants import Variant, variant_from_environment
-from .weights import ensure_weights, model_folder
+from .variants import FULL_VAE, Variant, variant_from_environment
+from .weights import ensure_model_folder, ensure_weights, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,12 @@ class Engine:
     @classmethod
     def from_environment(cls, weights_url: str | None = None) -> "Engine":
         """The engine for the variant the environment names, warmed up; weights_url is Cog's setup(weights)."""
-        variant = variant_from_environment(model_folder)
+        def fetched_model_folder(model: str) -> Path:
+            # A custom model's configs decide its architecture: fetch the folder before reading them.
+            ensure_model_folder(model, weights_url)
+            return model_folder(model)
+
+        variant = variant_from_environment(fetched_model_folder)
         ensure_weights(variant, weights_url)
         engine = cls.load(variant)
         engine.warm_up()
@@ -101,6 +107,10 @@ class Engine:
 
     def validate(self, **raw: Any) -> GenerationRequest:
         request = inputs.validate(self.variant, **raw)
+        if request.vae not in self.pipelines.vae_choices and raw.get("vae") is None:
+            log.info("vae tiny is the default for %s but %s is not installed: using the full VAE",
+                     self.variant.name, self.variant.tiny_vae)
+            request = dataclasses.replace(request, vae=FULL_VAE)
         if request.vae not in self.pipelines.vae_choices:
             raise InputError(
                 f"vae must be one of {', '.join(self.pipelines.vae_choices)} on this deployment, got {request.vae!r}: "

@@ -17,10 +17,9 @@ from PIL import Image
 
 from . import images
 from .errors import InputError
-from .variants import Variant
+from .variants import VAE_CHOICES, Variant
 
 OUTPUT_FORMATS = ("webp", "jpg", "png")
-VAE_CHOICES = ("full", "tiny")
 MAX_OUTPUTS = 8
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARACTERS = 10_000  # CLIP reads 77 tokens; anything longer is only a cost
@@ -42,7 +41,7 @@ class GenerationRequest:
     seed: int
     output_format: str
     output_quality: int
-    vae: str = "full"
+    vae: str  # "full" or "tiny"
 
     @property
     def uses_guidance(self) -> bool:
@@ -127,7 +126,7 @@ def _size(variant: Variant, width: Any, height: Any, source: Image.Image | None)
 def validate(variant: Variant, *, prompt: Any, negative_prompt: Any = "", image: Path | str | None = None,
              strength: Any = 0.8, num_inference_steps: Any = None, guidance_scale: Any = None, width: Any = None,
              height: Any = None, num_outputs: Any = 1, seed: Any = None, output_format: Any = "webp",
-             output_quality: Any = 80, vae: Any = "full") -> GenerationRequest:
+             output_quality: Any = 80, vae: Any = None) -> GenerationRequest:
     """Check every input against the variant's limits and fill in its defaults."""
     prompt = _text("prompt", prompt, required=True)
     negative_prompt = _text("negative_prompt", negative_prompt, required=False)
@@ -136,6 +135,7 @@ def validate(variant: Variant, *, prompt: Any, negative_prompt: Any = "", image:
     _in_range("num_outputs", num_outputs, 1, MAX_OUTPUTS)
     if output_format not in OUTPUT_FORMATS:
         raise InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}.")
+    vae = variant.default_vae if vae is None else vae
     if vae not in VAE_CHOICES:
         raise InputError(f"vae must be one of {', '.join(VAE_CHOICES)}, got {vae!r}.")
     output_quality = _whole_number("output_quality", output_quality)

@@ -17,13 +17,10 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigurationError
-from .variants import Variant
+from .variants import FULL_VAE, TINY_VAE, Variant
 from .weights import LORA_WEIGHT_NAME, lora_folder, model_folder, require_weights, weights_root
 
 log = logging.getLogger(__name__)
-
-
-FULL_VAE, TINY_VAE = "full", "tiny"
 
 
 @dataclass

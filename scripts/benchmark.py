@@ -301,7 +301,7 @@ def main() -> int:
         ensure_weights(variant, root, size)
         print(f"{name} on {report['device']} ({report['dtype']}, {size} weights)", flush=True)
         side = dict(width=64, height=64) if args.quick else {}
-        cases = {"default": {**side}, "vae_tiny": {"vae": "tiny", **side},
+        cases = {"default": {**side}, "vae_full": {"vae": "full", **side}, "vae_tiny": {"vae": "tiny", **side},
                  f"batch_{args.batch}": {"num_outputs": args.batch, "vae": "tiny", **side}}
         if device == "cpu" and not args.quick:
             cases.pop(f"batch_{args.batch}")  # minutes per request on a CPU, and no new information

@@ -10,7 +10,7 @@
 Each repo lands in weights/<hub id>/ (lora/<hub id>/ for LoRAs) under the project root, or under
 FASTSD_WEIGHTS_ROOT / --root, with a .fastsd-manifest.json that setup() checks at boot. An
 interrupted run resumes where it stopped; a run over complete folders only checks them. Gated
-repos need HF_TOKEN. See docs/weights.md.
+repos need HF_TOKEN. See README.md, "Weights".
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from fastsd import pipelines, variants
 from fastsd.engine import Engine
-from fastsd.errors import ConfigurationError
+from fastsd.errors import ConfigurationError, InputError
 from fastsd.weights import LORA_WEIGHT_NAME, lora_folder
 
 SMALL = dict(width=64, height=64)
@@ -244,3 +244,17 @@ def test_compiled_modules_are_shared_and_give_the_same_image(weights_root, monke
     assert unet._compiled_call_impl is not None
     assert compiled.pipelines.get(True, "tiny").unet is unet
     assert np.abs(np.asarray(generate(compiled, **request).images[0], dtype=int) - expected).max() <= 2
+
+
+def test_without_the_tiny_vae_the_default_falls_back_and_asking_for_it_is_a_clear_error(
+        weights_root, tmp_path, monkeypatch, caplog):
+    root = tmp_path / "root"
+    shutil.copytree(weights_root / "weights" / "stabilityai" / "sd-turbo", root / "weights" / "stabilityai" / "sd-turbo")
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(root))
+    engine = Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
+    assert engine.pipelines.vae_choices == ("full",)
+    with caplog.at_level(logging.INFO, logger="fastsd"):
+        assert engine.validate(prompt="x").vae == "full"
+    assert "madebyollin/taesd is not installed: using the full VAE" in caplog.text
+    with pytest.raises(InputError, match="vae must be one of full on this deployment"):
+        engine.validate(prompt="x", vae="tiny")

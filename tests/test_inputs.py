@@ -33,6 +33,15 @@ def test_omitted_inputs_take_the_variants_defaults():
     assert not request.uses_guidance
 
 
+def test_the_turbo_variants_default_to_the_tiny_vae_and_the_others_to_the_full_one():
+    assert validate(TURBO, prompt="x").vae == "tiny"
+    assert validate(variants.VARIANTS["sdxl-turbo"], prompt="x").vae == "tiny"
+    assert validate(SDXL_LCM, prompt="x").vae == "full"
+    assert validate(TURBO, prompt="x", vae="full").vae == "full"
+    with pytest.raises(InputError, match="vae must be one of full, tiny"):
+        validate(TURBO, prompt="x", vae="medium")
+
+
 def test_random_seeds_differ_and_given_seeds_are_kept():
     seeds = {validate(TURBO, prompt="x").seed for _ in range(5)}
     assert len(seeds) > 1

@@ -45,6 +45,7 @@ def test_text_to_image_with_defaults_returns_webp_and_records_seed(server):
     assert isinstance(response["metrics"]["seed"], int)
     assert response["metrics"]["inference_time"] > 0
     assert f"seed {response['metrics']['seed']}" in response["logs"]
+    assert f"vae {server.variant.default_vae}" in response["logs"]
 
 
 def test_default_size_is_the_variants(server):

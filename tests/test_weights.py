@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from fastsd import fetch, manifest, variants, weights
+from fastsd.engine import Engine
 from fastsd.errors import ConfigurationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -541,8 +542,9 @@ def test_a_custom_model_is_fetched_from_the_tar_before_its_configs_are_read(root
     out = tmp_path / "custom.tar"
     assert pack_weights.main(["custom", str(out), "--model", "someone/custom-sd15"]) == 0
     fresh = empty_root(tmp_path, monkeypatch)
-    weights.ensure_model_folder("someone/custom-sd15", str(out))
-    variant = variants.custom_variant("someone/custom-sd15", weights.model_folder("someone/custom-sd15"), "lcm-lora")
+    monkeypatch.setenv("FASTSD_MODEL", "someone/custom-sd15")
+    monkeypatch.setenv("FASTSD_ACCELERATION", "lcm-lora")
+    variant = Engine.from_environment(weights_url=str(out)).variant  # what setup() does
     assert variant.lora == SD15_LCM.lora
     assert (fresh / "lora" / SD15_LCM.lora / weights.LORA_WEIGHT_NAME).is_file()  # came along, optional
     weights.ensure_weights(variant, str(out))  # nothing left to fetch

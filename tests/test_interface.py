@@ -1,0 +1,41 @@
+"""predict.py as Cog reads it: the input names, defaults and choices the hosted API exposes."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from cog import _inspector
+
+PREDICT = Path(__file__).resolve().parent.parent / "predict.py"
+
+
+def test_cog_reads_the_fixed_inputs_with_literal_defaults_and_choices():
+    info = _inspector.create_predictor("predict", "Predictor")
+    inputs = info.inputs
+    assert list(inputs) == ["prompt", "negative_prompt", "image", "strength", "num_inference_steps", "guidance_scale",
+                            "width", "height", "num_outputs", "seed", "output_format", "vae", "output_quality"]
+    assert (inputs["output_format"].choices, inputs["output_format"].default) == (["webp", "jpg", "png"], "webp")
+    assert (inputs["vae"].choices, inputs["vae"].default) == (["full", "tiny"], None)
+    assert (inputs["num_outputs"].default, inputs["output_quality"].default, inputs["negative_prompt"].default) == (
+        1, 80, "")
+    for name in ("num_inference_steps", "guidance_scale", "width", "height", "seed", "image"):
+        assert inputs[name].default is None, name
+
+
+def test_every_input_has_a_literal_description():
+    """cog build reads the source without importing it: Input() arguments must be literals."""
+    tree = ast.parse(PREDICT.read_text())
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Input"]
+    assert len(calls) == 13
+    for call in calls:
+        keywords = {keyword.arg: keyword.value for keyword in call.keywords}
+        assert "description" in keywords
+        for value in keywords.values():
+            ast.literal_eval(value)  # raises for anything computed
+
+
+def test_the_runner_uses_the_current_cog_api():
+    source = PREDICT.read_text()
+    assert "class Predictor(BaseRunner)" in source and "def run(" in source
+    assert "BasePredictor" not in source and "def predict(" not in source
