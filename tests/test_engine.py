@@ -258,3 +258,26 @@ def test_without_the_tiny_vae_the_default_falls_back_and_asking_for_it_is_a_clea
     assert "madebyollin/taesd is not installed: using the full VAE" in caplog.text
     with pytest.raises(InputError, match="vae must be one of full on this deployment"):
         engine.validate(prompt="x", vae="tiny")
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("sd15", dict(negative_prompt="blurry", guidance_scale=7.5)),
+    ("sdxl", dict(guidance_scale=5.0)),  # SDXL's zeroed negative embeddings for an empty negative prompt
+    ("sdxl-lcm", dict(guidance_scale=1.0)),
+    ("lcm-dreamshaper", dict(guidance_scale=8.0)),
+])
+def test_cached_prompt_embeddings_give_what_diffusers_gives_for_the_prompt(engines, name, extra):
+    """The engine passes prompt embeddings from its cache; diffusers given the text must agree."""
+    engine = engines(name)
+    request = engine.validate(prompt="a lighthouse in fog", num_inference_steps=2, seed=21, vae="full", **SMALL,
+                              **extra)
+    ours = np.asarray(engine.generate(request).images[0], dtype=int)
+    again = np.asarray(engine.generate(request).images[0], dtype=int)  # from the cache this time
+    stock_arguments = dict(prompt=request.prompt, num_inference_steps=2, guidance_scale=request.guidance_scale,
+                           width=64, height=64, generator=[torch.Generator("cpu").manual_seed(21)])
+    if "negative_prompt" in extra:
+        stock_arguments["negative_prompt"] = extra["negative_prompt"]
+    with torch.inference_mode():
+        stock = np.asarray(engine.pipelines.text_to_image(**stock_arguments).images[0], dtype=int)
+    assert np.array_equal(ours, again)
+    assert np.abs(ours - stock).max() <= 1
