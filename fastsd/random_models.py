@@ -198,7 +198,7 @@ def _safety_components(size: str) -> dict:
     return {"safety_checker": StableDiffusionSafetyChecker(config).eval(), "feature_extractor": processor}
 
 
-def build_model_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0) -> Path:
+def build_model_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0, fp16_only: bool = False) -> Path:
     import diffusers
 
     layout = REPOS[hub_id]
@@ -219,7 +219,8 @@ def build_model_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0)
     pipeline = getattr(diffusers, layout.pipeline)(**components)
     if layout.extra_model_index:
         pipeline.register_to_config(**layout.extra_model_index)
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    if not (fp16_only and layout.fp16_files):
+        pipeline.save_pretrained(folder, safe_serialization=True)
     if layout.fp16_files:
         pipeline.to(torch.float16).save_pretrained(folder, safe_serialization=True, variant="fp16")
     # The hub repos carry the slow-tokenizer files (vocab.json, merges.txt), not tokenizer.json.
@@ -287,20 +288,25 @@ def build_lora_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0) 
     return folder
 
 
-def build(hub_id: str, root: Path, size: str = TINY, seed: int = 0) -> Path:
-    """Write the repo hub_id under root/weights/<hub id> or root/lora/<hub id>."""
+def build(hub_id: str, root: Path, size: str = TINY, seed: int = 0, fp16_only: bool = False) -> Path:
+    """Write the repo hub_id under root/weights/<hub id> or root/lora/<hub id>.
+
+    fp16_only writes what download_weights.py fetches (the fp16 files where the repo has them),
+    half the bytes of the full repo: quicker to build on a machine rented by the minute.
+    """
     if hub_id in LORA_REPOS:
         return build_lora_repo(hub_id, root / "lora" / hub_id, size, seed)
     if hub_id in VAE_REPOS:
         return build_vae_repo(hub_id, root / "weights" / hub_id, size, seed)
     if hub_id in TINY_VAE_REPOS:
         return build_tiny_vae_repo(hub_id, root / "weights" / hub_id, size, seed)
-    return build_model_repo(hub_id, root / "weights" / hub_id, size, seed)
+    return build_model_repo(hub_id, root / "weights" / hub_id, size, seed, fp16_only)
 
 
-def build_variant(variant: variants.Variant, root: Path, size: str = TINY, tiny_vae: bool = True) -> None:
+def build_variant(variant: variants.Variant, root: Path, size: str = TINY, tiny_vae: bool = True,
+                  fp16_only: bool = False) -> None:
     for hub_id in [*variant.hub_ids.values(), *([variant.tiny_vae] if tiny_vae else [])]:
-        build(hub_id, root, size)
+        build(hub_id, root, size, fp16_only=fp16_only)
 
 
 def _remove_tree(path: Path) -> None:
@@ -314,9 +320,10 @@ def main() -> None:
     parser.add_argument("variant", nargs="+", help="variant names (see fastsd.variants)")
     parser.add_argument("--size", choices=(TINY, FULL), default=TINY)
     parser.add_argument("--root", type=Path, default=weights.PROJECT_ROOT)
+    parser.add_argument("--fp16-only", action="store_true", help="only the fp16 files, as download_weights.py fetches")
     args = parser.parse_args()
     for name in args.variant:
-        build_variant(variants.get_variant(name), args.root, args.size)
+        build_variant(variants.get_variant(name), args.root, args.size, fp16_only=args.fp16_only)
         print(f"built {name} ({args.size}) under {args.root}")
 
 

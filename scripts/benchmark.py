@@ -77,11 +77,12 @@ def device_name(device: str) -> str:
 
 
 def ensure_weights(variant: variants.Variant, root: Path, size: str) -> None:
+    """Random weights in the layout download_weights.py leaves (fp16 files where the repo has them)."""
     for hub_id in [*variant.hub_ids.values(), variant.tiny_vae]:
         folder = root / ("lora" if hub_id in random_models.LORA_REPOS else "weights") / hub_id
         if not folder.is_dir():
             print(f"building {size} random weights for {hub_id} under {root} ...", flush=True)
-            random_models.build(hub_id, root, size)
+            random_models.build(hub_id, root, size, fp16_only=True)
 
 
 def worker_peak_rss_mib(server: CogServer) -> float | None:
@@ -194,7 +195,8 @@ def bench_baseline(variant, root: Path, args, device: str, side: dict) -> dict:
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     folder = root / "weights" / variant.model
-    fp16 = device == "cuda" and any(folder.glob("unet/*.fp16.safetensors"))
+    has_full = any(path for path in folder.glob("unet/*.safetensors") if ".fp16." not in path.name)
+    fp16 = any(folder.glob("unet/*.fp16.safetensors")) and (device == "cuda" or not has_full)
     pipe = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=dtype, variant="fp16" if fp16 else None)
     if variant.lora:
         pipe.load_lora_weights(str(root / "lora" / variant.lora))
@@ -285,16 +287,20 @@ def main() -> int:
     parser.add_argument("--root", type=Path, help="where the random weights are built and kept")
     parser.add_argument("--json", type=Path, help="where to write the results (default: benchmarks/...)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--compile", help="FASTSD_COMPILE for fastsd's side (1, or a torch.compile mode)")
     args = parser.parse_args()
     size = random_models.TINY if args.quick else random_models.FULL
     args.runs = args.runs or (10 if args.quick else 5)
-    root = args.root or Path.home() / ".cache" / "fastsd-benchmark" / size
+    root = args.root or Path.home() / ".cache" / "fastsd-benchmark" / f"{size}-fp16"
+    if args.compile:
+        os.environ["FASTSD_COMPILE"] = args.compile  # for the server and the in-process engine alike
     os.environ["FASTSD_WEIGHTS_ROOT"] = str(root)  # the in-process engine loads the same weights as the server
     device, dtype = select_device()
     log_dir = Path(args.json).parent if args.json else Path("benchmarks")
     log_dir.mkdir(parents=True, exist_ok=True)
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(device),
-              "dtype": str(dtype).removeprefix("torch."), "weights": size, "versions": versions(), "variants": {}}
+              "dtype": str(dtype).removeprefix("torch."), "weights": size, "compile": args.compile,
+              "versions": versions(), "variants": {}}
 
     for name in args.variants:
         variant = variants.VARIANTS[name]
