@@ -141,3 +141,45 @@ def verify(folder: Path, manifest: dict | None = None) -> list[Problem]:
 
 def total_size(manifest: dict) -> int:
     return sum(entry["size"] for entry in manifest["files"].values())
+
+
+def _safetensors_problem(path: Path) -> Problem | None:
+    """A safetensors file says how long it must be: an 8-byte header length, a JSON header, then
+    the tensors, whose end offsets the header lists. Reading the header (a few kB) catches a
+    truncated or mangled file without a manifest and without hashing."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            header_length = int.from_bytes(file.read(8), "little")
+            if size < 8 or header_length > 100 * 2**20:
+                return Problem(path, f"not a safetensors file ({size} bytes)")
+            if header_length > size - 8:
+                return Problem(path, f"{size} bytes, truncated inside its {header_length}-byte header")
+            header = json.loads(file.read(header_length))
+        data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                       default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        return Problem(path, f"unreadable safetensors header: {error}")
+    expected = 8 + header_length + data_end
+    if size != expected:
+        return Problem(path, f"{size} bytes, expected {expected} from its header")
+    return None
+
+
+def check_without_manifest(folder: Path) -> list[Problem]:
+    """For a folder that carries no manifest (placed by hand): every safetensors file must be as
+    long as its header says, and every component with weights in model_index.json must have some."""
+    problems = [problem for path in sorted(folder.rglob("*.safetensors"))
+                if (problem := _safetensors_problem(path)) is not None]
+    index_path = folder / "model_index.json"
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError as error:
+            return problems + [Problem(index_path, f"unreadable: {error}")]
+        for name, spec in index.items():
+            weighted = isinstance(spec, list) and len(spec) == 2 and spec[1] and (
+                "Model" in spec[1] or spec[1].startswith("Autoencoder"))
+            if weighted and not any((folder / name).glob("*.safetensors")):
+                problems.append(Problem(folder / name, "missing: no .safetensors weights"))
+    return problems

@@ -114,7 +114,8 @@ def _damaged(variant: Variant) -> list[manifest.Problem]:
         if listed is None:
             if folder not in _logged_unverified:
                 _logged_unverified.add(folder)
-                log.info("%s has no %s: its files are loaded unverified", folder, manifest.MANIFEST_NAME)
+                log.info("%s has no %s: checking its safetensors headers only", folder, manifest.MANIFEST_NAME)
+            problems += manifest.check_without_manifest(folder)
             continue
         problems += manifest.check(folder, listed)
     return problems

@@ -155,3 +155,23 @@ def test_missing_weights_fail_setup_naming_the_fetch_command(tmp_path):
         assert "lcm-lora-sdxl" in text and "sdxl-vae-fp16-fix" in text
     finally:
         cog.stop()
+
+
+def test_a_truncated_weight_file_fails_setup_naming_it(weights_root, tmp_path):
+    """A hand-placed model (no manifest) with a cut-off file: one clear sentence, not a safetensors traceback."""
+    import shutil
+
+    model = tmp_path / "weights" / "stabilityai" / "sd-turbo"
+    shutil.copytree(weights_root / "weights" / "stabilityai" / "sd-turbo", model)
+    unet = model / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    with open(unet, "r+b") as file:
+        file.truncate(1000)
+    cog = CogServer({"FASTSD_VARIANT": "sd-turbo", "FASTSD_WEIGHTS_ROOT": str(tmp_path)}, tmp_path / "server.log")
+    try:
+        state = cog.wait_for_setup()
+        assert state["status"] == "SETUP_FAILED"
+        text = state["setup"]["logs"] + cog.log_path.read_text()
+        assert f"{unet} (1000 bytes, truncated inside its" in text
+        assert "python scripts/download_weights.py sd-turbo" in text
+    finally:
+        cog.stop()

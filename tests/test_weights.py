@@ -75,6 +75,26 @@ def test_folder_without_manifest_loads_and_says_so(root, caplog):
     assert f"{weights.model_folder(SD_TURBO.model)} has no .fastsd-manifest.json" in caplog.text
 
 
+def test_a_truncated_file_in_a_folder_without_manifest_fails_setup_naming_it(root):
+    unet = weights.model_folder(SD_TURBO.model) / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    with open(unet, "r+b") as file:
+        file.truncate(unet.stat().st_size // 2)
+    with pytest.raises(weights.WeightsMissing, match=re.escape(str(unet)) + r" \(\d+ bytes, expected \d+ from its "
+                       r"header\).*python scripts/download_weights.py sd-turbo"):
+        weights.require_weights(SD_TURBO)
+
+
+def test_a_mangled_header_or_missing_component_weights_fail_setup_without_manifest(root):
+    vae = weights.model_folder(SD_TURBO.model) / "vae"
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"\x0a\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(weights.WeightsMissing, match="unreadable safetensors header"):
+        weights.require_weights(SD_TURBO)
+    for file in vae.glob("*.safetensors"):
+        file.unlink()
+    with pytest.raises(weights.WeightsMissing, match=re.escape(str(vae)) + r" \(missing: no .safetensors weights\)"):
+        weights.require_weights(SD_TURBO)
+
+
 def test_complete_folder_with_manifest_passes(root):
     for folder in weights.variant_folders(SD15_LCM):
         if folder.is_dir():
