@@ -11,6 +11,7 @@ from typing import Optional
 from cog import BaseRunner, Input, Path
 
 from fastsd.engine import Engine
+from fastsd.errors import InputError
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s", force=True)
 
@@ -93,6 +94,10 @@ class Predictor(BaseRunner):
             description="Quality of webp and jpg outputs, from 1 to 100 (png is lossless and ignores it).",
         ),
     ) -> list[Path]:
+        if image is not None and not isinstance(image, Path):
+            # Cog turns URLs and data URIs into downloaded files (Path); without a build schema it
+            # passes any other string through as is. A bare path would read this machine's files.
+            raise InputError("image must be an http(s) URL or a data URI of an image, not a file path.")
         request = self.engine.validate(
             prompt=prompt, negative_prompt=negative_prompt, image=image, strength=strength,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, width=width, height=height,

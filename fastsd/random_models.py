@@ -93,7 +93,7 @@ def _unet_config(layout: RepoLayout, size: str) -> dict:
             addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
         )
     else:  # SD1.5 (768) and SD2.1 (1024) differ in heads and projections
-        config.update(sample_size=64 if layout.cross_attention_dim == 768 else 96, layers_per_block=2,
+        config.update(sample_size=64, layers_per_block=2,
                       block_out_channels=(320, 640, 1280, 1280))
         if layout.cross_attention_dim == 1024:
             config.update(attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)

@@ -126,6 +126,8 @@ def _bad_inputs(variant: variants.Variant) -> list[tuple[str, dict]]:
         ("vae", {"vae": "medium"}),
         ("image", {"image": data_uri(b"this is not an image", "image/png")}),
         ("image", {"image": data_uri(huge.getvalue())}),
+        ("image", {"image": "/etc/hostname"}),  # a path on the server: never read
+        ("image", {"image": "file:///etc/hostname"}),
         ("strength x num_inference_steps", {"image": data_uri(png_bytes(64, 64)), "num_inference_steps": 1,
                                             "strength": 0.5}),
         ("bogus", {"bogus": True}),
@@ -175,3 +177,11 @@ def test_a_truncated_weight_file_fails_setup_naming_it(weights_root, tmp_path):
         assert "python scripts/download_weights.py sd-turbo" in text
     finally:
         cog.stop()
+
+
+def test_an_image_path_on_the_server_is_never_read(server, tmp_path):
+    """Only what Cog downloaded (URL, data URI) is an image: a path to a real local image is refused."""
+    local = tmp_path / "secret.png"
+    local.write_bytes(png_bytes(64, 64))
+    response = server.predict(prompt="a tree", image=str(local))
+    assert response["status"] == "failed" and "not a file path" in response["error"]
