@@ -1,7 +1,8 @@
 """Building the diffusers pipelines once: load, fuse the LCM-LoRA, set the scheduler, move to the device.
 
-The text-to-image pipeline owns the weights; the image-to-image pipeline is made from the same
-components (diffusers' from_pipe), so one copy of the weights serves both.
+The text-to-image pipeline owns the weights; the image-to-image pipeline, and the pair that
+decode with the tiny autoencoder, are made from the same components (diffusers' from_pipe), so
+one copy of the weights serves all four.
 """
 
 from __future__ import annotations
