@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import os
@@ -76,6 +75,11 @@ class Engine:
         self._encoders = ThreadPoolExecutor(max_workers=min(inputs.MAX_OUTPUTS, os.cpu_count() or 1))
         self._accepted = {mode: set(inspect.signature(pipeline.__call__).parameters)
                           for mode, pipeline in loaded.by_mode.items()}
+        self._default_vae = variant.default_vae
+        if self._default_vae not in loaded.vae_choices:
+            log.info("vae %s is the default for %s but %s is not installed: using the full VAE",
+                     self._default_vae, variant.name, variant.tiny_vae)
+            self._default_vae = FULL_VAE
 
     @classmethod
     def load(cls, variant: Variant, device: str | None = None, dtype: torch.dtype | None = None) -> "Engine":
@@ -106,11 +110,9 @@ class Engine:
         log.info("warmed up in %.1f s", time.perf_counter() - started)
 
     def validate(self, **raw: Any) -> GenerationRequest:
+        if raw.get("vae") is None:
+            raw["vae"] = self._default_vae  # the variant's default, or full when TAESD is absent
         request = inputs.validate(self.variant, **raw)
-        if request.vae not in self.pipelines.vae_choices and raw.get("vae") is None:
-            log.info("vae tiny is the default for %s but %s is not installed: using the full VAE",
-                     self.variant.name, self.variant.tiny_vae)
-            request = dataclasses.replace(request, vae=FULL_VAE)
         if request.vae not in self.pipelines.vae_choices:
             raise InputError(
                 f"vae must be one of {', '.join(self.pipelines.vae_choices)} on this deployment, got {request.vae!r}: "

@@ -44,9 +44,8 @@ def is_local_path(model: str) -> bool:
 
 def model_folder(model: str) -> Path:
     """The folder of a model named by hub id (under weights/) or by a local path."""
-    local = Path(model).expanduser()
-    if local.is_absolute() or model.startswith("."):
-        return local
+    if is_local_path(model):
+        return Path(model).expanduser()
     return weights_root() / "weights" / model
 
 
@@ -58,9 +57,8 @@ def variant_repos(variant: Variant, tiny_vae: bool = True) -> list[tuple[str, st
     """(role, hub id) of every repo the variant uses: model, vae, lora (required), then its tiny
     autoencoder (optional: loaded when present; fetched, packed and baked unless tiny_vae=False)."""
     repos = [(role, hub_id) for role, hub_id in variant.hub_ids.items() if role in _MARKER]
-    tiny = getattr(variant, "tiny_vae", None)
-    if tiny_vae and isinstance(tiny, str) and tiny and ("tiny_vae", tiny) not in repos:
-        repos.append(("tiny_vae", tiny))
+    if tiny_vae:
+        repos.append(("tiny_vae", variant.tiny_vae))
     return repos
 
 
@@ -177,12 +175,16 @@ def _relative(markers: list[Path]) -> list[Path]:
     return folders
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _fetch_from_hub(variant: Variant, missing: list[Path]) -> None:
     listed = ", ".join(str(path) for path in missing)
     unfetchable = (f"Weights for variant {variant.name} are missing: {listed}. Fetch them with: "
                    f"{fetch_command(variant)}, or set {WEIGHTS_URL_ENV} to a weights tar "
                    "(python scripts/pack_weights.py makes one)")
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if _hub_offline():
         raise WeightsMissing(unfetchable + "; HF_HUB_OFFLINE is set, so the hub was not asked.")
     if any(is_local_path(hub_id) and role == "model" for role, hub_id in required_repos(variant)
            if role_folder(role, hub_id) / _MARKER[role] in missing):
@@ -211,13 +213,13 @@ def ensure_model_folder(model: str, weights_url: str | None = None) -> None:
         from .variants import LCM_LORA_FOR, VARIANTS
 
         extras = {Path("lora") / hub_id for hub_id in LCM_LORA_FOR.values()}
-        extras |= {Path("weights") / v.tiny_vae for v in VARIANTS.values() if isinstance(getattr(v, "tiny_vae", None), str)}
+        extras |= {Path("weights") / v.tiny_vae for v in VARIANTS.values()}
         optional = [extra for extra in sorted(extras) if not (root / extra).is_dir()]
         fetch.fetch_archive(url, root, [folder.relative_to(root)], optional=optional, log=log.info)
         return
     acceleration = os.environ.get("FASTSD_ACCELERATION", "lcm-lora").strip()
     command = f"python scripts/download_weights.py --model {model} --acceleration {acceleration}"
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if _hub_offline():
         raise WeightsMissing(f"The weights of {model} are missing ({folder}). Fetch them with: {command}, or set "
                              f"{WEIGHTS_URL_ENV} to a weights tar; HF_HUB_OFFLINE is set, so the hub was not asked.")
     from . import download

@@ -76,7 +76,7 @@ def device_name(device: str) -> str:
     return platform.processor() or device
 
 
-def ensure_weights(variant: variants.Variant, root: Path, size: str) -> None:
+def build_random_weights(variant: variants.Variant, root: Path, size: str) -> None:
     """Random weights in the layout download_weights.py leaves (fp16 files where the repo has them)."""
     for hub_id in [*variant.hub_ids.values(), variant.tiny_vae]:
         folder = root / ("lora" if hub_id in random_models.LORA_REPOS else "weights") / hub_id
@@ -304,7 +304,7 @@ def main() -> int:
 
     for name in args.variants:
         variant = variants.VARIANTS[name]
-        ensure_weights(variant, root, size)
+        build_random_weights(variant, root, size)
         print(f"{name} on {report['device']} ({report['dtype']}, {size} weights)", flush=True)
         side = dict(width=64, height=64) if args.quick else {}
         cases = {"default": {**side}, "vae_full": {"vae": "full", **side}, "vae_tiny": {"vae": "tiny", **side},

@@ -251,10 +251,10 @@ def test_without_the_tiny_vae_the_default_falls_back_and_asking_for_it_is_a_clea
     root = tmp_path / "root"
     shutil.copytree(weights_root / "weights" / "stabilityai" / "sd-turbo", root / "weights" / "stabilityai" / "sd-turbo")
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(root))
-    engine = Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
-    assert engine.pipelines.vae_choices == ("full",)
     with caplog.at_level(logging.INFO, logger="fastsd"):
-        assert engine.validate(prompt="x").vae == "full"
+        engine = Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
+    assert engine.pipelines.vae_choices == ("full",)
+    assert engine.validate(prompt="x").vae == "full"
     assert "madebyollin/taesd is not installed: using the full VAE" in caplog.text
     with pytest.raises(InputError, match="vae must be one of full on this deployment"):
         engine.validate(prompt="x", vae="tiny")
