@@ -100,9 +100,13 @@ class Engine:
         return engine
 
     def warm_up(self) -> None:
-        """One small generation per VAE so that the first user does not pay for lazy initialisation."""
+        """One generation per VAE so that the first user does not pay for lazy initialisation.
+
+        At the served default size where it pays (a compiled graph is built per shape, CUDA tunes its
+        kernels per shape); small on an uncompiled CPU, where a 512x512 image would cost seconds.
+        """
         started = time.perf_counter()
-        side = 64 if self.pipelines.device == "cpu" else None  # the accelerators: the served default size
+        side = 64 if self.pipelines.device == "cpu" and not pipelines.compile_mode() else None
         for vae in self.pipelines.vae_choices:
             request = self.validate(prompt="warm-up", num_inference_steps=1, seed=0, vae=vae,
                                     width=side or self.variant.width, height=side or self.variant.height)

@@ -123,28 +123,48 @@ def _set_scheduler(pipeline, variant: Variant) -> None:
 
 
 def compile_mode() -> str | None:
-    """torch.compile mode from FASTSD_COMPILE (off by default until measured on each GPU kind).
+    """torch.compile mode from FASTSD_COMPILE, off by default: compiling costs minutes of cold boot.
 
-    FASTSD_COMPILE=1 means "max-autotune-no-cudagraphs"; any other value is taken as the mode itself
-    (for example reduce-overhead, which adds CUDA graphs for static shapes).
+    FASTSD_COMPILE=1 picks the device's mode ("max-autotune-no-cudagraphs" on CUDA, "default"
+    elsewhere); any other value is taken as the mode itself (for example reduce-overhead, which
+    adds CUDA graphs for static shapes).
     """
     value = os.environ.get("FASTSD_COMPILE", "").strip()
     if value in ("", "0", "false"):
         return None
-    return "max-autotune-no-cudagraphs" if value in ("1", "true") else value
+    if value in ("1", "true"):
+        return "max-autotune-no-cudagraphs" if torch.cuda.is_available() else "default"
+    return value
 
 
-def _compile(modules) -> None:
+def _use_channels_last(modules, device: str) -> None:
+    """NHWC lets the convolution kernels (cuDNN, oneDNN) skip a layout change around every conv.
+
+    Measured on the 2-core CPU in bf16: full VAE decode 10.1 -> 7.2 s, TAESD decode 0.81 -> 0.55 s,
+    UNet step 3.4 -> 3.1 s. Not on MPS, whose convolutions are not faster in it.
+    """
+    if device == "mps":
+        return
+    for module in modules:
+        module.to(memory_format=torch.channels_last)
+
+
+def _compile(modules, device: str) -> None:
     """Compile in place (Module.compile), so every pipeline sharing a module gets the compiled one.
 
     Compilation happens at the first call of each shape: Engine.warm_up runs the served default in
     setup. Inductor's cache (TORCHINDUCTOR_CACHE_DIR, kept beside the weights by default) lets the
     next cold boot skip most of the work.
     """
+    import torch._inductor.config as inductor_config
+
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(weights_root() / ".torch-compile-cache"))
+    if device == "cpu":
+        # The weights never change after setup: freezing folds them into the graph as constants
+        # and prepacks them for oneDNN once, rather than reordering them at every call.
+        inductor_config.freezing = True
     mode = compile_mode()
     for module in modules:
-        module.to(memory_format=torch.channels_last)
         module.compile(mode=mode)
     log.info("compiled %d modules with torch.compile mode %s", len(modules), mode)
 
@@ -194,8 +214,9 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
         by_mode[(True, TINY_VAE)] = AutoPipelineForImage2Image.from_pipe(text_to_image, vae=tiny_vae, dtype=dtype)
     for pipeline in by_mode.values():
         pipeline.set_progress_bar_config(disable=True)
+    _use_channels_last([text_to_image.unet, text_to_image.vae, *([tiny_vae] if tiny_vae else [])], device)
     if compile_mode():
-        _compile([text_to_image.unet, text_to_image.vae.decoder, *([tiny_vae.decoder] if tiny_vae else [])])
+        _compile([text_to_image.unet, text_to_image.vae.decoder, *([tiny_vae.decoder] if tiny_vae else [])], device)
 
     loaded = Pipelines(by_mode, device, dtype,
                        accepts_negative_prompt="negative_prompt" in inspect.signature(text_to_image.__call__).parameters)

@@ -101,6 +101,7 @@ def worker_peak_rss_mib(server: CogServer) -> float | None:
 
 
 def bench_server(variant, root: Path, cases: dict, args, log_dir: Path) -> dict:
+    started = time.perf_counter()
     server = CogServer({"FASTSD_VARIANT": variant.name, "FASTSD_WEIGHTS_ROOT": str(root)},
                        log_dir / f"server-{variant.name}.log")
     results = {}
@@ -108,6 +109,9 @@ def bench_server(variant, root: Path, cases: dict, args, log_dir: Path) -> dict:
         state = server.wait_for_setup()
         if state["status"] != "READY":
             raise RuntimeError(f"setup failed: {server.log_path.read_text()[-3000:]}")
+        # Start to READY: imports, loading, compiling (with FASTSD_COMPILE) and the warm-up.
+        results["setup_s"] = round(time.perf_counter() - started, 1)
+        print(f"  server        setup: {results['setup_s']:9.1f} s", flush=True)
         for name, inputs in cases.items():
             overheads = []
 
@@ -275,6 +279,7 @@ def print_table(report: dict) -> None:
                   f"{r['images_per_s']:>9.2f}{ratio:>10}")
         print(f"{name:<16}server, input handling and output encoding over the bare pipeline call (default "
               f"inputs): {result['server']['default']['overhead_median_ms']:.1f} ms median")
+        print(f"{name:<16}server start to READY (load, compile, warm-up): {result['server']['setup_s']:.1f} s")
 
 
 def main() -> int:
@@ -311,10 +316,12 @@ def main() -> int:
                  f"batch_{args.batch}": {"num_outputs": args.batch, "vae": "tiny", **side}}
         if device == "cpu" and not args.quick:
             cases.pop(f"batch_{args.batch}")  # minutes per request on a CPU, and no new information
-        result = {"server": bench_server(variant, root, cases, args, log_dir),
-                  "phases": bench_phases(variant, args, device, side)}
+        result = {"server": bench_server(variant, root, cases, args, log_dir)}
+        # The baseline before the in-process phases: a compiled engine left in this process slowed
+        # the stock pipeline after it by a fifth on the 2-core CPU.
         result["baseline"] = {"default": {"median_ms": float("nan")}} if args.skip_baseline else bench_baseline(
             variant, root, args, device, side)
+        result["phases"] = bench_phases(variant, args, device, side)
         report["variants"][name] = result
     report["encoding"] = bench_encoding(args)
 

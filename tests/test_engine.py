@@ -77,6 +77,26 @@ def test_every_pipeline_keeps_the_chosen_dtype(weights_root, monkeypatch, name):
             assert getattr(pipeline, component).dtype == torch.bfloat16, (mode, component)
     assert loaded.get(False, "tiny").vae is not loaded.text_to_image.vae
     assert loaded.get(True, "tiny").unet is loaded.text_to_image.unet
+    for convolution in (loaded.text_to_image.unet.conv_in, loaded.text_to_image.vae.decoder.conv_out,
+                        loaded.get(False, "tiny").vae.decoder.layers[0]):
+        assert convolution.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("vae", ["full", "tiny"])
+def test_the_served_image_is_what_stock_diffusers_draws(use_weights, vae):
+    """Fused modules, channels_last, cached embeddings: none of it may change the picture."""
+    from diffusers import AutoencoderTiny, AutoPipelineForText2Image
+
+    engine = Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
+    ours = np.asarray(generate(engine, prompt="a red kite", seed=5, vae=vae, **SMALL).images[0], dtype=int)
+    stock = AutoPipelineForText2Image.from_pretrained(use_weights / "weights" / "stabilityai" / "sd-turbo",
+                                                      dtype=torch.float32)
+    if vae == "tiny":
+        stock.vae = AutoencoderTiny.from_pretrained(use_weights / "weights" / "madebyollin" / "taesd")
+    with torch.inference_mode():
+        theirs = stock(prompt="a red kite", num_inference_steps=1, guidance_scale=0.0, **SMALL,
+                       generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    assert np.abs(ours - np.asarray(theirs, dtype=int)).max() <= 2
 
 
 def test_the_fp16_fix_vae_replaces_the_sdxl_vae(engines, weights_root):
