@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from fastsd import images, inputs, random_models, variants  # noqa: E402
+from fastsd import images, random_models, variants  # noqa: E402
+from fastsd.inputs import MAX_OUTPUTS  # noqa: E402
 from fastsd.cog_server import CogServer, decode_output  # noqa: E402
 from fastsd.engine import Engine  # noqa: E402
 from fastsd.pipelines import select_device  # noqa: E402
@@ -294,8 +295,8 @@ def main() -> int:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--compile", help="FASTSD_COMPILE for fastsd's side (1, or a torch.compile mode)")
     args = parser.parse_args()
-    if not 1 <= args.batch <= inputs.MAX_OUTPUTS:
-        parser.error(f"--batch must be between 1 and {inputs.MAX_OUTPUTS}, the server's num_outputs limit")
+    if not 1 <= args.batch <= MAX_OUTPUTS:
+        parser.error(f"--batch must be between 1 and {MAX_OUTPUTS}, the server's num_outputs limit")
     size = random_models.TINY if args.quick else random_models.FULL
     args.runs = args.runs or (10 if args.quick else 5)
     root = args.root or Path.home() / ".cache" / "fastsd-benchmark" / f"{size}-fp16"
