@@ -201,6 +201,11 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
         _fuse_lcm_lora(text_to_image, variant)
     _set_scheduler(text_to_image, variant)
     text_to_image.to(device)
+    # The full VAE decodes (and encodes) a batch one image at a time: the same time, since each image
+    # is already compute-bound, and a peak that no longer grows with num_outputs (measured on the CPU:
+    # 4 images at 512x512 +1.5 GB at once, +0.28 GB sliced; 8 at 1024 would be +12 GB in bf16).
+    # The tiny VAE's activations are small; it keeps whole batches, which is what makes them fast.
+    text_to_image.vae.enable_slicing()
 
     # from_pipe shares the components; it also casts them all to its dtype argument, float32 unless
     # told otherwise, so the dtype is always passed.

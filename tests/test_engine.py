@@ -82,6 +82,20 @@ def test_every_pipeline_keeps_the_chosen_dtype(weights_root, monkeypatch, name):
         assert convolution.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_the_full_vae_decodes_a_batch_one_image_at_a_time_and_the_tiny_one_whole(engines):
+    """Slicing bounds the full decoder's memory per image; the tiny decoder keeps the batch."""
+    engine = engines("sd-turbo")
+    for vae, expected in (("full", [1, 1, 1]), ("tiny", [3])):
+        decoder = engine.pipelines.get(False, vae).vae.decoder
+        sizes = []
+        handle = decoder.register_forward_hook(lambda module, args, output: sizes.append(args[0].shape[0]))
+        try:
+            generate(engine, prompt="three kites", num_outputs=3, seed=3, vae=vae, **SMALL)
+        finally:
+            handle.remove()
+        assert sizes == expected, vae
+
+
 @pytest.mark.parametrize("vae", ["full", "tiny"])
 def test_the_served_image_is_what_stock_diffusers_draws(use_weights, vae):
     """Fused modules, channels_last, cached embeddings: none of it may change the picture."""
