@@ -32,11 +32,10 @@ def engines(weights_root):
     return get
 
 
-def unet_batch_sizes(engine: Engine):
-    """Record the batch size of every UNet call (a forward hook on the real module)."""
+def batch_sizes(module: torch.nn.Module):
+    """Record the batch size of every call of a real module (a forward hook)."""
     sizes = []
-    handle = engine.pipelines.text_to_image.unet.register_forward_hook(
-        lambda module, args, output: sizes.append(args[0].shape[0]))
+    handle = module.register_forward_hook(lambda module, args, output: sizes.append(args[0].shape[0]))
     return sizes, handle
 
 
@@ -86,9 +85,7 @@ def test_the_full_vae_decodes_a_batch_one_image_at_a_time_and_the_tiny_one_whole
     """Slicing bounds the full decoder's memory per image; the tiny decoder keeps the batch."""
     engine = engines("sd-turbo")
     for vae, expected in (("full", [1, 1, 1]), ("tiny", [3])):
-        decoder = engine.pipelines.get(False, vae).vae.decoder
-        sizes = []
-        handle = decoder.register_forward_hook(lambda module, args, output: sizes.append(args[0].shape[0]))
+        sizes, handle = batch_sizes(engine.pipelines.get(False, vae).vae.decoder)
         try:
             generate(engine, prompt="three kites", num_outputs=3, seed=3, vae=vae, **SMALL)
         finally:
@@ -141,7 +138,7 @@ def test_lcm_lora_is_fused_exactly_once(engines, weights_root, name):
 @pytest.mark.parametrize("name", ["sd-turbo", "sdxl-lcm", "lcm-dreamshaper"])
 def test_outputs_come_from_one_batched_call(engines, name):
     engine = engines(name)
-    sizes, handle = unet_batch_sizes(engine)
+    sizes, handle = batch_sizes(engine.pipelines.text_to_image.unet)
     try:
         result = generate(engine, prompt="four owls", num_outputs=4, num_inference_steps=1, seed=1, **SMALL)
     finally:
@@ -152,7 +149,7 @@ def test_outputs_come_from_one_batched_call(engines, name):
 
 def test_guidance_above_1_doubles_the_batch_and_uses_the_negative_prompt(engines, caplog):
     engine = engines("sd15")
-    sizes, handle = unet_batch_sizes(engine)
+    sizes, handle = batch_sizes(engine.pipelines.text_to_image.unet)
     try:
         with caplog.at_level(logging.INFO, logger="fastsd"):
             generate(engine, prompt="a dog", negative_prompt="blur", guidance_scale=7.5, num_inference_steps=1, seed=1,
