@@ -123,17 +123,21 @@ def _set_scheduler(pipeline, variant: Variant) -> None:
 
 
 def compile_mode() -> str | None:
-    """torch.compile mode from FASTSD_COMPILE, off by default: compiling costs minutes of cold boot.
+    """torch.compile mode from FASTSD_COMPILE; off by default on every device, from measurements.
 
-    FASTSD_COMPILE=1 picks the device's mode ("max-autotune-no-cudagraphs" on CUDA, "default"
-    elsewhere); any other value is taken as the mode itself (for example reduce-overhead, which
-    adds CUDA graphs for static shapes).
+    FASTSD_COMPILE=1 picks the device's best measured mode: "reduce-overhead" on CUDA (Inductor
+    plus CUDA graphs), "default" elsewhere; any other value is taken as the mode itself. On an
+    H200 (benchmarks/gpu-h200-2026-11-27.json) reduce-overhead took a default sd-turbo request
+    from 73 to 33 ms, but setup from 24 to 103 s, and the first request of each new shape (size,
+    num_outputs) compiles again for over a minute while the worker serves nothing else: right
+    for a fixed-shape realtime deployment, wrong as the default of a public endpoint.
+    max-autotune was not ready after 175 s of setup.
     """
     value = os.environ.get("FASTSD_COMPILE", "").strip()
     if value in ("", "0", "false"):
         return None
     if value in ("1", "true"):
-        return "max-autotune-no-cudagraphs" if torch.cuda.is_available() else "default"
+        return "reduce-overhead" if torch.cuda.is_available() else "default"
     return value
 
 

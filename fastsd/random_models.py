@@ -208,7 +208,8 @@ def build_model_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0,
     components["unet"] = diffusers.UNet2DConditionModel(**_unet_config(layout, size)).eval()
     components["vae"] = diffusers.AutoencoderKL(**_vae_config(layout.architecture, size)).eval()
     scheduler_class, scheduler_config = layout.scheduler
-    components["scheduler"] = getattr(diffusers, scheduler_class)(**scheduler_config)
+    with torch.device("cpu"):  # schedulers build numpy arrays, whatever device the weights are made on
+        components["scheduler"] = getattr(diffusers, scheduler_class)(**scheduler_config)
     if layout.architecture == variants.SD:
         if layout.safety_checker:
             components.update(_safety_components(size))
@@ -281,7 +282,8 @@ def build_lora_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0) 
     cross_attention_dim = LORA_REPOS[hub_id]
     base = next(layout for layout in REPOS.values() if layout.cross_attention_dim == cross_attention_dim
                 and layout.time_cond_proj_dim is None)
-    unet = diffusers.UNet2DConditionModel(**_unet_config(base, size))
+    with torch.device("meta"):  # only the layer shapes are needed: no memory, no initialisation
+        unet = diffusers.UNet2DConditionModel(**_unet_config(base, size))
     folder.mkdir(parents=True, exist_ok=True)
     save_file(kohya_lora_state_dict(unet, rank=4 if size == TINY else 64, seed=seed),
               folder / weights.LORA_WEIGHT_NAME)

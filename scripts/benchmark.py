@@ -24,6 +24,8 @@ import gc
 import json
 import os
 import platform
+import shutil
+import signal
 import statistics
 import sys
 import time
@@ -40,6 +42,7 @@ from fastsd.cog_server import CogServer, decode_output  # noqa: E402
 from fastsd.engine import Engine  # noqa: E402
 from fastsd.pipelines import select_device  # noqa: E402
 
+CASES = ("default", "vae_full", "vae_tiny", "batch")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
 
 
@@ -77,13 +80,25 @@ def device_name(device: str) -> str:
     return platform.processor() or device
 
 
-def build_random_weights(variant: variants.Variant, root: Path, size: str) -> None:
-    """Random weights in the layout download_weights.py leaves (fp16 files where the repo has them)."""
+def build_random_weights(variant: variants.Variant, root: Path, size: str, device: str) -> None:
+    """Random weights in the layout download_weights.py leaves (fp16 files where the repo has them).
+
+    On a GPU the modules are initialised there: seconds instead of a minute of CPU time for each
+    SDXL UNet, on a machine rented by the minute.
+    """
     for hub_id in [*variant.hub_ids.values(), variant.tiny_vae]:
         folder = root / ("lora" if hub_id in random_models.LORA_REPOS else "weights") / hub_id
         if not folder.is_dir():
             print(f"building {size} random weights for {hub_id} under {root} ...", flush=True)
-            random_models.build(hub_id, root, size, fp16_only=True)
+            started = time.perf_counter()
+            staging = root / ".staging"
+            shutil.rmtree(staging, ignore_errors=True)
+            with torch.device(device if device == "cuda" and hub_id not in random_models.LORA_REPOS else "cpu"):
+                built = random_models.build(hub_id, staging, size, fp16_only=True)
+            # Moved into place once complete: a build stopped halfway never passes for a finished one.
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            built.rename(folder)
+            print(f"  built in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def worker_peak_rss_mib(server: CogServer) -> float | None:
@@ -101,11 +116,11 @@ def worker_peak_rss_mib(server: CogServer) -> float | None:
         return None
 
 
-def bench_server(variant, root: Path, cases: dict, args, log_dir: Path) -> dict:
+def bench_server(variant, root: Path, cases: dict, args, log_dir: Path, results: dict) -> None:
+    """Fills results as it goes, so a run stopped at a time limit still reports what it measured."""
     started = time.perf_counter()
-    server = CogServer({"FASTSD_VARIANT": variant.name, "FASTSD_WEIGHTS_ROOT": str(root)},
-                       log_dir / f"server-{variant.name}.log")
-    results = {}
+    log_name = f"server-{variant.name}" + (f"-compile-{args.compile}" if args.compile else "") + ".log"
+    server = CogServer({"FASTSD_VARIANT": variant.name, "FASTSD_WEIGHTS_ROOT": str(root)}, log_dir / log_name)
     try:
         state = server.wait_for_setup()
         if state["status"] != "READY":
@@ -132,7 +147,6 @@ def bench_server(variant, root: Path, cases: dict, args, log_dir: Path) -> dict:
         results["worker_peak_rss_mib"] = worker_peak_rss_mib(server)
     finally:
         server.stop()
-    return results
 
 
 class PhaseTimer:
@@ -270,17 +284,19 @@ def print_table(report: dict) -> None:
     print(f"\n{report['device']} | {report['dtype']} | {report['versions']}")
     print(f"{'variant':<16}{'case':<14}{'median ms':>11}{'min':>9}{'max':>9}{'img/s':>9}{'vs stock':>10}")
     for name, result in report["variants"].items():
-        stock = result["baseline"]["default"]["median_ms"]
+        stock = result.get("baseline", {}).get("default", {}).get("median_ms", float("nan"))
         rows = [(case, r) for case, r in result["server"].items() if isinstance(r, dict)]
-        rows += [(f"stock {case}", r) for case, r in result["baseline"].items() if isinstance(r, dict)]
+        rows += [(f"stock {case}", r) for case, r in result.get("baseline", {}).items() if isinstance(r, dict)]
         for case, r in rows:
             per_image = r["median_ms"] / r["inputs"].get("num_outputs", 1) if "inputs" in r else r["median_ms"]
             ratio = "" if case.startswith("stock") else f"{stock / per_image:.2f}x"
             print(f"{name:<16}{case:<14}{r['median_ms']:>11.1f}{r['min_ms']:>9.1f}{r['max_ms']:>9.1f}"
                   f"{r['images_per_s']:>9.2f}{ratio:>10}")
-        print(f"{name:<16}server, input handling and output encoding over the bare pipeline call (default "
-              f"inputs): {result['server']['default']['overhead_median_ms']:.1f} ms median")
-        print(f"{name:<16}server start to READY (load, compile, warm-up): {result['server']['setup_s']:.1f} s")
+        if "default" in result["server"]:
+            print(f"{name:<16}server, input handling and output encoding over the bare pipeline call (default "
+                  f"inputs): {result['server']['default']['overhead_median_ms']:.1f} ms median")
+        if "setup_s" in result["server"]:
+            print(f"{name:<16}server start to READY (load, compile, warm-up): {result['server']['setup_s']:.1f} s")
 
 
 def main() -> int:
@@ -293,8 +309,13 @@ def main() -> int:
     parser.add_argument("--root", type=Path, help="where the random weights are built and kept")
     parser.add_argument("--json", type=Path, help="where to write the results (default: benchmarks/...)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--skip-phases", action="store_true", help="no in-process phase timings")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                        help="which server requests to time (batch: --batch images per request)")
     parser.add_argument("--compile", help="FASTSD_COMPILE for fastsd's side (1, or a torch.compile mode)")
     args = parser.parse_args()
+    # A time limit (timeout sends SIGTERM) still runs the finally blocks that stop the Cog servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     if not 1 <= args.batch <= MAX_OUTPUTS:
         parser.error(f"--batch must be between 1 and {MAX_OUTPUTS}, the server's num_outputs limit")
     size = random_models.TINY if args.quick else random_models.FULL
@@ -309,26 +330,36 @@ def main() -> int:
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(device),
               "dtype": str(dtype).removeprefix("torch."), "weights": size, "compile": args.compile,
               "versions": versions(), "variants": {}}
+    out = args.json or log_dir / f"results-{device}-{size}-{datetime.now():%Y%m%d-%H%M}.json"
 
     for name in args.variants:
         variant = variants.VARIANTS[name]
-        build_random_weights(variant, root, size)
+        build_random_weights(variant, root, size, device)
         print(f"{name} on {report['device']} ({report['dtype']}, {size} weights)", flush=True)
         side = dict(width=64, height=64) if args.quick else {}
-        cases = {"default": {**side}, "vae_full": {"vae": "full", **side}, "vae_tiny": {"vae": "tiny", **side},
-                 f"batch_{args.batch}": {"num_outputs": args.batch, "vae": "tiny", **side}}
+        every_case = {"default": {**side}, "vae_full": {"vae": "full", **side}, "vae_tiny": {"vae": "tiny", **side},
+                      "batch": {"num_outputs": args.batch, "vae": "tiny", **side}}
         if device == "cpu" and not args.quick:
-            cases.pop(f"batch_{args.batch}")  # minutes per request on a CPU, and no new information
-        result = {"server": bench_server(variant, root, cases, args, log_dir)}
-        # The baseline before the in-process phases: a compiled engine left in this process slowed
-        # the stock pipeline after it by a fifth on the 2-core CPU.
-        result["baseline"] = {"default": {"median_ms": float("nan")}} if args.skip_baseline else bench_baseline(
-            variant, root, args, device, side)
-        result["phases"] = bench_phases(variant, args, device, side)
-        report["variants"][name] = result
+            every_case.pop("batch")  # minutes per request on a CPU, and no new information
+        cases = {(f"batch_{args.batch}" if case == "batch" else case): inputs
+                 for case, inputs in every_case.items() if case in args.cases}
+        result = report["variants"][name] = {"server": {}}
+        try:
+            bench_server(variant, root, cases, args, log_dir, result["server"])
+            # The baseline before the in-process phases: a compiled engine left in this process
+            # slowed the stock pipeline after it by a fifth on the 2-core CPU.
+            result["baseline"] = {"default": {"median_ms": float("nan")}} if args.skip_baseline else bench_baseline(
+                variant, root, args, device, side)
+            if not args.skip_phases:
+                result["phases"] = bench_phases(variant, args, device, side)
+        except SystemExit:
+            report["stopped"] = f"at the time limit, during {name}: the results hold what was measured before"
+            out.write_text(json.dumps(report, indent=2))
+            print(f"stopped at the time limit; partial results in {out}", flush=True)
+            raise
+        out.write_text(json.dumps(report, indent=2))
     report["encoding"] = bench_encoding(args)
 
-    out = args.json or log_dir / f"results-{device}-{size}-{datetime.now():%Y%m%d-%H%M}.json"
     out.write_text(json.dumps(report, indent=2))
     print_table(report)
     print("\noutput encoding (ms median, KiB):",

@@ -312,3 +312,15 @@ def test_cached_prompt_embeddings_give_what_diffusers_gives_for_the_prompt(engin
         stock = np.asarray(engine.pipelines.text_to_image(**stock_arguments).images[0], dtype=int)
     assert np.array_equal(ours, again)
     assert np.abs(ours - stock).max() <= 1
+
+
+@pytest.mark.parametrize("value, cuda, expected", [
+    ("", True, None), ("0", True, None), ("false", False, None),
+    ("1", True, "reduce-overhead"),  # the mode measured fastest on a GPU (benchmarks/gpu-h200-*.json)
+    ("1", False, "default"),
+    ("max-autotune", True, "max-autotune"),  # any other value is the mode itself
+])
+def test_compile_mode_is_off_by_default_and_1_picks_the_devices_measured_mode(monkeypatch, value, cuda, expected):
+    monkeypatch.setenv("FASTSD_COMPILE", value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert pipelines.compile_mode() == expected
