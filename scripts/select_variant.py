@@ -21,10 +21,11 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-# Never in an image: version control, environments, caches, tests and their outputs.
+# Never in an image: version control, environments, caches, tests and their outputs, and local
+# leftovers (.whl: scripts/gpu-wheels; .venv-publish: scripts/push without .venv).
 ALWAYS_EXCLUDED = [
-    ".git", ".gitignore", ".venv", ".ci", ".pytest_cache", "**/__pycache__", "**/*.pyc", "tests", "docs",
-    "benchmarks", "outputs", "*.tar", "*.tar.partial",
+    ".git", ".gitignore", ".venv", ".venv-publish", ".whl", ".ci", ".pytest_cache", "**/__pycache__", "**/*.pyc",
+    "tests", "docs", "benchmarks", "outputs", "*.tar", "*.tar.partial",
 ]
 _VARIANT_LINE = re.compile(r"^(?P<indent>[ \t]*-[ \t]*)FASTSD_VARIANT=[^\s#]*(?P<rest>.*)$", re.MULTILINE)
 

@@ -110,14 +110,67 @@ def test_runs_are_grouped_for_concurrency(path):
     assert "${{ github.workflow }}" in concurrency["group"]
 
 
-def test_setup_cog_installs_the_cog_release_the_project_pins():
-    pinned = re.search(r"^cog==(\S+)$", (ROOT / "requirements-dev.txt").read_text(), re.M)[1]
-    setups = [step for path in WORKFLOWS for _, step in steps(load(path))
-              if step.get("uses", "").startswith("replicate/setup-cog@")]
-    assert len(setups) == 2  # ci.yaml's cog-build, push.yaml's push
-    for step in setups:
-        assert step["with"]["cog-version"] == f"v{pinned}"  # its default is an ancient v0.9.8
-    assert f"COG_VERSION=v{pinned}" in (ROOT / "scripts" / "push").read_text()
+def test_ci_runs_once_per_change_and_never_cancels_a_check_on_main():
+    workflow = load(ROOT / ".github" / "workflows" / "ci.yaml")
+    assert triggers(workflow)["push"] == {"branches": ["main"]}  # a pull request's pushes run as the pull request
+    concurrency = workflow["concurrency"]
+    assert concurrency["cancel-in-progress"] == "${{ github.event_name == 'pull_request' }}"
+    assert concurrency["group"].endswith("${{ github.event.pull_request.number || github.sha }}")
+
+
+def test_publishing_queues_every_run_and_cancels_none(push_workflow):
+    # Without queue: max GitHub keeps one pending run and cancels it when another arrives.
+    assert push_workflow["concurrency"] == {"group": "${{ github.workflow }}", "cancel-in-progress": False,
+                                            "queue": "max"}
+    # actionlint 1.7.12 does not know the key yet: its config silences that one message, nothing else.
+    config = load(ROOT / ".github" / "actionlint.yaml")
+    assert config == {"paths": {".github/workflows/push.yaml": {
+        "ignore": ['unexpected key "queue" for "concurrency" section']}}}
+
+
+# --- one Cog version ------------------------------------------------------------------------
+
+def cog_version() -> str:
+    return subprocess.run([ROOT / "scripts" / "cog-version"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_cog_yaml_pins_the_sdk_the_tests_run():
+    sdk_version = load(ROOT / "cog.yaml")["build"]["sdk_version"]
+    dev = (ROOT / "requirements-dev.txt").read_text()
+    assert re.search(r"^cog==(\S+)$", dev, re.M)[1] == sdk_version
+    assert re.search(r"^coglet==(\S+)$", dev, re.M)[1] == sdk_version
+    assert cog_version() == sdk_version
+
+
+def test_cog_version_fails_without_an_sdk_version(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    shutil.copy2(ROOT / "scripts" / "cog-version", tmp_path / "scripts")
+    (tmp_path / "cog.yaml").write_text("build:\n  gpu: true\n")
+    result = subprocess.run([tmp_path / "scripts" / "cog-version"], capture_output=True, text=True)
+    assert result.returncode == 1 and "no build.sdk_version" in result.stderr
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_every_cog_build_and_push_uses_the_projects_cog_and_coglet(path, tmp_path):
+    checked = 0
+    for job_name, job in load(path)["jobs"].items():
+        job_steps = job.get("steps", [])
+        cog_runs = [i for i, step in enumerate(job_steps) if re.search(r"\bcog (build|push)\b", step.get("run", ""))]
+        if not cog_runs:
+            continue
+        version_step = next(i for i, step in enumerate(job_steps) if step.get("id") == "cog")
+        setup = next(i for i, step in enumerate(job_steps) if step.get("uses", "").startswith("replicate/setup-cog@"))
+        assert version_step < setup < min(cog_runs), job_name
+        # setup-cog's own default is an ancient v0.9.8.
+        assert job_steps[setup]["with"]["cog-version"] == "v${{ steps.cog.outputs.version }}"
+        # Run the step as GitHub would: it must hand the version on and pin coglet for what follows.
+        output, env_file = tmp_path / f"{job_name}-output", tmp_path / f"{job_name}-env"
+        subprocess.run(["bash", "-eo", "pipefail", "-c", job_steps[version_step]["run"]], cwd=ROOT, check=True,
+                       env=dict(os.environ, GITHUB_OUTPUT=str(output), GITHUB_ENV=str(env_file)))
+        assert output.read_text() == f"version={cog_version()}\n"
+        assert env_file.read_text() == f"COGLET_WHEEL=pypi:{cog_version()}\n"
+        checked += 1
+    assert checked == 1  # ci.yaml's cog-build, push.yaml's push
 
 
 def test_scripts_the_workflows_run_exist_and_are_executable():
@@ -214,6 +267,95 @@ def test_push_job_uses_secrets_only_through_inputs_and_env(push_workflow):
     assert re.search(r"^replicate==\d+\.\d+\.\d+$", replicate_pin, re.M)
 
 
+def test_push_job_installs_what_publishing_needs_and_no_torch(push_workflow):
+    runs = " ".join(step.get("run", "") for step in push_workflow["jobs"]["push"]["steps"])
+    assert "install-fastsd-deps" not in runs
+    installs = re.findall(r"pip install .*", runs)
+    assert len(installs) == 1
+    files = re.findall(r"-r (\S+)", installs[0])
+    assert files == ["requirements-publish.txt", ".github/scripts/requirements-replicate.txt"]
+    pins = {line.split("==")[0].lower() for name in files for line in (ROOT / name).read_text().splitlines()
+            if line and not line.startswith("#")}
+    assert pins == {"huggingface_hub", "hf_xet", "replicate"}
+
+
+def test_publish_requirements_are_the_images_own_pins():
+    image = set((ROOT / "requirements.txt").read_text().splitlines())
+    publish = [line for line in (ROOT / "requirements-publish.txt").read_text().splitlines()
+               if line and not line.startswith("#")]
+    assert publish and set(publish) <= image
+
+
+def test_download_weights_runs_without_torch(tmp_path):
+    # What the push job and scripts/push give it: huggingface_hub, hf_xet and the standard library.
+    blocked = ["torch", "diffusers", "transformers", "peft", "accelerate", "PIL", "numpy", "safetensors"]
+    code = ("import runpy, sys\n"
+            f"sys.modules.update(dict.fromkeys({blocked!r}))\n"  # None in sys.modules: import fails
+            "sys.argv = ['download_weights.py', '--list']\n"
+            "runpy.run_path('scripts/download_weights.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, FASTSD_WEIGHTS_ROOT=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert "sdxl-lcm" in result.stdout
+
+
+def test_images_leave_out_local_leftovers():
+    select_variant = importlib.util.spec_from_file_location("select_variant", ROOT / "scripts" / "select_variant.py")
+    module = importlib.util.module_from_spec(select_variant)
+    select_variant.loader.exec_module(module)
+    ignored = module.dockerignore_text("sd-turbo", []).splitlines()
+    assert {".whl", ".venv", ".venv-publish", ".git", "tests"} <= set(ignored)
+
+
+# --- replicate_model.py check ---------------------------------------------------------------
+
+class FakeReplicate:
+    """The few calls of the replicate client that check() makes: the Replicate API itself cannot be
+    reached from a test."""
+
+    def __init__(self, latest: str | None, status: str = "succeeded", output=("https://replicate.delivery/x.webp",)):
+        self.latest, self.status, self.output, self.created = latest, status, list(output), []
+        self.models = self
+        self.predictions = self
+
+    def get(self, model):
+        return type("Model", (), {"latest_version": type("Version", (), {"id": self.latest})() if self.latest else None})
+
+    def create(self, version, input):
+        self.created.append(version)
+        fake = self
+
+        class Prediction:
+            id, status, output, logs, metrics, error = "p1", fake.status, fake.output, "", {}, None
+
+            def reload(self):
+                pass
+
+            def cancel(self):
+                pass
+
+        return Prediction()
+
+
+def test_check_fails_when_the_push_made_no_new_version(capsys):
+    client = FakeReplicate(latest="v1")
+    assert import_script("replicate_model").check(client, "acme/m", previous="v1") == 1
+    assert "made no new version" in capsys.readouterr().out
+    assert client.created == []  # the old version is not what this run built: nothing to check
+
+
+def test_check_runs_one_prediction_on_the_new_version():
+    client = FakeReplicate(latest="v2")
+    assert import_script("replicate_model").check(client, "acme/m", previous="v1") == 0
+    assert client.created == ["v2"]
+    assert import_script("replicate_model").check(FakeReplicate(latest="v1"), "acme/new", previous="") == 0
+
+
+def test_check_fails_when_the_prediction_fails(capsys):
+    assert import_script("replicate_model").check(FakeReplicate(latest="v2", status="failed"), "acme/m", "v1") == 1
+    assert "failed" in capsys.readouterr().out
+
+
 # --- scripts/push ---------------------------------------------------------------------------
 
 @pytest.fixture
@@ -224,7 +366,13 @@ def project_copy(tmp_path) -> Path:
     for script in ("push", "select_variant.py"):
         shutil.copy2(ROOT / "scripts" / script, copy / "scripts" / script)
     shutil.copytree(ROOT / "fastsd", copy / "fastsd", ignore=shutil.ignore_patterns("__pycache__"))
+    for script in ("cog-version",):
+        shutil.copy2(ROOT / "scripts" / script, copy / "scripts" / script)
     shutil.copy2(ROOT / "cog.yaml", copy / "cog.yaml")
+    shutil.copy2(ROOT / "requirements-publish.txt", copy / "requirements-publish.txt")
+    # The project's venv, as scripts/setup-dev leaves it: this interpreter has huggingface_hub.
+    (copy / ".venv" / "bin").mkdir(parents=True)
+    (copy / ".venv" / "bin" / "python").symlink_to(sys.executable)
     (copy / ".dockerignore").write_text("# the committed one\n.git\n")
     (copy / "scripts" / "download_weights.py").write_text(
         "import sys, pathlib\npathlib.Path('downloaded').write_text(' '.join(sys.argv[1:]))\n"
@@ -232,11 +380,15 @@ def project_copy(tmp_path) -> Path:
     return copy
 
 
-def fake_cog(folder: Path, exit_code: int) -> Path:
-    """A `cog` that records, while it runs, cog.yaml's variant, .dockerignore and its arguments."""
+def fake_cog(folder: Path, exit_code: int, version: str | None = None) -> Path:
+    """A `cog` of the project's version (or another) that records, while it runs, cog.yaml's
+    variant, .dockerignore, its arguments and the coglet it would install."""
     folder.mkdir()
     cog = folder / "cog"
-    cog.write_text(f"#!/bin/sh\ngrep FASTSD_VARIANT= cog.yaml > cog-saw\necho \"$@\" >> cog-saw\n"
+    cog.write_text(f"#!/bin/sh\n"
+                   f"if [ \"$1\" = --version ]; then echo 'cog version {version or cog_version()} (built 2026-10-20)'; exit 0; fi\n"
+                   f"grep FASTSD_VARIANT= cog.yaml > cog-saw\necho \"$@\" >> cog-saw\n"
+                   f"echo \"$COGLET_WHEEL\" > cog-saw-coglet\n"
                    f"cp .dockerignore cog-saw-dockerignore\nexit {exit_code}\n")
     cog.chmod(cog.stat().st_mode | stat.S_IXUSR)
     return folder
@@ -258,6 +410,7 @@ def test_push_script_builds_the_variant_and_restores_cog_yaml(project_copy, tmp_
     assert (project_copy / "downloaded").read_text() == "sdxl-turbo"
     assert (project_copy / "cog-saw").read_text().split() == ["-", "FASTSD_VARIANT=sdxl-turbo", "push",
                                                                "r8.im/acme/fastsd-sdxl-turbo"]
+    assert (project_copy / "cog-saw-coglet").read_text() == f"pypi:{cog_version()}\n"  # not the newest coglet
     # The image got this variant's weights only.
     ignored = (project_copy / "cog-saw-dockerignore").read_text().splitlines()
     assert "!weights/stabilityai/sdxl-turbo/**" in ignored and "weights/**" in ignored
@@ -297,6 +450,30 @@ def test_push_script_says_how_to_install_cog_when_it_is_missing(project_copy, tm
     result = run_push(project_copy, "sd-turbo", "r8.im/acme/x", path=path)
     assert result.returncode == 127
     assert "cog CLI is not installed" in result.stderr and "releases/download/v" in result.stderr
+    assert not (project_copy / "downloaded").exists()
+
+
+def test_push_script_refuses_another_cog_release(project_copy, tmp_path):
+    bin_dir = fake_cog(tmp_path / "bin", 0, version="0.19.2")
+    result = run_push(project_copy, "sd-turbo", "r8.im/acme/x", path=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert result.returncode == 1
+    assert f"this is cog 0.19.2; fastsd is built and tested with cog {cog_version()}" in result.stderr
+    assert f"releases/download/v{cog_version()}/" in result.stderr
+    assert not (project_copy / "downloaded").exists()
+
+
+def test_push_script_without_the_project_venv_makes_its_own(project_copy, tmp_path):
+    # No .venv: scripts/push makes .venv-publish and installs requirements-publish.txt there. Here
+    # pip may not reach an index, so it is told not to: the script must then say what failed.
+    shutil.rmtree(project_copy / ".venv")
+    bin_dir = fake_cog(tmp_path / "bin", 0)
+    env_path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    result = subprocess.run([str(project_copy / "scripts" / "push"), "sd-turbo", "r8.im/acme/x"], cwd=project_copy,
+                            env=dict(os.environ, PATH=env_path, PIP_NO_INDEX="1", PIP_FIND_LINKS=""),
+                            capture_output=True, text=True, timeout=300)
+    assert (project_copy / ".venv-publish" / "bin" / "python").exists()
+    assert result.returncode == 1
+    assert "could not install requirements-publish.txt into .venv-publish/" in result.stderr
     assert not (project_copy / "downloaded").exists()
 
 

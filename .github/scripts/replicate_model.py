@@ -7,9 +7,9 @@ prepare: `cog push` only pushes to a model that exists, so create it when it doe
 on REPLICATE_HARDWARE, default gpu-l40s; REPLICATE_VISIBILITY=public to publish it), then print
 previous=<latest version id, or empty> for $GITHUB_OUTPUT.
 
-check: run one prediction on the model's latest version, the one `cog push` just made, and exit
-non-zero unless it succeeds with one image. A push that changed nothing (same image) keeps the
-previous version; that is said, and the version is still checked.
+check: the push must have made a new version (the latest differs from the one prepare saw); run
+one prediction on it and exit non-zero unless it succeeds with one image. Runs are queued one at
+a time (push.yaml's concurrency), so the new latest version is this push's.
 
 Both need REPLICATE_API_TOKEN (an API token, r8_...; cog login takes a different, CLI token).
 """
@@ -20,9 +20,10 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import replicate
-from replicate.exceptions import ReplicateError
+if TYPE_CHECKING:
+    import replicate
 
 CHECK_INPUT = {"prompt": "a red apple", "num_outputs": 1}
 # A new version boots cold on Replicate (image pull, then setup() loading the weights): minutes.
@@ -43,6 +44,8 @@ def latest_version_id(client: replicate.Client, model: str) -> str | None:
 
 
 def prepare(client: replicate.Client, model: str) -> int:
+    from replicate.exceptions import ReplicateError
+
     owner, name = split_model(model)
     try:
         previous = latest_version_id(client, model)
@@ -51,10 +54,19 @@ def prepare(client: replicate.Client, model: str) -> int:
             raise
         hardware = os.environ.get("REPLICATE_HARDWARE") or "gpu-l40s"
         visibility = os.environ.get("REPLICATE_VISIBILITY") or "private"
-        client.models.create(
-            owner=owner, name=name, hardware=hardware, visibility=visibility,
-            description="Fast Stable Diffusion (fastsd), one variant per model.",
-        )
+        try:
+            client.models.create(
+                owner=owner, name=name, hardware=hardware, visibility=visibility,
+                description="Fast Stable Diffusion (fastsd), one variant per model.",
+            )
+        except ReplicateError as create_error:
+            if create_error.status not in (401, 403, 404):
+                raise
+            print(f"::error::Replicate refused to create {model} ({create_error.status}): the API token "
+                  f"must be allowed to create models for {owner}. For an organization, use a token made "
+                  f"for that organization, or create the model once at https://replicate.com/create "
+                  f"(README.md, Deploy).")
+            return 1
         print(f"created {visibility} model {model} on {hardware}", file=sys.stderr)
         previous = None
     print(f"previous={previous or ''}")
@@ -67,8 +79,10 @@ def check(client: replicate.Client, model: str, previous: str) -> int:
     if version is None:
         print(f"::error::{model} has no version after cog push")
         return 1
-    if version == previous:
-        print(f"{model}: the push left the latest version as it was ({version}): the image did not change")
+    if previous and version == previous:
+        print(f"::error::{model}: cog push made no new version (the latest is still {version}, as before "
+              f"the push): nothing this run built was checked")
+        return 1
     print(f"checking {model}:{version} with {CHECK_INPUT}")
     prediction = client.predictions.create(version=version, input=CHECK_INPUT)
     deadline = time.monotonic() + CHECK_TIMEOUT_S
@@ -100,6 +114,8 @@ def main() -> int:
     if not os.environ.get("REPLICATE_API_TOKEN"):
         print("::error::REPLICATE_API_TOKEN is not set (repository secret REPLICATE_API_TOKEN)")
         return 1
+    import replicate  # here, so that check() can be tested without the client installed
+
     client = replicate.Client()  # reads REPLICATE_API_TOKEN
     if args.action == "prepare":
         return prepare(client, args.model)
