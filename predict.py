@@ -6,7 +6,6 @@ choice and description below is a literal.
 
 import logging
 import sys
-from typing import Optional
 
 from cog import BaseRunner, Input, Path
 
@@ -17,7 +16,7 @@ logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s",
 
 
 class Predictor(BaseRunner):
-    def setup(self, weights: Optional[str] = None) -> None:
+    def setup(self, weights: str | None = None) -> None:
         self.engine = Engine.from_environment(weights_url=weights)
 
     def run(
@@ -28,7 +27,7 @@ class Predictor(BaseRunner):
             description="What the image should not show. Used only when guidance_scale is above 1 "
             "(LCM and turbo run without guidance by default).",
         ),
-        image: Optional[Path] = Input(
+        image: Path | None = Input(
             default=None,
             description="A starting image (PNG, JPEG or WebP) for image-to-image. Without width and height the "
             "output keeps its size, rounded to a multiple of 8.",
@@ -40,38 +39,36 @@ class Predictor(BaseRunner):
             description="Image-to-image only: how much to change the starting image, from 0 (keep it) to 1 "
             "(replace it). strength x num_inference_steps must reach 1.",
         ),
-        num_inference_steps: Optional[int] = Input(
+        num_inference_steps: int | None = Input(
             default=None,
             ge=1,
             le=100,
             description="Denoising steps. Leave empty for the model's default (1 for turbo, 4 for LCM, 25 for "
             "the base models); image-to-image then raises it so that strength x steps keeps that many.",
         ),
-        guidance_scale: Optional[float] = Input(
+        guidance_scale: float | None = Input(
             default=None,
             ge=0.0,
             le=20.0,
             description="Classifier-free guidance. 1 or less switches it off (the right choice for turbo and "
             "LCM-LoRA); leave empty for the model's default.",
         ),
-        width: Optional[int] = Input(
+        width: int | None = Input(
             default=None,
             ge=64,
             le=2048,
             description="Output width in pixels, a multiple of 8. Leave empty for the model's default (512, or "
             "1024 for SDXL base models) or, with an image, for its width.",
         ),
-        height: Optional[int] = Input(
+        height: int | None = Input(
             default=None,
             ge=64,
             le=2048,
             description="Output height in pixels, a multiple of 8. Leave empty for the model's default or, "
             "with an image, for its height.",
         ),
-        num_outputs: int = Input(
-            default=1, ge=1, le=8, description="How many images to make in one batch (1 to 8)."
-        ),
-        seed: Optional[int] = Input(
+        num_outputs: int = Input(default=1, ge=1, le=8, description="How many images to make in one batch (1 to 8)."),
+        seed: int | None = Input(
             default=None,
             ge=0,
             le=4294967295,
@@ -81,7 +78,7 @@ class Predictor(BaseRunner):
         output_format: str = Input(
             default="webp", choices=["webp", "jpg", "png"], description="File format of the output images."
         ),
-        vae: Optional[str] = Input(
+        vae: str | None = Input(
             default=None,
             choices=["full", "tiny"],
             description="Decoder for the final image: full (finest detail) or tiny (TAESD: 10x less work, slightly "
@@ -99,9 +96,19 @@ class Predictor(BaseRunner):
             # passes any other string through as is. A bare path would read this machine's files.
             raise InputError("image must be an http(s) URL or a data URI of an image, not a file path.")
         request = self.engine.validate(
-            prompt=prompt, negative_prompt=negative_prompt, image=image, strength=strength,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, width=width, height=height,
-            num_outputs=num_outputs, seed=seed, output_format=output_format, output_quality=output_quality, vae=vae,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            image=image,
+            strength=strength,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            width=width,
+            height=height,
+            num_outputs=num_outputs,
+            seed=seed,
+            output_format=output_format,
+            output_quality=output_quality,
+            vae=vae,
         )
         result = self.engine.generate(request)
         paths = self.engine.save(result, request)

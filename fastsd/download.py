@@ -35,9 +35,7 @@ UNLOADED_COMPONENTS = {"safety_checker", "feature_extractor"}
 # The weight files diffusers reads: diffusers models and transformers models. Root-level
 # single-file checkpoints (sd_turbo.safetensors, sdxl_vae.safetensors, ...) have other names.
 WEIGHT_BASENAMES = {"diffusion_pytorch_model", "model"}
-_WEIGHT = re.compile(
-    r"^(?P<base>[A-Za-z0-9_]+)(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.safetensors$"
-)
+_WEIGHT = re.compile(r"^(?P<base>[A-Za-z0-9_]+)(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.safetensors$")
 _WEIGHT_INDEX = re.compile(r"^(?P<base>[A-Za-z0-9_]+)\.safetensors\.index(?:\.(?P<variant>[A-Za-z0-9_]+))?\.json$")
 FP16, FULL = "fp16", "full"
 PRECISIONS = (FP16, FULL)
@@ -51,6 +49,7 @@ class WeightsDownloadError(ConfigurationError):
 
 
 # --- which files --------------------------------------------------------------------------------
+
 
 def _split(path: str) -> tuple[str, str]:
     folder, _, name = path.rpartition("/")
@@ -73,12 +72,12 @@ def _weight_sets(names: list[str]) -> dict[str | None, list[str]]:
 
 def _config_files(names: list[str]) -> list[str]:
     """Configs, tokenizer and scheduler files: the small text files next to the weights."""
-    return [name for name in names
-            if name.endswith((".json", ".txt")) and not _WEIGHT_INDEX.match(name)]
+    return [name for name in names if name.endswith((".json", ".txt")) and not _WEIGHT_INDEX.match(name)]
 
 
-def select_files(role: str, repo_files: list[str] | set[str], model_index: dict | None = None,
-                 precision: str = FP16) -> list[str]:
+def select_files(
+    role: str, repo_files: list[str] | set[str], model_index: dict | None = None, precision: str = FP16
+) -> list[str]:
     """The files of a hub repo that fastsd loads for a repo in this role, sorted.
 
     model: model_index.json and, for each component it lists (but safety_checker and
@@ -116,9 +115,11 @@ def select_files(role: str, repo_files: list[str] | set[str], model_index: dict 
         raise ValueError(f"unknown role {role!r}")
     if "model_index.json" not in by_folder.get("", []) or model_index is None:
         raise WeightsDownloadError("the repo has no model_index.json: it is not a diffusers pipeline")
-    components = sorted(name for name, spec in model_index.items()
-                        if isinstance(spec, list) and spec and spec[0] is not None
-                        and name not in UNLOADED_COMPONENTS)
+    components = sorted(
+        name
+        for name, spec in model_index.items()
+        if isinstance(spec, list) and spec and spec[0] is not None and name not in UNLOADED_COMPONENTS
+    )
     weight_sets = {component: _weight_sets(by_folder.get(component, [])) for component in components}
     with_weights = [component for component, sets in weight_sets.items() if sets]
     use_fp16 = bool(with_weights) and all(FP16 in weight_sets[c] for c in with_weights)
@@ -138,6 +139,7 @@ def select_files(role: str, repo_files: list[str] | set[str], model_index: dict 
 
 
 # --- the repos of a variant ---------------------------------------------------------------------
+
 
 @dataclass
 class Fetched:
@@ -197,7 +199,7 @@ def explain(error: Exception, hub_id: str) -> WeightsDownloadError:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         return WeightsDownloadError(
             f"The Hugging Face hub ({endpoint()}) cannot be reached ({reason}) while fetching {hub_id}: check the "
-            "network, HF_ENDPOINT or a proxy, or bring a weights tar instead (FASTSD_WEIGHTS_URL; README.md, section Weights)."
+            "network, HF_ENDPOINT or a proxy, or bring a weights tar instead (FASTSD_WEIGHTS_URL; docs/weights.md)."
         )
     return WeightsDownloadError(f"Fetching {hub_id} failed: {type(error).__name__}: {error}")
 
@@ -221,8 +223,15 @@ def _escape_glob(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def fetch_repo(role: str, hub_id: str, *, token: str | None = None, verify: bool = False,
-               progress: bool = True, precision: str = FP16) -> Fetched:
+def fetch_repo(
+    role: str,
+    hub_id: str,
+    *,
+    token: str | None = None,
+    verify: bool = False,
+    progress: bool = True,
+    precision: str = FP16,
+) -> Fetched:
     """Fetch one repo's selected files into its folder, check them, write its manifest."""
     hub = _hub()
     started = time.perf_counter()
@@ -236,8 +245,9 @@ def fetch_repo(role: str, hub_id: str, *, token: str | None = None, verify: bool
         if role == MODEL:
             if "model_index.json" not in repo_files:
                 raise WeightsDownloadError(f"{hub_id} has no model_index.json: it is not a diffusers pipeline repo.")
-            index_path = hub.hf_hub_download(hub_id, "model_index.json", revision=info.sha, local_dir=folder,
-                                             token=token, endpoint=endpoint())
+            index_path = hub.hf_hub_download(
+                hub_id, "model_index.json", revision=info.sha, local_dir=folder, token=token, endpoint=endpoint()
+            )
             model_index = json.loads(Path(index_path).read_text())
         try:
             selected = select_files(role, repo_files, model_index, precision)
@@ -247,10 +257,15 @@ def fetch_repo(role: str, hub_id: str, *, token: str | None = None, verify: bool
 
         previous = manifest.load(folder) if folder.is_dir() else None
         wanted = {"files": expected}
-        if (previous and previous.get("revision") == info.sha and previous["files"] == expected
-                and not manifest.check(folder, wanted)):
-            return Fetched(hub_id, folder, len(expected), manifest.total_size(wanted), True,
-                           time.perf_counter() - started)
+        if (
+            previous
+            and previous.get("revision") == info.sha
+            and previous["files"] == expected
+            and not manifest.check(folder, wanted)
+        ):
+            return Fetched(
+                hub_id, folder, len(expected), manifest.total_size(wanted), True, time.perf_counter() - started
+            )
         # A file of the wrong size (truncated by a full disk, edited) is removed so that the
         # library fetches it again instead of trusting its own metadata.
         for problem in manifest.check(folder, wanted):
@@ -260,8 +275,13 @@ def fetch_repo(role: str, hub_id: str, *, token: str | None = None, verify: bool
             hub.utils.disable_progress_bars()
         try:
             hub.snapshot_download(
-                hub_id, revision=info.sha, local_dir=folder, allow_patterns=[_escape_glob(n) for n in selected],
-                token=token, endpoint=endpoint(), etag_timeout=PROBE_TIMEOUT_S,
+                hub_id,
+                revision=info.sha,
+                local_dir=folder,
+                allow_patterns=[_escape_glob(n) for n in selected],
+                token=token,
+                endpoint=endpoint(),
+                etag_timeout=PROBE_TIMEOUT_S,
             )
         finally:
             if not progress:
@@ -278,8 +298,15 @@ def fetch_repo(role: str, hub_id: str, *, token: str | None = None, verify: bool
     return Fetched(hub_id, folder, len(expected), manifest.total_size(wanted), False, time.perf_counter() - started)
 
 
-def fetch_variant(variant: Variant, *, tiny_vae: bool = True, token: str | None = None, verify: bool = False,
-                  progress: bool = True, report=print) -> list[Fetched]:
+def fetch_variant(
+    variant: Variant,
+    *,
+    tiny_vae: bool = True,
+    token: str | None = None,
+    verify: bool = False,
+    progress: bool = True,
+    report=print,
+) -> list[Fetched]:
     results = []
     for role, hub_id in variant_repos(variant, tiny_vae=tiny_vae):
         if role == MODEL and is_local_path(hub_id):
@@ -318,5 +345,15 @@ def format_size(size: int) -> str:
     raise AssertionError
 
 
-__all__ = ["MODEL", "VAE", "LORA", "TINY_VAE", "WeightsDownloadError",
-           "select_files", "fetch_repo", "fetch_variant", "resolve_custom", "explain"]
+__all__ = [
+    "MODEL",
+    "VAE",
+    "LORA",
+    "TINY_VAE",
+    "WeightsDownloadError",
+    "select_files",
+    "fetch_repo",
+    "fetch_variant",
+    "resolve_custom",
+    "explain",
+]

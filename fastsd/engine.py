@@ -55,9 +55,16 @@ class PromptCache:
             self._entries.move_to_end(key)
             return self._entries[key]
         with torch.inference_mode():
-            encoded = self._pipeline.encode_prompt(prompt=prompt, device=self._device, num_images_per_prompt=1,
-                                                   do_classifier_free_guidance=guidance, negative_prompt=negative_prompt)
-        embeddings = {name: tensor for name, tensor in zip(self._OUTPUT_NAMES, encoded) if tensor is not None}
+            encoded = self._pipeline.encode_prompt(
+                prompt=prompt,
+                device=self._device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=guidance,
+                negative_prompt=negative_prompt,
+            )
+        # SD pipelines return two tensors, SDXL four (with the pooled embeddings): zip stops at the shorter.
+        named = zip(self._OUTPUT_NAMES, encoded, strict=False)
+        embeddings = {name: tensor for name, tensor in named if tensor is not None}
         self._entries[key] = embeddings
         if len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
@@ -73,21 +80,27 @@ class Engine:
         self.prompts = PromptCache(loaded.text_to_image, loaded.device)
         self._output_dir = Path(tempfile.mkdtemp(prefix="fastsd-outputs-"))
         self._encoders = ThreadPoolExecutor(max_workers=min(inputs.MAX_OUTPUTS, os.cpu_count() or 1))
-        self._accepted = {mode: set(inspect.signature(pipeline.__call__).parameters)
-                          for mode, pipeline in loaded.by_mode.items()}
+        self._accepted = {
+            mode: set(inspect.signature(pipeline.__call__).parameters) for mode, pipeline in loaded.by_mode.items()
+        }
         self._default_vae = variant.default_vae
         if self._default_vae not in loaded.vae_choices:
-            log.info("vae %s is the default for %s but %s is not installed: using the full VAE",
-                     self._default_vae, variant.name, variant.tiny_vae)
+            log.info(
+                "vae %s is the default for %s but %s is not installed: using the full VAE",
+                self._default_vae,
+                variant.name,
+                variant.tiny_vae,
+            )
             self._default_vae = FULL_VAE
 
     @classmethod
-    def load(cls, variant: Variant, device: str | None = None, dtype: torch.dtype | None = None) -> "Engine":
+    def load(cls, variant: Variant, device: str | None = None, dtype: torch.dtype | None = None) -> Engine:
         return cls(variant, pipelines.load(variant, device, dtype))
 
     @classmethod
-    def from_environment(cls, weights_url: str | None = None) -> "Engine":
+    def from_environment(cls, weights_url: str | None = None) -> Engine:
         """The engine for the variant the environment names, warmed up; weights_url is Cog's setup(weights)."""
+
         def fetched_model_folder(model: str) -> Path:
             # A custom model's configs decide its architecture: fetch the folder before reading them.
             ensure_model_folder(model, weights_url)
@@ -108,8 +121,14 @@ class Engine:
         started = time.perf_counter()
         side = 64 if self.pipelines.device == "cpu" and not pipelines.compile_mode() else None
         for vae in self.pipelines.vae_choices:
-            request = self.validate(prompt="warm-up", num_inference_steps=1, seed=0, vae=vae,
-                                    width=side or self.variant.width, height=side or self.variant.height)
+            request = self.validate(
+                prompt="warm-up",
+                num_inference_steps=1,
+                seed=0,
+                vae=vae,
+                width=side or self.variant.width,
+                height=side or self.variant.height,
+            )
             self.generate(request)
         log.info("warmed up in %.1f s", time.perf_counter() - started)
 
@@ -130,8 +149,10 @@ class Engine:
         if not self.pipelines.accepts_negative_prompt:
             log.info("negative_prompt ignored: %s embeds guidance and takes no negative prompt", self.variant.name)
         elif not request.uses_guidance:
-            log.info("negative_prompt ignored: guidance_scale %.3g <= 1 switches classifier-free guidance off",
-                     request.guidance_scale)
+            log.info(
+                "negative_prompt ignored: guidance_scale %.3g <= 1 switches classifier-free guidance off",
+                request.guidance_scale,
+            )
         else:
             return request.negative_prompt
         return None
@@ -143,7 +164,8 @@ class Engine:
         guidance = request.uses_guidance and self.pipelines.accepts_negative_prompt
         embeddings = self.prompts.get(request.prompt, self._negative_prompt(request), guidance)
         arguments = dict(
-            num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
             num_images_per_prompt=request.num_outputs,
             # One CPU generator per image: image i is reproducible alone with seed + i, on any device.
             generator=[torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_outputs)],
@@ -154,10 +176,17 @@ class Engine:
         else:
             arguments.update(image=request.image, strength=request.strength)
 
-        log.info("seed %d, %d step(s), guidance %.3g, %dx%d, %d image(s), vae %s%s", request.seed,
-                 request.num_inference_steps, request.guidance_scale, request.width, request.height,
-                 request.num_outputs, request.vae,
-                 f", image-to-image strength {request.strength:g}" if request.image else "")
+        log.info(
+            "seed %d, %d step(s), guidance %.3g, %dx%d, %d image(s), vae %s%s",
+            request.seed,
+            request.num_inference_steps,
+            request.guidance_scale,
+            request.width,
+            request.height,
+            request.num_outputs,
+            request.vae,
+            f", image-to-image strength {request.strength:g}" if request.image else "",
+        )
         try:
             with torch.inference_mode():
                 generated = pipeline(**arguments).images
@@ -177,9 +206,11 @@ class Engine:
         started = time.perf_counter()
         targets = [self._output_dir / f"output-{i}.{request.output_format}" for i in range(len(result.images))]
         # Pillow's encoders release the GIL: a batch encodes in parallel on the host's cores.
-        paths = list(self._encoders.map(
-            lambda pair: images.save(pair[0], pair[1], request.output_format, request.output_quality),
-            zip(result.images, targets),
-        ))
+        paths = list(
+            self._encoders.map(
+                lambda pair: images.save(pair[0], pair[1], request.output_format, request.output_quality),
+                zip(result.images, targets, strict=True),
+            )
+        )
         result.timings["encode_time"] = time.perf_counter() - started
         return paths

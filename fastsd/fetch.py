@@ -68,6 +68,7 @@ def redact(url: str) -> str:
 
 # --- the ranged, parallel reader ----------------------------------------------------------------
 
+
 class _Retry(Exception):
     pass
 
@@ -75,8 +76,16 @@ class _Retry(Exception):
 class RangedReader(io.RawIOBase):
     """A read-only stream of the resource at url, fetched as parallel Range requests."""
 
-    def __init__(self, url: str, *, chunk_size: int | None = None, workers: int | None = None,
-                 attempts: int | None = None, timeout: float = TIMEOUT_S, backoff: float = 0.5):
+    def __init__(
+        self,
+        url: str,
+        *,
+        chunk_size: int | None = None,
+        workers: int | None = None,
+        attempts: int | None = None,
+        timeout: float = TIMEOUT_S,
+        backoff: float = 0.5,
+    ):
         super().__init__()
         self.url, self.shown = url, redact(url)
         self.chunk_size = chunk_size or CHUNK_SIZE
@@ -104,18 +113,24 @@ class RangedReader(io.RawIOBase):
             if error.code >= 500 or error.code == 429:
                 raise _Retry(f"HTTP {error.code}") from None
             if error.code == 416:
-                raise ArchiveError(f"The weights URL {self.shown} refused the byte range {start}-{end} "
-                                   "(HTTP 416): the file changed or is shorter than announced.") from None
-            raise ArchiveError(f"The weights URL {self.shown} answered HTTP {error.code} {error.reason}: check "
-                               "the URL (a signed URL may have expired).") from None
+                raise ArchiveError(
+                    f"The weights URL {self.shown} refused the byte range {start}-{end} "
+                    "(HTTP 416): the file changed or is shorter than announced."
+                ) from None
+            raise ArchiveError(
+                f"The weights URL {self.shown} answered HTTP {error.code} {error.reason}: check "
+                "the URL (a signed URL may have expired)."
+            ) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             raise _Retry(str(getattr(error, "reason", error))) from None
 
     def _content_range(self, response, start: int) -> int:
         match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", "").strip())
         if not match or int(match[1]) != start:
-            raise ArchiveError(f"The weights URL {self.shown} answered a range request with "
-                               f"Content-Range {response.headers.get('Content-Range')!r}, not bytes {start}-.")
+            raise ArchiveError(
+                f"The weights URL {self.shown} answered a range request with "
+                f"Content-Range {response.headers.get('Content-Range')!r}, not bytes {start}-."
+            )
         return int(match[3]) if match[3] != "*" else -1
 
     def _open(self) -> None:
@@ -176,15 +191,19 @@ class RangedReader(io.RawIOBase):
                 except _Retry as error:
                     failures += 1
                     if failures >= self.attempts:
-                        raise ArchiveError(f"Downloading {self.shown} failed at byte {start + len(received)} "
-                                           f"after {failures} attempts ({error}).") from None
+                        raise ArchiveError(
+                            f"Downloading {self.shown} failed at byte {start + len(received)} "
+                            f"after {failures} attempts ({error})."
+                        ) from None
                     time.sleep(self.backoff * failures)
             if response.status != 206:
                 raise ArchiveError(f"The weights URL {self.shown} ignored a range request (HTTP {response.status}).")
             total = self._content_range(response, start + len(received))
             if self.total is not None and total not in (self.total, -1):
-                raise ArchiveError(f"The weights file at {self.shown} changed size during the download "
-                                   f"({self.total} then {total} bytes).")
+                raise ArchiveError(
+                    f"The weights file at {self.shown} changed size during the download "
+                    f"({self.total} then {total} bytes)."
+                )
 
     def _chunk(self, start: int, end: int) -> bytes:
         for attempt in range(1, self.attempts + 1):
@@ -193,15 +212,17 @@ class RangedReader(io.RawIOBase):
                 break
             except _Retry as error:
                 if attempt == self.attempts:
-                    raise ArchiveError(f"Downloading {self.shown} failed at byte {start} after {attempt} "
-                                       f"attempts ({error}).") from None
+                    raise ArchiveError(
+                        f"Downloading {self.shown} failed at byte {start} after {attempt} attempts ({error})."
+                    ) from None
                 time.sleep(self.backoff * attempt)
         if response.status != 206:
             raise ArchiveError(f"The weights URL {self.shown} ignored a range request (HTTP {response.status}).")
         total = self._content_range(response, start)
         if total not in (self.total, -1):
-            raise ArchiveError(f"The weights file at {self.shown} changed size during the download "
-                               f"({self.total} then {total} bytes).")
+            raise ArchiveError(
+                f"The weights file at {self.shown} changed size during the download ({self.total} then {total} bytes)."
+            )
         return self._read_body(response, start, end)
 
     def _fill(self) -> None:
@@ -251,6 +272,7 @@ class RangedReader(io.RawIOBase):
 
 # --- safe unpacking -----------------------------------------------------------------------------
 
+
 def member_path(name: str) -> PurePosixPath:
     """The relative path a tar member may be written to, or ArchiveError."""
     path = PurePosixPath(name)
@@ -258,8 +280,9 @@ def member_path(name: str) -> PurePosixPath:
     if path.is_absolute() or name.startswith(("/", "\\")) or ".." in parts or any("\\" in p for p in parts):
         raise ArchiveError(f"The weights tar holds {name!r}, a path that leads outside its folder: refused.")
     if not parts or parts[0] not in ALLOWED_TOP:
-        raise ArchiveError(f"The weights tar holds {name!r}, outside weights/ and lora/: make it with "
-                           "scripts/pack_weights.py.")
+        raise ArchiveError(
+            f"The weights tar holds {name!r}, outside weights/ and lora/: make it with scripts/pack_weights.py."
+        )
     return PurePosixPath(*parts)
 
 
@@ -284,8 +307,9 @@ def extract_stream(stream, destination: Path) -> int:
                     written += member.size
                 else:
                     kind = "link" if member.issym() or member.islnk() else "special file"
-                    raise ArchiveError(f"The weights tar holds {member.name!r}, a {kind}: only files and folders "
-                                       "are accepted.")
+                    raise ArchiveError(
+                        f"The weights tar holds {member.name!r}, a {kind}: only files and folders are accepted."
+                    )
             # The rest is the tar's zero padding: read it, so that a short download is noticed.
             while stream.read(_COPY_BLOCK):
                 pass
@@ -306,6 +330,7 @@ def _check_tree(staging: Path) -> None:
 
 
 # --- fetching and installing --------------------------------------------------------------------
+
 
 def _is_local(url: str) -> bool:
     return urllib.parse.urlsplit(url).scheme in ("", "file")
@@ -335,8 +360,10 @@ def _download_into(url: str, staging: Path, log) -> None:
     with RangedReader(url) as reader:
         extract_stream(reader, staging)
         if reader.total is not None and reader.position != reader.total:
-            raise ArchiveError(f"The weights tar at {redact(url)} is {reader.total} bytes but {reader.position} "
-                               "were read: the download is incomplete.")
+            raise ArchiveError(
+                f"The weights tar at {redact(url)} is {reader.total} bytes but {reader.position} "
+                "were read: the download is incomplete."
+            )
 
 
 def fetch_archive(url: str, root: Path, folders: list[Path], optional: list[Path] = (), log=print) -> list[Path]:
@@ -351,13 +378,16 @@ def fetch_archive(url: str, root: Path, folders: list[Path], optional: list[Path
         _download_into(url, staging, log)
         installed = []
         size = 0
-        wanted = list(folders) + [folder for folder in optional
-                                  if folder not in folders and (staging / folder).is_dir()]
+        wanted = list(folders) + [
+            folder for folder in optional if folder not in folders and (staging / folder).is_dir()
+        ]
         for relative in wanted:
             source = staging / relative
             if not source.is_dir():
-                raise ArchiveError(f"The weights tar at {redact(url)} has no {relative.as_posix()}/: it was packed "
-                                   "for another variant (scripts/pack_weights.py VARIANT OUT.tar).")
+                raise ArchiveError(
+                    f"The weights tar at {redact(url)} has no {relative.as_posix()}/: it was packed "
+                    "for another variant (scripts/pack_weights.py VARIANT OUT.tar)."
+                )
             try:
                 listed = manifest.load(source)
             except ValueError as error:
@@ -372,8 +402,10 @@ def fetch_archive(url: str, root: Path, folders: list[Path], optional: list[Path
                 size += manifest.total_size(listed)
             installed.append(_install(source, root / relative, staging))
         seconds = time.perf_counter() - started
-        log(f"installed {', '.join(p.as_posix() for p in wanted)} from the weights tar "
-            f"({size / 1e9:.2f} GB in {seconds:.1f} s)")
+        log(
+            f"installed {', '.join(p.as_posix() for p in wanted)} from the weights tar "
+            f"({size / 1e9:.2f} GB in {seconds:.1f} s)"
+        )
         return installed
     finally:
         shutil.rmtree(staging, ignore_errors=True)

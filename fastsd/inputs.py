@@ -50,8 +50,10 @@ class GenerationRequest:
 
 
 def _whole_number(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        isinstance(value, float) and not value.is_integer()
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not value.is_integer())
     ):
         raise InputError(f"{name} must be a whole number, got {value!r}.")
     return int(value)
@@ -123,10 +125,23 @@ def _size(variant: Variant, width: Any, height: Any, source: Image.Image | None)
     return width, height
 
 
-def validate(variant: Variant, *, prompt: Any, negative_prompt: Any = "", image: Path | str | None = None,
-             strength: Any = 0.8, num_inference_steps: Any = None, guidance_scale: Any = None, width: Any = None,
-             height: Any = None, num_outputs: Any = 1, seed: Any = None, output_format: Any = "webp",
-             output_quality: Any = 80, vae: Any = None) -> GenerationRequest:
+def validate(
+    variant: Variant,
+    *,
+    prompt: Any,
+    negative_prompt: Any = "",
+    image: Path | str | None = None,
+    strength: Any = 0.8,
+    num_inference_steps: Any = None,
+    guidance_scale: Any = None,
+    width: Any = None,
+    height: Any = None,
+    num_outputs: Any = 1,
+    seed: Any = None,
+    output_format: Any = "webp",
+    output_quality: Any = 80,
+    vae: Any = None,
+) -> GenerationRequest:
     """Check every input against the variant's limits and fill in its defaults."""
     prompt = _text("prompt", prompt, required=True)
     negative_prompt = _text("negative_prompt", negative_prompt, required=False)
@@ -171,8 +186,17 @@ def validate(variant: Variant, *, prompt: Any, negative_prompt: Any = "", image:
         )
 
     return GenerationRequest(
-        prompt=prompt, negative_prompt=negative_prompt,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
         image=None if source is None else images.fit(source, width, height),
-        strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale, width=width, height=height,
-        num_outputs=num_outputs, seed=seed, output_format=output_format, output_quality=output_quality, vae=vae,
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        width=width,
+        height=height,
+        num_outputs=num_outputs,
+        seed=seed,
+        output_format=output_format,
+        output_quality=output_quality,
+        vae=vae,
     )

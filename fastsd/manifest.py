@@ -99,8 +99,10 @@ def git_sha1_of(path: Path) -> str:
 
 def describe_local(folder: Path) -> dict[str, dict]:
     """Manifest entries for the files a folder holds now, hashed here (sha256)."""
-    return {name: {"size": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)}
-            for name in local_files(folder)}
+    return {
+        name: {"size": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)}
+        for name in local_files(folder)
+    }
 
 
 def check(folder: Path, manifest: dict | None = None) -> list[Problem]:
@@ -156,8 +158,9 @@ def _safetensors_problem(path: Path) -> Problem | None:
             if header_length > size - 8:
                 return Problem(path, f"{size} bytes, truncated inside its {header_length}-byte header")
             header = json.loads(file.read(header_length))
-        data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
-                       default=0)
+        data_end = max(
+            (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0
+        )
     except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
         return Problem(path, f"unreadable safetensors header: {error}")
     expected = 8 + header_length + data_end
@@ -169,8 +172,9 @@ def _safetensors_problem(path: Path) -> Problem | None:
 def check_without_manifest(folder: Path) -> list[Problem]:
     """For a folder that carries no manifest (placed by hand): every safetensors file must be as
     long as its header says, and every component with weights in model_index.json must have some."""
-    problems = [problem for path in sorted(folder.rglob("*.safetensors"))
-                if (problem := _safetensors_problem(path)) is not None]
+    problems = [
+        problem for path in sorted(folder.rglob("*.safetensors")) if (problem := _safetensors_problem(path)) is not None
+    ]
     index_path = folder / "model_index.json"
     if index_path.is_file():
         try:
@@ -178,8 +182,12 @@ def check_without_manifest(folder: Path) -> list[Problem]:
         except ValueError as error:
             return problems + [Problem(index_path, f"unreadable: {error}")]
         for name, spec in index.items():
-            weighted = isinstance(spec, list) and len(spec) == 2 and spec[1] and (
-                "Model" in spec[1] or spec[1].startswith("Autoencoder"))
+            weighted = (
+                isinstance(spec, list)
+                and len(spec) == 2
+                and spec[1]
+                and ("Model" in spec[1] or spec[1].startswith("Autoencoder"))
+            )
             if weighted and not any((folder / name).glob("*.safetensors")):
                 problems.append(Problem(folder / name, "missing: no .safetensors weights"))
     return problems

@@ -82,12 +82,15 @@ def select_device() -> tuple[str, torch.dtype]:
 
 def _component_folders(folder: Path) -> list[Path]:
     index = json.loads((folder / "model_index.json").read_text())
-    return [folder / name for name, spec in index.items()
-            if isinstance(spec, list) and spec[0] is not None and (folder / name).is_dir()]
+    return [
+        folder / name
+        for name, spec in index.items()
+        if isinstance(spec, list) and spec[0] is not None and (folder / name).is_dir()
+    ]
 
 
 def weights_variant(folder: Path, dtype: torch.dtype) -> str | None:
-    """"fp16" to load the *.fp16.safetensors files, None for the full-precision ones.
+    """ "fp16" to load the *.fp16.safetensors files, None for the full-precision ones.
 
     Half precision (fp16, bf16) reads the fp16 files: half the bytes, and the values it keeps
     anyway. Full precision reads the full-precision files, unless a component has only fp16 ones.
@@ -95,8 +98,9 @@ def weights_variant(folder: Path, dtype: torch.dtype) -> str | None:
     """
     with_weights = [path for path in _component_folders(folder) if any(path.glob("*.safetensors"))]
     has_fp16 = [any(path.glob("*.fp16.safetensors")) for path in with_weights]
-    has_full = [any(not f.name.endswith(".fp16.safetensors") for f in path.glob("*.safetensors"))
-                for path in with_weights]
+    has_full = [
+        any(not f.name.endswith(".fp16.safetensors") for f in path.glob("*.safetensors")) for path in with_weights
+    ]
     if not any(has_fp16):
         return None
     if dtype in (torch.float16, torch.bfloat16) or not all(has_full):
@@ -198,8 +202,9 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
         # Not loaded: the same behaviour for every variant (the turbo and SDXL repos have none).
         options.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if variant.vae:
-        options["vae"] = AutoencoderKL.from_pretrained(model_folder(variant.vae), dtype=dtype,
-                                                       use_safetensors=True, local_files_only=True)
+        options["vae"] = AutoencoderKL.from_pretrained(
+            model_folder(variant.vae), dtype=dtype, use_safetensors=True, local_files_only=True
+        )
     text_to_image = DiffusionPipeline.from_pretrained(folder, **options)
     if variant.lora:
         _fuse_lcm_lora(text_to_image, variant)
@@ -213,8 +218,10 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
 
     # from_pipe shares the components; it also casts them all to its dtype argument, float32 unless
     # told otherwise, so the dtype is always passed.
-    by_mode = {(False, FULL_VAE): text_to_image,
-               (True, FULL_VAE): AutoPipelineForImage2Image.from_pipe(text_to_image, dtype=dtype)}
+    by_mode = {
+        (False, FULL_VAE): text_to_image,
+        (True, FULL_VAE): AutoPipelineForImage2Image.from_pipe(text_to_image, dtype=dtype),
+    }
     tiny_vae = _load_tiny_vae(variant, dtype)
     if tiny_vae is not None:
         tiny_vae.to(device)
@@ -227,13 +234,24 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
     if compile_mode():
         _compile([text_to_image.unet, text_to_image.vae.decoder, *([tiny_vae.decoder] if tiny_vae else [])], device)
 
-    loaded = Pipelines(by_mode, device, dtype,
-                       accepts_negative_prompt="negative_prompt" in inspect.signature(text_to_image.__call__).parameters)
+    loaded = Pipelines(
+        by_mode,
+        device,
+        dtype,
+        accepts_negative_prompt="negative_prompt" in inspect.signature(text_to_image.__call__).parameters,
+    )
     log.info(
         "loaded %s (%s%s%s) as %s + %s on %s in %s, scheduler %s, vae choices %s, in %.1f s",
-        variant.name, variant.model, f" + LoRA {variant.lora} (fused)" if variant.lora else "",
-        f" + VAE {variant.vae}" if variant.vae else "", type(text_to_image).__name__,
-        type(loaded.image_to_image).__name__, device, str(dtype).removeprefix("torch."),
-        type(text_to_image.scheduler).__name__, "/".join(loaded.vae_choices), time.perf_counter() - started,
+        variant.name,
+        variant.model,
+        f" + LoRA {variant.lora} (fused)" if variant.lora else "",
+        f" + VAE {variant.vae}" if variant.vae else "",
+        type(text_to_image).__name__,
+        type(loaded.image_to_image).__name__,
+        device,
+        str(dtype).removeprefix("torch."),
+        type(text_to_image.scheduler).__name__,
+        "/".join(loaded.vae_choices),
+        time.perf_counter() - started,
     )
     return loaded

@@ -77,30 +77,81 @@ VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant(
-            "sd-turbo", "stabilityai/sd-turbo", SD, DISTILLED, 1, 0.0, 512, 512, timestep_spacing="trailing",
+            "sd-turbo",
+            "stabilityai/sd-turbo",
+            SD,
+            DISTILLED,
+            1,
+            0.0,
+            512,
+            512,
+            timestep_spacing="trailing",
             default_vae=TINY_VAE,
         ),
         Variant(
-            "sdxl-turbo", "stabilityai/sdxl-turbo", SDXL, DISTILLED, 1, 0.0, 512, 512, timestep_spacing="trailing",
-            default_vae=TINY_VAE, max_batch_pixels=8 * 1024 * 1024,
+            "sdxl-turbo",
+            "stabilityai/sdxl-turbo",
+            SDXL,
+            DISTILLED,
+            1,
+            0.0,
+            512,
+            512,
+            timestep_spacing="trailing",
+            default_vae=TINY_VAE,
+            max_batch_pixels=8 * 1024 * 1024,
         ),
         Variant(
-            "sd15-lcm", "stable-diffusion-v1-5/stable-diffusion-v1-5", SD, LCM_LORA, 4, 1.0, 512, 512,
-            lora=LCM_LORA_FOR[768], use_lcm_scheduler=True,
+            "sd15-lcm",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            SD,
+            LCM_LORA,
+            4,
+            1.0,
+            512,
+            512,
+            lora=LCM_LORA_FOR[768],
+            use_lcm_scheduler=True,
         ),
         Variant(
-            "sdxl-lcm", "stabilityai/stable-diffusion-xl-base-1.0", SDXL, LCM_LORA, 4, 1.0, 1024, 1024,
-            lora=LCM_LORA_FOR[2048], vae=SDXL_VAE_FP16_FIX, use_lcm_scheduler=True,
-            max_pixels=1536 * 1536, max_batch_pixels=8 * 1024 * 1024,
+            "sdxl-lcm",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            SDXL,
+            LCM_LORA,
+            4,
+            1.0,
+            1024,
+            1024,
+            lora=LCM_LORA_FOR[2048],
+            vae=SDXL_VAE_FP16_FIX,
+            use_lcm_scheduler=True,
+            max_pixels=1536 * 1536,
+            max_batch_pixels=8 * 1024 * 1024,
         ),
         Variant(
-            "lcm-dreamshaper", "SimianLuo/LCM_Dreamshaper_v7", SD, DISTILLED, 4, 8.0, 512, 512,
+            "lcm-dreamshaper",
+            "SimianLuo/LCM_Dreamshaper_v7",
+            SD,
+            DISTILLED,
+            4,
+            8.0,
+            512,
+            512,
             use_lcm_scheduler=True,
         ),
         Variant("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", SD, NONE, 25, 7.5, 512, 512, max_steps=100),
         Variant(
-            "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", SDXL, NONE, 25, 7.0, 1024, 1024,
-            max_steps=100, max_pixels=1536 * 1536, max_batch_pixels=8 * 1024 * 1024,
+            "sdxl",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            SDXL,
+            NONE,
+            25,
+            7.0,
+            1024,
+            1024,
+            max_steps=100,
+            max_pixels=1536 * 1536,
+            max_batch_pixels=8 * 1024 * 1024,
         ),
     )
 }
@@ -135,9 +186,7 @@ def detect_architecture(model_folder: Path) -> tuple[str, int]:
         return SDXL, 2048
     if pipeline_class in ("StableDiffusionPipeline", "LatentConsistencyModelPipeline"):
         return SD, cross_attention_dim
-    raise ConfigurationError(
-        f"{model_folder} holds a {pipeline_class}; only SD 1.x/2.x and SDXL models are supported."
-    )
+    raise ConfigurationError(f"{model_folder} holds a {pipeline_class}; only SD 1.x/2.x and SDXL models are supported.")
 
 
 def custom_variant(model: str, model_folder: Path, acceleration: str) -> Variant:

@@ -7,7 +7,7 @@ directly as a custom model.
 A folder fetched by scripts/download_weights.py or unpacked from a weights tar carries a
 manifest (.fastsd-manifest.json, see fastsd.manifest): at boot every file it lists is checked
 by size, so a truncated or missing file stops setup with its name and the command that fetches
-it again. A folder without a manifest (put there by hand, by fastsd.random_models, or by the
+it again. A folder without a manifest (put there by hand, by fastsd_testing.random_models, or by the
 acceptance tests) is loaded as it is: the check logs that its files were not verified.
 
 setup() calls ensure_weights(): when a folder is missing it is fetched first, from the weights
@@ -73,8 +73,11 @@ def role_folder(role: str, hub_id: str) -> Path:
 
 def variant_folders(variant: Variant, tiny_vae: bool = True) -> list[Path]:
     """The folders of the variant's repos that live under the weights root (not local paths)."""
-    return [role_folder(role, hub_id) for role, hub_id in variant_repos(variant, tiny_vae)
-            if not (role == "model" and is_local_path(hub_id))]
+    return [
+        role_folder(role, hub_id)
+        for role, hub_id in variant_repos(variant, tiny_vae)
+        if not (role == "model" and is_local_path(hub_id))
+    ]
 
 
 class WeightsMissing(ConfigurationError):
@@ -131,8 +134,7 @@ def require_weights(variant: Variant) -> None:
     if damaged:
         listed = ", ".join(str(problem) for problem in damaged)
         raise WeightsMissing(
-            f"Weights for variant {variant.name} are damaged: {listed}. Fetch them again with: "
-            f"{fetch_command(variant)}"
+            f"Weights for variant {variant.name} are damaged: {listed}. Fetch them again with: {fetch_command(variant)}"
         )
 
 
@@ -150,8 +152,11 @@ def ensure_weights(variant: Variant, weights_url: str | None = None) -> None:
         if url:
             from . import fetch
 
-            optional = [folder for folder in _relative_folders(variant_folders(variant))
-                        if not (weights_root() / folder).is_dir()]
+            optional = [
+                folder
+                for folder in _relative_folders(variant_folders(variant))
+                if not (weights_root() / folder).is_dir()
+            ]
             fetch.fetch_archive(url, weights_root(), _relative(missing), optional=optional, log=log.info)
         else:
             _fetch_from_hub(variant, missing)
@@ -170,8 +175,9 @@ def _relative(markers: list[Path]) -> list[Path]:
         try:
             folders.append(marker.parent.relative_to(root))
         except ValueError:
-            raise WeightsMissing(f"{marker} is missing and is not under the weights root {root}: "
-                                 "a local model folder cannot be fetched.") from None
+            raise WeightsMissing(
+                f"{marker} is missing and is not under the weights root {root}: a local model folder cannot be fetched."
+            ) from None
     return folders
 
 
@@ -181,13 +187,18 @@ def _hub_offline() -> bool:
 
 def _fetch_from_hub(variant: Variant, missing: list[Path]) -> None:
     listed = ", ".join(str(path) for path in missing)
-    unfetchable = (f"Weights for variant {variant.name} are missing: {listed}. Fetch them with: "
-                   f"{fetch_command(variant)}, or set {WEIGHTS_URL_ENV} to a weights tar "
-                   "(python scripts/pack_weights.py makes one)")
+    unfetchable = (
+        f"Weights for variant {variant.name} are missing: {listed}. Fetch them with: "
+        f"{fetch_command(variant)}, or set {WEIGHTS_URL_ENV} to a weights tar "
+        "(python scripts/pack_weights.py makes one)"
+    )
     if _hub_offline():
         raise WeightsMissing(unfetchable + "; HF_HUB_OFFLINE is set, so the hub was not asked.")
-    if any(is_local_path(hub_id) and role == "model" for role, hub_id in required_repos(variant)
-           if role_folder(role, hub_id) / _MARKER[role] in missing):
+    if any(
+        is_local_path(hub_id) and role == "model"
+        for role, hub_id in required_repos(variant)
+        if role_folder(role, hub_id) / _MARKER[role] in missing
+    ):
         raise WeightsMissing(unfetchable + ".")
     from . import download
 
@@ -220,13 +231,17 @@ def ensure_model_folder(model: str, weights_url: str | None = None) -> None:
     acceleration = os.environ.get("FASTSD_ACCELERATION", "lcm-lora").strip()
     command = f"python scripts/download_weights.py --model {model} --acceleration {acceleration}"
     if _hub_offline():
-        raise WeightsMissing(f"The weights of {model} are missing ({folder}). Fetch them with: {command}, or set "
-                             f"{WEIGHTS_URL_ENV} to a weights tar; HF_HUB_OFFLINE is set, so the hub was not asked.")
+        raise WeightsMissing(
+            f"The weights of {model} are missing ({folder}). Fetch them with: {command}, or set "
+            f"{WEIGHTS_URL_ENV} to a weights tar; HF_HUB_OFFLINE is set, so the hub was not asked."
+        )
     from . import download
 
     log.info("weights of %s missing: fetching them from the hub (%s)", model, download.endpoint())
     try:
         download.fetch_repo(download.MODEL, model, progress=False)
     except download.WeightsDownloadError as error:
-        raise WeightsMissing(f"The weights of {model} are missing ({folder}). Fetch them with: {command}, or set "
-                             f"{WEIGHTS_URL_ENV} to a weights tar; fetching from the hub failed: {error}") from None
+        raise WeightsMissing(
+            f"The weights of {model} are missing ({folder}). Fetch them with: {command}, or set "
+            f"{WEIGHTS_URL_ENV} to a weights tar; fetching from the hub failed: {error}"
+        ) from None

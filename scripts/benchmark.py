@@ -4,7 +4,7 @@
     python scripts/benchmark.py --quick              # tiny models: a CPU smoke run and the server overhead
     python scripts/benchmark.py --variants sd-turbo sdxl-turbo sdxl-lcm --runs 20 --batch 8
 
-Weights are random, in the real on-disk layout (fastsd.random_models), built once under --root:
+Weights are random, in the real on-disk layout (fastsd_testing.random_models), built once under --root:
 timing does not depend on the values, and nothing is downloaded. For each variant, in one run:
 
 1. server: run() end to end as a user gets it, through the real Cog HTTP server (coglet),
@@ -20,6 +20,7 @@ dtype, library versions).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -29,18 +30,17 @@ import signal
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from fastsd import images, random_models, variants  # noqa: E402
-from fastsd.inputs import MAX_OUTPUTS  # noqa: E402
-from fastsd.cog_server import CogServer, decode_output  # noqa: E402
-from fastsd.engine import Engine  # noqa: E402
-from fastsd.pipelines import select_device  # noqa: E402
+from fastsd import images, variants
+from fastsd.engine import Engine
+from fastsd.inputs import MAX_OUTPUTS
+from fastsd.pipelines import select_device
+from fastsd_testing import random_models
+from fastsd_testing.cog_server import CogServer, decode_output
 
 CASES = ("default", "vae_full", "vae_tiny", "batch")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
@@ -48,9 +48,13 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sha
 
 def summary(seconds: list[float], images_per_call: int = 1) -> dict:
     median = statistics.median(seconds)
-    return {"median_ms": round(median * 1000, 2), "min_ms": round(min(seconds) * 1000, 2),
-            "max_ms": round(max(seconds) * 1000, 2), "runs": len(seconds),
-            "images_per_s": round(images_per_call / median, 2)}
+    return {
+        "median_ms": round(median * 1000, 2),
+        "min_ms": round(min(seconds) * 1000, 2),
+        "max_ms": round(max(seconds) * 1000, 2),
+        "runs": len(seconds),
+        "images_per_s": round(images_per_call / median, 2),
+    }
 
 
 def timed(call, warmup: int, runs: int, device: str) -> list[float]:
@@ -131,7 +135,7 @@ def bench_server(variant, root: Path, cases: dict, args, log_dir: Path, results:
         for name, inputs in cases.items():
             overheads = []
 
-            def call():
+            def call(name=name, inputs=inputs, overheads=overheads):
                 started = time.perf_counter()
                 response = server.predict(prompt=PROMPT, seed=1, **inputs)
                 if response["status"] != "succeeded":
@@ -141,8 +145,11 @@ def bench_server(variant, root: Path, cases: dict, args, log_dir: Path, results:
                 overheads.append(time.perf_counter() - started - response["metrics"]["inference_time"])
 
             durations = timed(call, args.warmup, args.runs, "cpu")
-            results[name] = dict(summary(durations, inputs.get("num_outputs", 1)), inputs=inputs,
-                                 overhead_median_ms=round(statistics.median(overheads[args.warmup:]) * 1000, 2))
+            results[name] = dict(
+                summary(durations, inputs.get("num_outputs", 1)),
+                inputs=inputs,
+                overhead_median_ms=round(statistics.median(overheads[args.warmup :]) * 1000, 2),
+            )
             print(f"  server {name:>12}: {results[name]['median_ms']:9.1f} ms median", flush=True)
         results["worker_peak_rss_mib"] = worker_peak_rss_mib(server)
     finally:
@@ -196,8 +203,11 @@ def bench_phases(variant, args, device: str, side: dict) -> dict:
             timer.remove()
             engine.save(result, request)
             if run >= args.warmup:
-                for name, seconds in {**timer.totals, "output_encoding": result.timings["encode_time"],
-                                      "total_generate": total}.items():
+                for name, seconds in {
+                    **timer.totals,
+                    "output_encoding": result.timings["encode_time"],
+                    "total_generate": total,
+                }.items():
                     samples.setdefault(name, []).append(seconds)
         results[f"vae_{vae}"] = {name: round(statistics.median(values) * 1000, 2) for name, values in samples.items()}
         if device == "cuda":
@@ -225,11 +235,18 @@ def bench_baseline(variant, root: Path, args, device: str, side: dict) -> dict:
     pipe.set_progress_bar_config(disable=True)
     results = {"dtype": str(dtype).removeprefix("torch.")}
     for name, batch in (("default", 1), (f"batch_{args.batch}", args.batch)):
-        def call():
-            pipe(prompt=PROMPT, num_inference_steps=variant.num_inference_steps, guidance_scale=variant.guidance_scale,
-                 width=side.get("width", variant.width), height=side.get("height", variant.height),
-                 num_images_per_prompt=batch,
-                 generator=torch.Generator("cpu").manual_seed(1))
+
+        def call(pipe=pipe, batch=batch):
+            pipe(
+                prompt=PROMPT,
+                num_inference_steps=variant.num_inference_steps,
+                guidance_scale=variant.guidance_scale,
+                width=side.get("width", variant.width),
+                height=side.get("height", variant.height),
+                num_images_per_prompt=batch,
+                generator=torch.Generator("cpu").manual_seed(1),
+            )
+
         runs = args.runs if batch == 1 else max(1, args.runs // 2)
         results[name] = summary(timed(call, args.warmup, runs, device), batch)
         print(f"  baseline {name:>10}: {results[name]['median_ms']:9.1f} ms median", flush=True)
@@ -256,7 +273,8 @@ def bench_encoding(args) -> dict:
             channels.append((channel - channel.min()) / np.ptp(channel))
         image = Image.fromarray((np.stack(channels, -1) * 255).astype("uint8"))
         for output_format in ("webp", "jpg", "png"):
-            durations = timed(lambda: images.encode(image, output_format, 80), 1, max(3, args.runs), "cpu")
+            encode = functools.partial(images.encode, image, output_format, 80)
+            durations = timed(encode, 1, max(3, args.runs), "cpu")
             size_kib = len(images.encode(image, output_format, 80)) / 1024
             results[f"{output_format}_{side}"] = dict(summary(durations), kib=round(size_kib, 1))
     return results
@@ -290,11 +308,15 @@ def print_table(report: dict) -> None:
         for case, r in rows:
             per_image = r["median_ms"] / r["inputs"].get("num_outputs", 1) if "inputs" in r else r["median_ms"]
             ratio = "" if case.startswith("stock") else f"{stock / per_image:.2f}x"
-            print(f"{name:<16}{case:<14}{r['median_ms']:>11.1f}{r['min_ms']:>9.1f}{r['max_ms']:>9.1f}"
-                  f"{r['images_per_s']:>9.2f}{ratio:>10}")
+            print(
+                f"{name:<16}{case:<14}{r['median_ms']:>11.1f}{r['min_ms']:>9.1f}{r['max_ms']:>9.1f}"
+                f"{r['images_per_s']:>9.2f}{ratio:>10}"
+            )
         if "default" in result["server"]:
-            print(f"{name:<16}server, input handling and output encoding over the bare pipeline call (default "
-                  f"inputs): {result['server']['default']['overhead_median_ms']:.1f} ms median")
+            print(
+                f"{name:<16}server, input handling and output encoding over the bare pipeline call (default "
+                f"inputs): {result['server']['default']['overhead_median_ms']:.1f} ms median"
+            )
         if "setup_s" in result["server"]:
             print(f"{name:<16}server start to READY (load, compile, warm-up): {result['server']['setup_s']:.1f} s")
 
@@ -310,8 +332,13 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="where to write the results (default: benchmarks/...)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-phases", action="store_true", help="no in-process phase timings")
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
-                        help="which server requests to time (batch: --batch images per request)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=CASES,
+        default=list(CASES),
+        help="which server requests to time (batch: --batch images per request)",
+    )
     parser.add_argument("--compile", help="FASTSD_COMPILE for fastsd's side (1, or a torch.compile mode)")
     args = parser.parse_args()
     # A time limit (timeout sends SIGTERM) still runs the finally blocks that stop the Cog servers.
@@ -327,9 +354,15 @@ def main() -> int:
     device, dtype = select_device()
     log_dir = Path(args.json).parent if args.json else Path("benchmarks")
     log_dir.mkdir(parents=True, exist_ok=True)
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(device),
-              "dtype": str(dtype).removeprefix("torch."), "weights": size, "compile": args.compile,
-              "versions": versions(), "variants": {}}
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "weights": size,
+        "compile": args.compile,
+        "versions": versions(),
+        "variants": {},
+    }
     out = args.json or log_dir / f"results-{device}-{size}-{datetime.now():%Y%m%d-%H%M}.json"
 
     for name in args.variants:
@@ -337,19 +370,29 @@ def main() -> int:
         build_random_weights(variant, root, size, device)
         print(f"{name} on {report['device']} ({report['dtype']}, {size} weights)", flush=True)
         side = dict(width=64, height=64) if args.quick else {}
-        every_case = {"default": {**side}, "vae_full": {"vae": "full", **side}, "vae_tiny": {"vae": "tiny", **side},
-                      "batch": {"num_outputs": args.batch, "vae": "tiny", **side}}
+        every_case = {
+            "default": {**side},
+            "vae_full": {"vae": "full", **side},
+            "vae_tiny": {"vae": "tiny", **side},
+            "batch": {"num_outputs": args.batch, "vae": "tiny", **side},
+        }
         if device == "cpu" and not args.quick:
             every_case.pop("batch")  # minutes per request on a CPU, and no new information
-        cases = {(f"batch_{args.batch}" if case == "batch" else case): inputs
-                 for case, inputs in every_case.items() if case in args.cases}
+        cases = {
+            (f"batch_{args.batch}" if case == "batch" else case): inputs
+            for case, inputs in every_case.items()
+            if case in args.cases
+        }
         result = report["variants"][name] = {"server": {}}
         try:
             bench_server(variant, root, cases, args, log_dir, result["server"])
             # The baseline before the in-process phases: a compiled engine left in this process
             # slowed the stock pipeline after it by a fifth on the 2-core CPU.
-            result["baseline"] = {"default": {"median_ms": float("nan")}} if args.skip_baseline else bench_baseline(
-                variant, root, args, device, side)
+            result["baseline"] = (
+                {"default": {"median_ms": float("nan")}}
+                if args.skip_baseline
+                else bench_baseline(variant, root, args, device, side)
+            )
             if not args.skip_phases:
                 result["phases"] = bench_phases(variant, args, device, side)
         except SystemExit:
@@ -362,8 +405,10 @@ def main() -> int:
 
     out.write_text(json.dumps(report, indent=2))
     print_table(report)
-    print("\noutput encoding (ms median, KiB):",
-          ", ".join(f"{k} {v['median_ms']:.1f}/{v['kib']:.0f}" for k, v in report["encoding"].items()))
+    print(
+        "\noutput encoding (ms median, KiB):",
+        ", ".join(f"{k} {v['median_ms']:.1f}/{v['kib']:.0f}" for k, v in report["encoding"].items()),
+    )
     print(f"\nwrote {out}")
     return 0
 

@@ -21,8 +21,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 # Xet's high-performance mode uses every core and more memory for the transfer: right for a
 # command that only downloads (the person's own setting wins).
 os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
@@ -58,17 +56,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every variant")
     parser.add_argument("--list", action="store_true", help="list the variants, their repos and what is on disk")
     parser.add_argument("--model", metavar="HUB_ID", help="a custom SD1.5/SD2.x/SDXL base model, by hub id")
-    parser.add_argument("--acceleration", default="lcm-lora", choices=("none", "lcm-lora"),
-                        help="with --model: fuse the matching LCM-LoRA (default) or not")
-    parser.add_argument("--no-tiny-vae", dest="tiny_vae", action="store_false",
-                        help="skip the tiny autoencoder (taesd / taesdxl; without it only vae=full is served)")
-    parser.add_argument("--precision", choices=("fp16", "full"), default="fp16",
-                        help="fp16 weights (default: half the bytes; what a GPU loads) or full precision (fp32: "
-                        "what a CPU deployment loads fastest)")
-    parser.add_argument("--verify", action="store_true",
-                        help="after fetching, re-hash every file against the hub's sha256 (reads every byte)")
-    parser.add_argument("--root", type=Path, help="the folder that holds weights/ and lora/ "
-                        "(default: FASTSD_WEIGHTS_ROOT, else the project root)")
+    parser.add_argument(
+        "--acceleration",
+        default="lcm-lora",
+        choices=("none", "lcm-lora"),
+        help="with --model: fuse the matching LCM-LoRA (default) or not",
+    )
+    parser.add_argument(
+        "--no-tiny-vae",
+        dest="tiny_vae",
+        action="store_false",
+        help="skip the tiny autoencoder (taesd / taesdxl; without it only vae=full is served)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp16", "full"),
+        default="fp16",
+        help="fp16 weights (default: half the bytes; what a GPU loads) or full precision (fp32: "
+        "what a CPU deployment loads fastest)",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="after fetching, re-hash every file against the hub's sha256 (reads every byte)",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        help="the folder that holds weights/ and lora/ (default: FASTSD_WEIGHTS_ROOT, else the project root)",
+    )
     args = parser.parse_args(argv)
     if args.root:
         os.environ["FASTSD_WEIGHTS_ROOT"] = str(args.root.resolve())
@@ -107,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                 result = download.fetch_repo(role, hub_id, verify=args.verify, precision=args.precision)
                 done[hub_id] = result
                 state = "already there" if result.already_there else f"fetched in {result.seconds:.0f} s"
-                print(f"  {hub_id}: {result.files} files, {download.format_size(result.size)} "
-                      f"-> {result.folder} ({state})")
+                print(
+                    f"  {hub_id}: {result.files} files, {download.format_size(result.size)} "
+                    f"-> {result.folder} ({state})"
+                )
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

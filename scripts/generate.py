@@ -16,10 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fastsd.engine import Engine  # noqa: E402
-from fastsd.errors import ConfigurationError, InputError  # noqa: E402
+from fastsd.engine import Engine
+from fastsd.errors import ConfigurationError, InputError
 
 
 def main() -> int:
@@ -46,9 +44,17 @@ def main() -> int:
     try:
         engine = Engine.from_environment()
         request = engine.validate(
-            prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image, strength=args.strength,
-            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, width=args.width,
-            height=args.height, num_outputs=args.num_outputs, seed=args.seed, output_format=args.output_format,
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            image=args.image,
+            strength=args.strength,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            width=args.width,
+            height=args.height,
+            num_outputs=args.num_outputs,
+            seed=args.seed,
+            output_format=args.output_format,
             output_quality=args.output_quality,
         )
     except (ConfigurationError, InputError) as error:

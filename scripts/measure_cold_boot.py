@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT))
 
 
 def _loaded_files(variant, root: Path) -> list[Path]:
@@ -112,6 +111,7 @@ def child(variant_name: str, root: Path, profile: bool) -> dict:
                 depth[name] -= 1
                 if not depth[name]:
                     phases[name] = phases.get(name, 0.0) + time.perf_counter() - begun
+
         return wrapper
 
     # Time the phases of pipelines.load from outside (it looks these up at call time).
@@ -153,8 +153,11 @@ def child(variant_name: str, root: Path, profile: bool) -> dict:
             for tensor in tensors:
                 tensor.sum()
         phases[name] = time.perf_counter() - mark
-    phases["setup + page-in"] = (phases["setup (ensure_weights + Engine.load)"] + phases["first use of every weight"]
-                                 - phases["same again (compute only)"])
+    phases["setup + page-in"] = (
+        phases["setup (ensure_weights + Engine.load)"]
+        + phases["first use of every weight"]
+        - phases["same again (compute only)"]
+    )
     import resource
 
     phases["peak RSS GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
@@ -162,7 +165,8 @@ def child(variant_name: str, root: Path, profile: bool) -> dict:
 
 
 def build(variant, root: Path) -> None:
-    from fastsd import random_models, weights
+    from fastsd import weights
+    from fastsd_testing import random_models
 
     os.environ["FASTSD_WEIGHTS_ROOT"] = str(root)
     for role, hub_id in weights.variant_repos(variant):
@@ -231,23 +235,37 @@ def main() -> int:
             if args.profile and run == 0:
                 print(done.stderr[-12000:], file=sys.stderr)
             setups.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"[{layout} run {run + 1}] read {seconds:.2f} s, setup "
-                  f"{setups[-1]['setup (ensure_weights + Engine.load)']:.2f} s", flush=True)
+            print(
+                f"[{layout} run {run + 1}] read {seconds:.2f} s, setup "
+                f"{setups[-1]['setup (ensure_weights + Engine.load)']:.2f} s",
+                flush=True,
+            )
         median_read = statistics.median(reads)
         phases = {name: statistics.median(s.get(name, 0.0) for s in setups) for name in setups[0]}
         median_setup = phases["setup (ensure_weights + Engine.load)"]
-        results[layout] = dict(files=len(files), bytes=size, read_s=median_read, read_GBps=size / median_read / 1e9,
-                               page_cache_dropped=cold, phases=phases, ratio=median_setup / median_read,
-                               ratio_with_page_in=phases["setup + page-in"] / median_read)
+        results[layout] = dict(
+            files=len(files),
+            bytes=size,
+            read_s=median_read,
+            read_GBps=size / median_read / 1e9,
+            page_cache_dropped=cold,
+            phases=phases,
+            ratio=median_setup / median_read,
+            ratio_with_page_in=phases["setup + page-in"] / median_read,
+        )
     print()
     from fastsd import pipelines
 
     device, dtype = pipelines.select_device()
-    print(f"variant {variant.name}, {device} ({os.cpu_count()} cores), pipeline dtype {str(dtype)[6:]}, "
-          f"median of {args.runs} runs")
+    print(
+        f"variant {variant.name}, {device} ({os.cpu_count()} cores), pipeline dtype {str(dtype)[6:]}, "
+        f"median of {args.runs} runs"
+    )
     for layout, result in results.items():
-        print(f"\nlayout {layout}: {result['files']} files, {result['bytes'] / 1e9:.2f} GB; page cache dropped "
-              f"before each run: {'yes (posix_fadvise DONTNEED)' if result['page_cache_dropped'] else 'no (warm)'}")
+        print(
+            f"\nlayout {layout}: {result['files']} files, {result['bytes'] / 1e9:.2f} GB; page cache dropped "
+            f"before each run: {'yes (posix_fadvise DONTNEED)' if result['page_cache_dropped'] else 'no (warm)'}"
+        )
         print(f"  read every byte          {result['read_s']:7.2f} s  ({result['read_GBps']:.2f} GB/s)")
         for name, value in result["phases"].items():
             unit = "" if name.endswith("GB") else " s"

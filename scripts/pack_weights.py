@@ -7,7 +7,7 @@
 The tar holds weights/<hub id>/ and lora/<hub id>/ exactly as they sit under the weights root,
 each with its .fastsd-manifest.json: a folder fetched by download_weights.py keeps its manifest
 (its sizes are checked before packing; only the files it lists are packed); a folder without
-one (made by hand or by fastsd.random_models) gets one written into the tar, with every file's
+one (made by hand or by fastsd_testing.random_models) gets one written into the tar, with every file's
 size and sha256. The tar is uncompressed: safetensors barely compress, and inflating would cost
 CPU time at every boot. Serve it over HTTP(S) with Range support and point Cog's weights
 (COG_WEIGHTS) or FASTSD_WEIGHTS_URL at it.
@@ -22,8 +22,6 @@ import os
 import sys
 import tarfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _add_bytes(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -65,18 +63,23 @@ def pack(variant, out: Path, tiny_vae: bool = True, report=print) -> int:
             if listed is not None:
                 problems = manifest.check(folder, listed)
                 if problems:
-                    raise ConfigurationError(f"{folder} does not match its manifest: "
-                                             f"{', '.join(map(str, problems))}; fetch it again first.")
+                    raise ConfigurationError(
+                        f"{folder} does not match its manifest: {', '.join(map(str, problems))}; fetch it again first."
+                    )
                 names = sorted(listed["files"])
-                archive.add(manifest.manifest_path(folder), f"{relative}/{manifest.MANIFEST_NAME}",
-                            filter=_normalized)
+                archive.add(manifest.manifest_path(folder), f"{relative}/{manifest.MANIFEST_NAME}", filter=_normalized)
             else:
                 report(f"{relative}: no manifest, hashing its files to write one into the tar")
-                listed = {"format": manifest.FORMAT, "repo": relative.split("/", 1)[1], "source": "packed from local files",
-                          "files": manifest.describe_local(folder)}
+                listed = {
+                    "format": manifest.FORMAT,
+                    "repo": relative.split("/", 1)[1],
+                    "source": "packed from local files",
+                    "files": manifest.describe_local(folder),
+                }
                 names = sorted(listed["files"])
-                _add_bytes(archive, f"{relative}/{manifest.MANIFEST_NAME}",
-                           (json.dumps(listed, indent=1) + "\n").encode())
+                _add_bytes(
+                    archive, f"{relative}/{manifest.MANIFEST_NAME}", (json.dumps(listed, indent=1) + "\n").encode()
+                )
             for name in names:
                 archive.add(folder / name, f"{relative}/{name}", recursive=False, filter=_normalized)
             report(f"{relative}: {len(names)} files, {manifest.total_size(listed) / 1e9:.2f} GB")
@@ -91,18 +94,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("variant", help="a variant name, or custom with --model")
     parser.add_argument("out", type=Path, help="the tar to write")
     parser.add_argument("--model", metavar="HUB_ID", help="a custom base model under weights/ (variant: custom)")
-    parser.add_argument("--acceleration", default="lcm-lora", choices=("none", "lcm-lora"),
-                        help="with --model: also pack the matching LCM-LoRA (default)")
-    parser.add_argument("--no-tiny-vae", dest="tiny_vae", action="store_false",
-                        help="leave out the tiny autoencoder (taesd / taesdxl), packed by default when present")
+    parser.add_argument(
+        "--acceleration",
+        default="lcm-lora",
+        choices=("none", "lcm-lora"),
+        help="with --model: also pack the matching LCM-LoRA (default)",
+    )
+    parser.add_argument(
+        "--no-tiny-vae",
+        dest="tiny_vae",
+        action="store_false",
+        help="leave out the tiny autoencoder (taesd / taesdxl), packed by default when present",
+    )
     parser.add_argument("--root", type=Path, help="the folder that holds weights/ and lora/")
     args = parser.parse_args(argv)
     if args.root:
         os.environ["FASTSD_WEIGHTS_ROOT"] = str(args.root.resolve())
-    from fastsd import variants
+    from fastsd import variants, weights
     from fastsd.errors import ConfigurationError
-
-    from fastsd import weights
 
     try:
         if args.model:

@@ -19,13 +19,26 @@ import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT))
 
-# Never in an image: version control, environments, caches, tests and their outputs, and local
-# leftovers (.whl: scripts/gpu-wheels; .venv-publish: scripts/push without .venv).
+# Never in an image: version control, environments, caches, tests, their helpers (fastsd_testing)
+# and outputs, and local leftovers (.whl: scripts/gpu-wheels; .venv-publish: scripts/push without .venv).
 ALWAYS_EXCLUDED = [
-    ".git", ".gitignore", ".venv", ".venv-publish", ".whl", ".ci", ".pytest_cache", "**/__pycache__", "**/*.pyc",
-    "tests", "docs", "benchmarks", "outputs", "*.tar", "*.tar.partial",
+    ".git",
+    ".gitignore",
+    ".venv",
+    ".venv-publish",
+    ".whl",
+    ".ci",
+    ".pytest_cache",
+    "**/__pycache__",
+    "**/*.pyc",
+    "tests",
+    "fastsd_testing",
+    "docs",
+    "benchmarks",
+    "outputs",
+    "*.tar",
+    "*.tar.partial",
 ]
 _VARIANT_LINE = re.compile(r"^(?P<indent>[ \t]*-[ \t]*)FASTSD_VARIANT=[^\s#]*(?P<rest>.*)$", re.MULTILINE)
 
@@ -51,16 +64,22 @@ def dockerignore_text(variant_name: str, folders: list[str]) -> str:
 def set_cog_variant(cog_yaml: str, variant_name: str) -> str:
     """cog.yaml with its `- FASTSD_VARIANT=...` environment line naming variant_name."""
     if not _VARIANT_LINE.search(cog_yaml):
-        raise ValueError("cog.yaml has no `  - FASTSD_VARIANT=...` line under environment:; add one "
-                         "(environment:\\n  - FASTSD_VARIANT=sd-turbo) and run this again.")
+        raise ValueError(
+            "cog.yaml has no `  - FASTSD_VARIANT=...` line under environment:; add one "
+            "(environment:\\n  - FASTSD_VARIANT=sd-turbo) and run this again."
+        )
     return _VARIANT_LINE.sub(lambda m: f"{m['indent']}FASTSD_VARIANT={variant_name}{m['rest']}", cog_yaml, count=1)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant")
-    parser.add_argument("--no-tiny-vae", dest="tiny_vae", action="store_false",
-                        help="leave the tiny autoencoder (taesd / taesdxl) out of the image")
+    parser.add_argument(
+        "--no-tiny-vae",
+        dest="tiny_vae",
+        action="store_false",
+        help="leave the tiny autoencoder (taesd / taesdxl) out of the image",
+    )
     parser.add_argument("--project", type=Path, default=PROJECT_ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -78,14 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigurationError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    folders = [folder.relative_to(args.project).as_posix() for folder in weights.variant_folders(variant, args.tiny_vae)]
+    folders = [
+        folder.relative_to(args.project).as_posix() for folder in weights.variant_folders(variant, args.tiny_vae)
+    ]
     (args.project / ".dockerignore").write_text(dockerignore_text(variant.name, folders))
     cog_path.write_text(cog_yaml)
     missing = [folder for folder in folders if not (args.project / folder).is_dir()]
     print(f"selected {variant.name}: .dockerignore keeps {', '.join(folders)}; cog.yaml FASTSD_VARIANT={variant.name}")
     if missing:
-        print(f"note: {', '.join(missing)} not here yet: run {weights.fetch_command(variant)} before cog build "
-              "(else the image fetches what it needs at boot, from FASTSD_WEIGHTS_URL or the hub)")
+        print(
+            f"note: {', '.join(missing)} not here yet: run {weights.fetch_command(variant)} before cog build "
+            "(else the image fetches what it needs at boot, from FASTSD_WEIGHTS_URL or the hub)"
+        )
     return 0
 
 

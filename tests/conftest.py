@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from fastsd import random_models, variants
+from fastsd import variants
+from fastsd_testing import random_models
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +33,15 @@ def png_bytes(width: int, height: int, color=(200, 40, 40), mode: str = "RGB") -
     buffer = io.BytesIO()
     Image.new(mode, (width, height), color).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def script_module(relative_path: str):
+    """A script of the project (scripts/*.py, .github/scripts/*.py) imported as a module by its path."""
+    path = PROJECT_ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

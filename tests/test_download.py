@@ -46,82 +46,199 @@ REPOS = {
     "stabilityai/sd-turbo": dict(
         index=index("StableDiffusionPipeline", *SD_COMPONENTS),
         files=[
-            ".gitattributes", "README.md", "LICENSE.md", "image_quality_one_step.png", "output_tile.jpg",
-            "prompt_alignment_one_step.png", "sd_turbo.safetensors", "model_index.json",
+            ".gitattributes",
+            "README.md",
+            "LICENSE.md",
+            "image_quality_one_step.png",
+            "output_tile.jpg",
+            "prompt_alignment_one_step.png",
+            "sd_turbo.safetensors",
+            "model_index.json",
             "scheduler/scheduler_config.json",
             *files_in("text_encoder", ["config.json", "model.fp16.safetensors", "model.safetensors"]),
             *files_in("tokenizer", TOKENIZER),
-            *files_in("unet", ["config.json", "diffusion_pytorch_model.fp16.safetensors",
-                               "diffusion_pytorch_model.safetensors"]),
-            *files_in("vae", ["config.json", "diffusion_pytorch_model.fp16.safetensors",
-                              "diffusion_pytorch_model.safetensors"]),
+            *files_in(
+                "unet",
+                ["config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
+            ),
+            *files_in(
+                "vae",
+                ["config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
+            ),
         ],
     ),
     "stabilityai/sdxl-turbo": dict(
         index=index("StableDiffusionXLPipeline", *SDXL_COMPONENTS, unloaded=()),
         files=[
-            ".gitattributes", "README.md", "LICENSE.md", "image_quality_one_step.png", "output_tile.jpg",
-            "prompt_alignment_one_step.png", "sd_xl_turbo_1.0.safetensors", "sd_xl_turbo_1.0_fp16.safetensors",
-            "model_index.json", "scheduler/scheduler_config.json",
+            ".gitattributes",
+            "README.md",
+            "LICENSE.md",
+            "image_quality_one_step.png",
+            "output_tile.jpg",
+            "prompt_alignment_one_step.png",
+            "sd_xl_turbo_1.0.safetensors",
+            "sd_xl_turbo_1.0_fp16.safetensors",
+            "model_index.json",
+            "scheduler/scheduler_config.json",
             *files_in("text_encoder", ["config.json", "model.fp16.safetensors", "model.safetensors"]),
             *files_in("text_encoder_2", ["config.json", "model.fp16.safetensors", "model.safetensors"]),
-            *files_in("tokenizer", TOKENIZER), *files_in("tokenizer_2", TOKENIZER),
-            *files_in("unet", ["config.json", "diffusion_pytorch_model.fp16.safetensors",
-                               "diffusion_pytorch_model.safetensors"]),
-            *files_in("vae", ["config.json", "diffusion_pytorch_model.fp16.safetensors",
-                              "diffusion_pytorch_model.safetensors"]),
+            *files_in("tokenizer", TOKENIZER),
+            *files_in("tokenizer_2", TOKENIZER),
+            *files_in(
+                "unet",
+                ["config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
+            ),
+            *files_in(
+                "vae",
+                ["config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
+            ),
         ],
     ),
     "stable-diffusion-v1-5/stable-diffusion-v1-5": dict(
         index=index("StableDiffusionPipeline", *SD_COMPONENTS, "safety_checker", "feature_extractor", unloaded=()),
         files=[
-            ".gitattributes", "README.md", "v1-5-pruned-emaonly.ckpt", "v1-5-pruned-emaonly.safetensors",
-            "v1-5-pruned.ckpt", "v1-5-pruned.safetensors", "v1-inference.yaml", "model_index.json",
+            ".gitattributes",
+            "README.md",
+            "v1-5-pruned-emaonly.ckpt",
+            "v1-5-pruned-emaonly.safetensors",
+            "v1-5-pruned.ckpt",
+            "v1-5-pruned.safetensors",
+            "v1-inference.yaml",
+            "model_index.json",
             "feature_extractor/preprocessor_config.json",
-            *files_in("safety_checker", ["config.json", "flax_model.msgpack", "model.fp16.safetensors",
-                                         "model.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"]),
+            *files_in(
+                "safety_checker",
+                [
+                    "config.json",
+                    "flax_model.msgpack",
+                    "model.fp16.safetensors",
+                    "model.safetensors",
+                    "pytorch_model.bin",
+                    "pytorch_model.fp16.bin",
+                ],
+            ),
             "scheduler/scheduler_config.json",
-            *files_in("text_encoder", ["config.json", "flax_model.msgpack", "model.fp16.safetensors",
-                                       "model.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"]),
+            *files_in(
+                "text_encoder",
+                [
+                    "config.json",
+                    "flax_model.msgpack",
+                    "model.fp16.safetensors",
+                    "model.safetensors",
+                    "pytorch_model.bin",
+                    "pytorch_model.fp16.bin",
+                ],
+            ),
             *files_in("tokenizer", TOKENIZER),
-            *files_in("unet", ["config.json", "diffusion_flax_model.msgpack", "diffusion_pytorch_model.bin",
-                               "diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.fp16.safetensors",
-                               "diffusion_pytorch_model.non_ema.bin", "diffusion_pytorch_model.non_ema.safetensors",
-                               "diffusion_pytorch_model.safetensors"]),
-            *files_in("vae", ["config.json", "diffusion_flax_model.msgpack", "diffusion_pytorch_model.bin",
-                              "diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.fp16.safetensors",
-                              "diffusion_pytorch_model.safetensors"]),
+            *files_in(
+                "unet",
+                [
+                    "config.json",
+                    "diffusion_flax_model.msgpack",
+                    "diffusion_pytorch_model.bin",
+                    "diffusion_pytorch_model.fp16.bin",
+                    "diffusion_pytorch_model.fp16.safetensors",
+                    "diffusion_pytorch_model.non_ema.bin",
+                    "diffusion_pytorch_model.non_ema.safetensors",
+                    "diffusion_pytorch_model.safetensors",
+                ],
+            ),
+            *files_in(
+                "vae",
+                [
+                    "config.json",
+                    "diffusion_flax_model.msgpack",
+                    "diffusion_pytorch_model.bin",
+                    "diffusion_pytorch_model.fp16.bin",
+                    "diffusion_pytorch_model.fp16.safetensors",
+                    "diffusion_pytorch_model.safetensors",
+                ],
+            ),
         ],
     ),
     "stabilityai/stable-diffusion-xl-base-1.0": dict(
         index=index("StableDiffusionXLPipeline", *SDXL_COMPONENTS, unloaded=()),
         files=[
-            ".gitattributes", "01.png", "comparison.png", "pipeline.png", "LICENSE.md", "README.md",
-            "model_index.json", "sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors",
-            "sd_xl_offset_example-lora_1.0.safetensors", "scheduler/scheduler_config.json",
-            *files_in("text_encoder", ["config.json", "flax_model.msgpack", "model.fp16.safetensors", "model.onnx",
-                                       "model.safetensors", "openvino_model.bin", "openvino_model.xml"]),
-            *files_in("text_encoder_2", ["config.json", "flax_model.msgpack", "model.fp16.safetensors",
-                                         "model.onnx", "model.onnx_data", "model.safetensors",
-                                         "openvino_model.bin", "openvino_model.xml"]),
-            *files_in("tokenizer", TOKENIZER), *files_in("tokenizer_2", TOKENIZER),
-            *files_in("unet", ["config.json", "diffusion_flax_model.msgpack",
-                               "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors",
-                               "model.onnx", "model.onnx_data", "openvino_model.bin", "openvino_model.xml"]),
-            *files_in("vae", ["config.json", "diffusion_flax_model.msgpack",
-                              "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"]),
-            *files_in("vae_1_0", ["config.json", "diffusion_pytorch_model.fp16.safetensors",
-                                  "diffusion_pytorch_model.safetensors"]),
+            ".gitattributes",
+            "01.png",
+            "comparison.png",
+            "pipeline.png",
+            "LICENSE.md",
+            "README.md",
+            "model_index.json",
+            "sd_xl_base_1.0.safetensors",
+            "sd_xl_base_1.0_0.9vae.safetensors",
+            "sd_xl_offset_example-lora_1.0.safetensors",
+            "scheduler/scheduler_config.json",
+            *files_in(
+                "text_encoder",
+                [
+                    "config.json",
+                    "flax_model.msgpack",
+                    "model.fp16.safetensors",
+                    "model.onnx",
+                    "model.safetensors",
+                    "openvino_model.bin",
+                    "openvino_model.xml",
+                ],
+            ),
+            *files_in(
+                "text_encoder_2",
+                [
+                    "config.json",
+                    "flax_model.msgpack",
+                    "model.fp16.safetensors",
+                    "model.onnx",
+                    "model.onnx_data",
+                    "model.safetensors",
+                    "openvino_model.bin",
+                    "openvino_model.xml",
+                ],
+            ),
+            *files_in("tokenizer", TOKENIZER),
+            *files_in("tokenizer_2", TOKENIZER),
+            *files_in(
+                "unet",
+                [
+                    "config.json",
+                    "diffusion_flax_model.msgpack",
+                    "diffusion_pytorch_model.fp16.safetensors",
+                    "diffusion_pytorch_model.safetensors",
+                    "model.onnx",
+                    "model.onnx_data",
+                    "openvino_model.bin",
+                    "openvino_model.xml",
+                ],
+            ),
+            *files_in(
+                "vae",
+                [
+                    "config.json",
+                    "diffusion_flax_model.msgpack",
+                    "diffusion_pytorch_model.fp16.safetensors",
+                    "diffusion_pytorch_model.safetensors",
+                ],
+            ),
+            *files_in(
+                "vae_1_0",
+                ["config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
+            ),
             *files_in("vae_decoder", ["config.json", "model.onnx", "openvino_model.bin", "openvino_model.xml"]),
             *files_in("vae_encoder", ["config.json", "model.onnx", "openvino_model.bin", "openvino_model.xml"]),
         ],
     ),
     "SimianLuo/LCM_Dreamshaper_v7": dict(
-        index=index("LatentConsistencyModelPipeline", *SD_COMPONENTS, "safety_checker", "feature_extractor",
-                    unloaded=()),
+        index=index(
+            "LatentConsistencyModelPipeline", *SD_COMPONENTS, "safety_checker", "feature_extractor", unloaded=()
+        ),
         files=[
-            ".gitattributes", "README.md", "LCM_Dreamshaper_v7_4k.safetensors", "lcm_pipeline.py",
-            "lcm_scheduler.py", "model_index.json", "feature_extractor/preprocessor_config.json",
+            ".gitattributes",
+            "README.md",
+            "LCM_Dreamshaper_v7_4k.safetensors",
+            "lcm_pipeline.py",
+            "lcm_scheduler.py",
+            "model_index.json",
+            "feature_extractor/preprocessor_config.json",
             *files_in("safety_checker", ["config.json", "model.safetensors", "pytorch_model.bin"]),
             "scheduler/scheduler_config.json",
             *files_in("text_encoder", ["config.json", "model.safetensors", "pytorch_model.bin"]),
@@ -130,35 +247,77 @@ REPOS = {
             *files_in("vae", ["config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors"]),
         ],
     ),
-    "madebyollin/sdxl-vae-fp16-fix": dict(files=[
-        ".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.bin",
-        "diffusion_pytorch_model.safetensors", "sdxl.vae.safetensors", "sdxl_vae.safetensors",
-        "images/activation-magnitudes.jpg",
-    ]),
-    "madebyollin/taesd": dict(files=[
-        ".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.bin",
-        "diffusion_pytorch_model.safetensors", "taesd_decoder.pth", "taesd_encoder.pth",
-    ]),
-    "madebyollin/taesdxl": dict(files=[
-        ".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.bin",
-        "diffusion_pytorch_model.safetensors", "taesdxl_decoder.pth", "taesdxl_encoder.pth",
-    ]),
-    "latent-consistency/lcm-lora-sdv1-5": dict(files=[
-        ".gitattributes", "README.md", "image.png", "pytorch_lora_weights.safetensors",
-    ]),
-    "latent-consistency/lcm-lora-sdxl": dict(files=[
-        ".gitattributes", "README.md", "image.png", "pytorch_lora_weights.safetensors",
-    ]),
+    "madebyollin/sdxl-vae-fp16-fix": dict(
+        files=[
+            ".gitattributes",
+            "README.md",
+            "config.json",
+            "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.safetensors",
+            "sdxl.vae.safetensors",
+            "sdxl_vae.safetensors",
+            "images/activation-magnitudes.jpg",
+        ]
+    ),
+    "madebyollin/taesd": dict(
+        files=[
+            ".gitattributes",
+            "README.md",
+            "config.json",
+            "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.safetensors",
+            "taesd_decoder.pth",
+            "taesd_encoder.pth",
+        ]
+    ),
+    "madebyollin/taesdxl": dict(
+        files=[
+            ".gitattributes",
+            "README.md",
+            "config.json",
+            "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.safetensors",
+            "taesdxl_decoder.pth",
+            "taesdxl_encoder.pth",
+        ]
+    ),
+    "latent-consistency/lcm-lora-sdv1-5": dict(
+        files=[
+            ".gitattributes",
+            "README.md",
+            "image.png",
+            "pytorch_lora_weights.safetensors",
+        ]
+    ),
+    "latent-consistency/lcm-lora-sdxl": dict(
+        files=[
+            ".gitattributes",
+            "README.md",
+            "image.png",
+            "pytorch_lora_weights.safetensors",
+        ]
+    ),
 }
 
 SD_FP16 = [
-    "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
-    "text_encoder/model.fp16.safetensors", *files_in("tokenizer", TOKENIZER), "unet/config.json",
-    "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.fp16.safetensors",
+    *files_in("tokenizer", TOKENIZER),
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
 ]
-SDXL_FP16 = sorted([
-    *SD_FP16, "text_encoder_2/config.json", "text_encoder_2/model.fp16.safetensors", *files_in("tokenizer_2", TOKENIZER),
-])
+SDXL_FP16 = sorted(
+    [
+        *SD_FP16,
+        "text_encoder_2/config.json",
+        "text_encoder_2/model.fp16.safetensors",
+        *files_in("tokenizer_2", TOKENIZER),
+    ]
+)
 AUTOENCODER = ["config.json", "diffusion_pytorch_model.safetensors"]
 
 EXPECTED = {
@@ -167,11 +326,20 @@ EXPECTED = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": ("model", SD_FP16),
     "stabilityai/stable-diffusion-xl-base-1.0": ("model", SDXL_FP16),
     # No fp16 files at all: the full-precision safetensors, never the .bin copies.
-    "SimianLuo/LCM_Dreamshaper_v7": ("model", [
-        "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
-        "text_encoder/model.safetensors", *files_in("tokenizer", TOKENIZER), "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-    ]),
+    "SimianLuo/LCM_Dreamshaper_v7": (
+        "model",
+        [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            *files_in("tokenizer", TOKENIZER),
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+        ],
+    ),
     "madebyollin/sdxl-vae-fp16-fix": ("vae", AUTOENCODER),
     "madebyollin/taesd": ("tiny_vae", AUTOENCODER),
     "madebyollin/taesdxl": ("tiny_vae", AUTOENCODER),
@@ -199,30 +367,40 @@ def test_full_precision_everywhere_when_one_component_lacks_fp16():
     files.remove("vae/diffusion_pytorch_model.fp16.safetensors")
     selected = download.select_files("model", files, REPOS["stabilityai/sd-turbo"]["index"])
     assert [f for f in selected if f.endswith(".safetensors")] == [
-        "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
-        "vae/diffusion_pytorch_model.safetensors"]
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
 
 
 def test_sharded_weights_come_with_their_index():
-    files = ["model_index.json", "unet/config.json",
-             "unet/diffusion_pytorch_model.safetensors.index.json",
-             "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
-             "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
-             "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
-             "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
-             "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors"]
-    assert download.select_files("model", files, index("StableDiffusionPipeline", "unet")) == [
-        "model_index.json", "unet/config.json",
+    files = [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
         "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
         "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
-        "unet/diffusion_pytorch_model.safetensors.index.fp16.json"]
+    ]
+    assert download.select_files("model", files, index("StableDiffusionPipeline", "unet")) == [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+    ]
 
 
-@pytest.mark.parametrize("role, files, message", [
-    ("lora", ["README.md", "lora.safetensors"], "no pytorch_lora_weights.safetensors"),
-    ("vae", ["sdxl_vae.safetensors", "config.json"], "no diffusion_pytorch_model.safetensors"),
-    ("model", ["sd_turbo.safetensors"], "no model_index.json"),
-])
+@pytest.mark.parametrize(
+    "role, files, message",
+    [
+        ("lora", ["README.md", "lora.safetensors"], "no pytorch_lora_weights.safetensors"),
+        ("vae", ["sdxl_vae.safetensors", "config.json"], "no diffusion_pytorch_model.safetensors"),
+        ("model", ["sd_turbo.safetensors"], "no model_index.json"),
+    ],
+)
 def test_a_repo_of_the_wrong_kind_is_named(role, files, message):
     with pytest.raises(download.WeightsDownloadError, match=message):
         download.select_files(role, files, {} if role == "model" else None)
@@ -230,12 +408,18 @@ def test_a_repo_of_the_wrong_kind_is_named(role, files, message):
 
 # --- the command, without the network -----------------------------------------------------------
 
+
 def run_command(*args: str, env: dict[str, str] | None = None, root: Path) -> tuple[subprocess.CompletedProcess, float]:
     environment = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     environment.update(env or {})
     started = time.monotonic()
-    done = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "download_weights.py"), *args,
-                           "--root", str(root)], capture_output=True, text=True, env=environment, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "download_weights.py"), *args, "--root", str(root)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=60,
+    )
     return done, time.monotonic() - started
 
 
@@ -299,11 +483,14 @@ def fake_hub():
     hub.close()
 
 
-@pytest.mark.parametrize("repo, message", [
-    ("org/gated", "org/gated is gated: accept its conditions at http://127.0.0.1:"),
-    ("org/missing", "org/missing was not found on the hub"),
-    ("org/forbidden", "The hub refused org/forbidden (HTTP 403): HF_TOKEN is missing, wrong or lacks access"),
-])
+@pytest.mark.parametrize(
+    "repo, message",
+    [
+        ("org/gated", "org/gated is gated: accept its conditions at http://127.0.0.1:"),
+        ("org/missing", "org/missing was not found on the hub"),
+        ("org/forbidden", "The hub refused org/forbidden (HTTP 403): HF_TOKEN is missing, wrong or lacks access"),
+    ],
+)
 def test_gated_missing_and_forbidden_repos_are_one_sentence(repo, message, fake_hub, tmp_path):
     done, seconds = run_command("--model", repo, env={"HF_ENDPOINT": fake_hub.url}, root=tmp_path)
     assert done.returncode == 1 and seconds < 10
@@ -314,22 +501,29 @@ def test_gated_missing_and_forbidden_repos_are_one_sentence(repo, message, fake_
 
 # --- a whole download, from a stand-in hub on loopback ------------------------------------------
 
+
 class LocalHub:
     """Serves folders as hub repos, the way huggingface_hub reads them: model_info with file
     metadata, the recursive tree listing, HEAD and GET (with Range) on /resolve/. Extra files
     (root checkpoints, pickles) are added to each repo to prove they are not fetched."""
 
     SHA = "0123456789abcdef0123456789abcdef01234567"
-    EXTRA = {"sd_turbo.safetensors": b"x" * 3000, "unet/diffusion_pytorch_model.bin": b"p" * 2000,
-             "README.md": b"# readme\n"}
+    EXTRA = {
+        "sd_turbo.safetensors": b"x" * 3000,
+        "unet/diffusion_pytorch_model.bin": b"p" * 2000,
+        "README.md": b"# readme\n",
+    }
 
     def __init__(self, repos: dict[str, Path]):
         import hashlib
 
         self.files: dict[str, dict[str, bytes]] = {}
         for repo, folder in repos.items():
-            contents = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-                        if p.is_file() and ".cache" not in p.parts and not p.name.startswith(".fastsd")}
+            contents = {
+                p.relative_to(folder).as_posix(): p.read_bytes()
+                for p in sorted(folder.rglob("*"))
+                if p.is_file() and ".cache" not in p.parts and not p.name.startswith(".fastsd")
+            }
             if (folder / "model_index.json").is_file():
                 contents.update(self.EXTRA)
             self.files[repo] = contents
@@ -340,8 +534,10 @@ class LocalHub:
             sha256 = hashlib.sha256(data).hexdigest()
             return dict(blob=blob, sha256=sha256, lfs=lfs)
 
-        self.meta = {repo: {name: entry(data, name.endswith((".safetensors", ".bin"))) for name, data in files.items()}
-                     for repo, files in self.files.items()}
+        self.meta = {
+            repo: {name: entry(data, name.endswith((".safetensors", ".bin"))) for name, data in files.items()}
+            for repo, files in self.files.items()
+        }
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -362,22 +558,41 @@ class LocalHub:
             def route(self, send_body):
                 path = self.path.split("?")[0]
                 if path.startswith("/api/models/"):
-                    rest = path[len("/api/models/"):]
+                    rest = path[len("/api/models/") :]
                     repo, _, tail = rest.partition("/tree/") if "/tree/" in rest else (rest, "", "")
                     repo = repo.split("/revision/")[0]
                     if repo not in hub.files:
                         return self.reply(404, b"{}", {"X-Error-Code": "RepoNotFound"})
                     meta = hub.meta[repo]
                     if "/tree/" in rest:
-                        listing = [dict(type="file", path=name, size=len(hub.files[repo][name]), oid=m["blob"],
-                                        **({"lfs": dict(oid=m["sha256"], size=len(hub.files[repo][name]),
-                                                        pointerSize=134)} if m["lfs"] else {}))
-                                   for name, m in meta.items()]
+                        listing = [
+                            dict(
+                                type="file",
+                                path=name,
+                                size=len(hub.files[repo][name]),
+                                oid=m["blob"],
+                                **(
+                                    {"lfs": dict(oid=m["sha256"], size=len(hub.files[repo][name]), pointerSize=134)}
+                                    if m["lfs"]
+                                    else {}
+                                ),
+                            )
+                            for name, m in meta.items()
+                        ]
                         return self.reply(200, json.dumps(listing).encode(), {"Content-Type": "application/json"})
-                    siblings = [dict(rfilename=name, size=len(hub.files[repo][name]), blobId=m["blob"],
-                                     **({"lfs": dict(sha256=m["sha256"], size=len(hub.files[repo][name]),
-                                                     pointerSize=134)} if m["lfs"] else {}))
-                                for name, m in meta.items()]
+                    siblings = [
+                        dict(
+                            rfilename=name,
+                            size=len(hub.files[repo][name]),
+                            blobId=m["blob"],
+                            **(
+                                {"lfs": dict(sha256=m["sha256"], size=len(hub.files[repo][name]), pointerSize=134)}
+                                if m["lfs"]
+                                else {}
+                            ),
+                        )
+                        for name, m in meta.items()
+                    ]
                     body = json.dumps(dict(id=repo, modelId=repo, sha=hub.SHA, siblings=siblings)).encode()
                     return self.reply(200, body, {"Content-Type": "application/json"})
                 marker = f"/resolve/{hub.SHA}/"
@@ -427,15 +642,15 @@ def test_download_fetches_exactly_the_selection_writes_manifests_and_repairs(wei
 
         model = tmp_path / "weights" / variant.model
         listed = json.loads((model / ".fastsd-manifest.json").read_text())
-        expected = download.select_files("model", hub.files[variant.model],
-                                         json.loads(hub.files[variant.model]["model_index.json"]))
+        expected = download.select_files(
+            "model", hub.files[variant.model], json.loads(hub.files[variant.model]["model_index.json"])
+        )
         assert sorted(listed["files"]) == expected
         assert all(name.endswith(".fp16.safetensors") for name in expected if name.endswith(".safetensors"))
         assert listed["revision"] == LocalHub.SHA
         assert listed["files"]["unet/config.json"]["git_sha1"] == hub.meta[variant.model]["unet/config.json"]["blob"]
         assert not any(name.endswith(("sd_turbo.safetensors", ".bin", "README.md")) for name in hub.gets)
-        on_disk = {p.relative_to(model).as_posix() for p in model.rglob("*")
-                   if p.is_file() and ".cache" not in p.parts}
+        on_disk = {p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file() and ".cache" not in p.parts}
         assert on_disk == {*expected, ".fastsd-manifest.json"}
         assert (tmp_path / "weights" / variant.tiny_vae / ".fastsd-manifest.json").is_file()
         assert "2 repos," in done.stdout, done.stdout
@@ -475,5 +690,7 @@ def test_full_precision_on_request():
     repo = REPOS["stabilityai/sd-turbo"]
     selected = download.select_files("model", repo["files"], repo["index"], precision="full")
     assert [f for f in selected if f.endswith(".safetensors")] == [
-        "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
-        "vae/diffusion_pytorch_model.safetensors"]
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]

@@ -29,6 +29,7 @@ def engines(weights_root):
                 patch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
                 loaded[name] = Engine.load(variants.VARIANTS[name])
         return loaded[name]
+
     return get
 
 
@@ -43,15 +44,18 @@ def generate(engine: Engine, **raw):
     return engine.generate(engine.validate(**raw))
 
 
-@pytest.mark.parametrize("name, scheduler, spacing", [
-    ("sd-turbo", "EulerDiscreteScheduler", "trailing"),
-    ("sdxl-turbo", "EulerAncestralDiscreteScheduler", "trailing"),
-    ("sd15-lcm", "LCMScheduler", None),
-    ("sdxl-lcm", "LCMScheduler", None),
-    ("lcm-dreamshaper", "LCMScheduler", None),
-    ("sd15", "PNDMScheduler", None),
-    ("sdxl", "EulerDiscreteScheduler", None),
-])
+@pytest.mark.parametrize(
+    "name, scheduler, spacing",
+    [
+        ("sd-turbo", "EulerDiscreteScheduler", "trailing"),
+        ("sdxl-turbo", "EulerAncestralDiscreteScheduler", "trailing"),
+        ("sd15-lcm", "LCMScheduler", None),
+        ("sdxl-lcm", "LCMScheduler", None),
+        ("lcm-dreamshaper", "LCMScheduler", None),
+        ("sd15", "PNDMScheduler", None),
+        ("sdxl", "EulerDiscreteScheduler", None),
+    ],
+)
 def test_each_variant_gets_its_scheduler(engines, name, scheduler, spacing):
     engine = engines(name)
     assert type(engine.pipelines.text_to_image.scheduler).__name__ == scheduler
@@ -76,8 +80,11 @@ def test_every_pipeline_keeps_the_chosen_dtype(weights_root, monkeypatch, name):
             assert getattr(pipeline, component).dtype == torch.bfloat16, (mode, component)
     assert loaded.get(False, "tiny").vae is not loaded.text_to_image.vae
     assert loaded.get(True, "tiny").unet is loaded.text_to_image.unet
-    for convolution in (loaded.text_to_image.unet.conv_in, loaded.text_to_image.vae.decoder.conv_out,
-                        loaded.get(False, "tiny").vae.decoder.layers[0]):
+    for convolution in (
+        loaded.text_to_image.unet.conv_in,
+        loaded.text_to_image.vae.decoder.conv_out,
+        loaded.get(False, "tiny").vae.decoder.layers[0],
+    ):
         assert convolution.weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -100,13 +107,19 @@ def test_the_served_image_is_what_stock_diffusers_draws(use_weights, vae):
 
     engine = Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
     ours = np.asarray(generate(engine, prompt="a red kite", seed=5, vae=vae, **SMALL).images[0], dtype=int)
-    stock = AutoPipelineForText2Image.from_pretrained(use_weights / "weights" / "stabilityai" / "sd-turbo",
-                                                      dtype=torch.float32)
+    stock = AutoPipelineForText2Image.from_pretrained(
+        use_weights / "weights" / "stabilityai" / "sd-turbo", dtype=torch.float32
+    )
     if vae == "tiny":
         stock.vae = AutoencoderTiny.from_pretrained(use_weights / "weights" / "madebyollin" / "taesd")
     with torch.inference_mode():
-        theirs = stock(prompt="a red kite", num_inference_steps=1, guidance_scale=0.0, **SMALL,
-                       generator=torch.Generator("cpu").manual_seed(5)).images[0]
+        theirs = stock(
+            prompt="a red kite",
+            num_inference_steps=1,
+            guidance_scale=0.0,
+            **SMALL,
+            generator=torch.Generator("cpu").manual_seed(5),
+        ).images[0]
     assert np.abs(ours - np.asarray(theirs, dtype=int)).max() <= 2
 
 
@@ -152,11 +165,25 @@ def test_guidance_above_1_doubles_the_batch_and_uses_the_negative_prompt(engines
     sizes, handle = batch_sizes(engine.pipelines.text_to_image.unet)
     try:
         with caplog.at_level(logging.INFO, logger="fastsd"):
-            generate(engine, prompt="a dog", negative_prompt="blur", guidance_scale=7.5, num_inference_steps=1, seed=1,
-                     **SMALL)
+            generate(
+                engine,
+                prompt="a dog",
+                negative_prompt="blur",
+                guidance_scale=7.5,
+                num_inference_steps=1,
+                seed=1,
+                **SMALL,
+            )
             assert "negative_prompt ignored" not in caplog.text
-            generate(engine, prompt="a dog", negative_prompt="blur", guidance_scale=1.0, num_inference_steps=1, seed=1,
-                     **SMALL)
+            generate(
+                engine,
+                prompt="a dog",
+                negative_prompt="blur",
+                guidance_scale=1.0,
+                num_inference_steps=1,
+                seed=1,
+                **SMALL,
+            )
     finally:
         handle.remove()
     assert sizes == [2, 1]
@@ -176,7 +203,7 @@ def test_same_seed_same_image_and_image_i_of_a_batch_is_seed_plus_i(engines):
     first = generate(engine, prompt="a kite", seed=40, num_outputs=2, **SMALL).images
     again = generate(engine, prompt="a kite", seed=40, num_outputs=2, **SMALL).images
     alone = generate(engine, prompt="a kite", seed=41, **SMALL).images[0]
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again, strict=True))
     assert np.abs(np.asarray(first[1], dtype=int) - np.asarray(alone, dtype=int)).max() <= 2
 
 
@@ -278,9 +305,12 @@ def test_compiled_modules_are_shared_and_give_the_same_image(weights_root, monke
 
 
 def test_without_the_tiny_vae_the_default_falls_back_and_asking_for_it_is_a_clear_error(
-        weights_root, tmp_path, monkeypatch, caplog):
+    weights_root, tmp_path, monkeypatch, caplog
+):
     root = tmp_path / "root"
-    shutil.copytree(weights_root / "weights" / "stabilityai" / "sd-turbo", root / "weights" / "stabilityai" / "sd-turbo")
+    shutil.copytree(
+        weights_root / "weights" / "stabilityai" / "sd-turbo", root / "weights" / "stabilityai" / "sd-turbo"
+    )
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(root))
     with caplog.at_level(logging.INFO, logger="fastsd"):
         engine = Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
@@ -291,21 +321,31 @@ def test_without_the_tiny_vae_the_default_falls_back_and_asking_for_it_is_a_clea
         engine.validate(prompt="x", vae="tiny")
 
 
-@pytest.mark.parametrize("name, extra", [
-    ("sd15", dict(negative_prompt="blurry", guidance_scale=7.5)),
-    ("sdxl", dict(guidance_scale=5.0)),  # SDXL's zeroed negative embeddings for an empty negative prompt
-    ("sdxl-lcm", dict(guidance_scale=1.0)),
-    ("lcm-dreamshaper", dict(guidance_scale=8.0)),
-])
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("sd15", dict(negative_prompt="blurry", guidance_scale=7.5)),
+        ("sdxl", dict(guidance_scale=5.0)),  # SDXL's zeroed negative embeddings for an empty negative prompt
+        ("sdxl-lcm", dict(guidance_scale=1.0)),
+        ("lcm-dreamshaper", dict(guidance_scale=8.0)),
+    ],
+)
 def test_cached_prompt_embeddings_give_what_diffusers_gives_for_the_prompt(engines, name, extra):
     """The engine passes prompt embeddings from its cache; diffusers given the text must agree."""
     engine = engines(name)
-    request = engine.validate(prompt="a lighthouse in fog", num_inference_steps=2, seed=21, vae="full", **SMALL,
-                              **extra)
+    request = engine.validate(
+        prompt="a lighthouse in fog", num_inference_steps=2, seed=21, vae="full", **SMALL, **extra
+    )
     ours = np.asarray(engine.generate(request).images[0], dtype=int)
     again = np.asarray(engine.generate(request).images[0], dtype=int)  # from the cache this time
-    stock_arguments = dict(prompt=request.prompt, num_inference_steps=2, guidance_scale=request.guidance_scale,
-                           width=64, height=64, generator=[torch.Generator("cpu").manual_seed(21)])
+    stock_arguments = dict(
+        prompt=request.prompt,
+        num_inference_steps=2,
+        guidance_scale=request.guidance_scale,
+        width=64,
+        height=64,
+        generator=[torch.Generator("cpu").manual_seed(21)],
+    )
     if "negative_prompt" in extra:
         stock_arguments["negative_prompt"] = extra["negative_prompt"]
     with torch.inference_mode():
@@ -314,12 +354,17 @@ def test_cached_prompt_embeddings_give_what_diffusers_gives_for_the_prompt(engin
     assert np.abs(ours - stock).max() <= 1
 
 
-@pytest.mark.parametrize("value, cuda, expected", [
-    ("", True, None), ("0", True, None), ("false", False, None),
-    ("1", True, "reduce-overhead"),  # the mode measured fastest on a GPU (benchmarks/gpu-h200-*.json)
-    ("1", False, "default"),
-    ("max-autotune", True, "max-autotune"),  # any other value is the mode itself
-])
+@pytest.mark.parametrize(
+    "value, cuda, expected",
+    [
+        ("", True, None),
+        ("0", True, None),
+        ("false", False, None),
+        ("1", True, "reduce-overhead"),  # the mode measured fastest on a GPU (benchmarks/gpu-h200-*.json)
+        ("1", False, "default"),
+        ("max-autotune", True, "max-autotune"),  # any other value is the mode itself
+    ],
+)
 def test_compile_mode_is_off_by_default_and_1_picks_the_devices_measured_mode(monkeypatch, value, cuda, expected):
     monkeypatch.setenv("FASTSD_COMPILE", value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)

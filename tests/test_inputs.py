@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 
 import pytest
+from conftest import png_bytes
 from PIL import Image
 
-from conftest import png_bytes
 from fastsd import images, variants
 from fastsd.errors import InputError
 from fastsd.inputs import validate
@@ -22,6 +22,7 @@ def input_image(tmp_path):
         path = tmp_path / f"in-{width}x{height}.png"
         path.write_bytes(png_bytes(width, height, **kwargs))
         return path
+
     return make
 
 

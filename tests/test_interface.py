@@ -13,12 +13,28 @@ PREDICT = Path(__file__).resolve().parent.parent / "predict.py"
 def test_cog_reads_the_fixed_inputs_with_literal_defaults_and_choices():
     info = _inspector.create_predictor("predict", "Predictor")
     inputs = info.inputs
-    assert list(inputs) == ["prompt", "negative_prompt", "image", "strength", "num_inference_steps", "guidance_scale",
-                            "width", "height", "num_outputs", "seed", "output_format", "vae", "output_quality"]
+    assert list(inputs) == [
+        "prompt",
+        "negative_prompt",
+        "image",
+        "strength",
+        "num_inference_steps",
+        "guidance_scale",
+        "width",
+        "height",
+        "num_outputs",
+        "seed",
+        "output_format",
+        "vae",
+        "output_quality",
+    ]
     assert (inputs["output_format"].choices, inputs["output_format"].default) == (["webp", "jpg", "png"], "webp")
     assert (inputs["vae"].choices, inputs["vae"].default) == (["full", "tiny"], None)
     assert (inputs["num_outputs"].default, inputs["output_quality"].default, inputs["negative_prompt"].default) == (
-        1, 80, "")
+        1,
+        80,
+        "",
+    )
     for name in ("num_inference_steps", "guidance_scale", "width", "height", "seed", "image"):
         assert inputs[name].default is None, name
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 
 import pytest
+from conftest import png_bytes
 from PIL import Image
 
-from fastsd.cog_server import CogServer, data_uri, decode_output
-from conftest import png_bytes
 from fastsd import variants
+from fastsd_testing.cog_server import CogServer, data_uri, decode_output
 
 SMALL = dict(width=64, height=64)  # the tiny models make any size cheap; keep requests fast
 
@@ -128,8 +128,10 @@ def _bad_inputs(variant: variants.Variant) -> list[tuple[str, dict]]:
         ("image", {"image": data_uri(huge.getvalue())}),
         ("image", {"image": "/etc/hostname"}),  # a path on the server: never read
         ("image", {"image": "file:///etc/hostname"}),
-        ("strength x num_inference_steps", {"image": data_uri(png_bytes(64, 64)), "num_inference_steps": 1,
-                                            "strength": 0.5}),
+        (
+            "strength x num_inference_steps",
+            {"image": data_uri(png_bytes(64, 64)), "num_inference_steps": 1, "strength": 0.5},
+        ),
         ("bogus", {"bogus": True}),
     ]
 

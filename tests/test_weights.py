@@ -13,22 +13,19 @@ import json
 import logging
 import re
 import shutil
-import sys
 import tarfile
 import threading
 from pathlib import Path
 
 import pytest
+from conftest import PROJECT_ROOT, script_module
 
 from fastsd import fetch, manifest, variants, weights
 from fastsd.engine import Engine
 from fastsd.errors import ConfigurationError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
-
-import pack_weights  # noqa: E402
-import select_variant  # noqa: E402
+pack_weights = script_module("scripts/pack_weights.py")
+select_variant = script_module("scripts/select_variant.py")
 
 SD_TURBO = variants.VARIANTS["sd-turbo"]
 SD15_LCM = variants.VARIANTS["sd15-lcm"]
@@ -64,6 +61,7 @@ def add_manifest(folder: Path) -> dict:
 
 # --- the manifest check at boot -----------------------------------------------------------------
 
+
 def test_folder_without_manifest_loads_and_says_so(root, caplog):
     from fastsd.engine import Engine
 
@@ -79,8 +77,11 @@ def test_a_truncated_file_in_a_folder_without_manifest_fails_setup_naming_it(roo
     unet = weights.model_folder(SD_TURBO.model) / "unet" / "diffusion_pytorch_model.fp16.safetensors"
     with open(unet, "r+b") as file:
         file.truncate(unet.stat().st_size // 2)
-    with pytest.raises(weights.WeightsMissing, match=re.escape(str(unet)) + r" \(\d+ bytes, expected \d+ from its "
-                       r"header\).*python scripts/download_weights.py sd-turbo"):
+    with pytest.raises(
+        weights.WeightsMissing,
+        match=re.escape(str(unet)) + r" \(\d+ bytes, expected \d+ from its "
+        r"header\).*python scripts/download_weights.py sd-turbo",
+    ):
         weights.require_weights(SD_TURBO)
 
 
@@ -177,6 +178,7 @@ def test_hub_not_asked_when_offline(tmp_path, monkeypatch):
 
 # --- a local HTTP server for the weights tar ----------------------------------------------------
 
+
 class TarServer:
     """Serves one payload at /weights.tar on 127.0.0.1, with single-range Range support.
 
@@ -212,7 +214,7 @@ class TarServer:
                 if server.ranges and match:
                     start = int(match[1])
                     end = min(int(match[2]) if match[2] else len(data) - 1, len(data) - 1)
-                    body = data[start:end + 1]
+                    body = data[start : end + 1]
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
                 else:
@@ -266,7 +268,8 @@ def empty_root(tmp_path, monkeypatch) -> Path:
 
 
 def test_setup_fetches_a_missing_variant_from_the_tar_with_parallel_range_requests(
-        sd_turbo_tar, small_chunks, tmp_path, monkeypatch, caplog):
+    sd_turbo_tar, small_chunks, tmp_path, monkeypatch, caplog
+):
     from fastsd.engine import Engine
 
     fresh = empty_root(tmp_path, monkeypatch)
@@ -302,7 +305,8 @@ def test_a_dropped_connection_resumes_from_the_byte_it_reached(sd_turbo_tar, sma
 
 
 def test_a_connection_that_keeps_dropping_fails_clearly_and_leaves_nothing(
-        sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
+    sd_turbo_tar, small_chunks, tmp_path, monkeypatch
+):
     fresh = empty_root(tmp_path, monkeypatch)
     monkeypatch.setattr(fetch, "ATTEMPTS", 2)
     with TarServer(sd_turbo_tar, drop=10_000) as server:
@@ -320,8 +324,7 @@ def test_a_server_without_range_support_is_read_as_one_stream(sd_turbo_tar, smal
     assert manifest.check(fresh / "weights" / SD_TURBO.model) == []
 
 
-def test_a_dropped_connection_without_range_support_is_a_clear_error(sd_turbo_tar, small_chunks, tmp_path,
-                                                                       monkeypatch):
+def test_a_dropped_connection_without_range_support_is_a_clear_error(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
     empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar, ranges=False, drop=1) as server:
         with pytest.raises(ConfigurationError, match="cannot resume|damaged"):
@@ -378,12 +381,16 @@ def test_a_file_of_the_wrong_size_in_the_tar_is_refused(root, small_chunks, tmp_
         if name == "unet/config.json":
             data = data[:-10]
         members.append(_file(f"weights/{SD_TURBO.model}/{name}", data))
-    members.append(_file(f"weights/{SD_TURBO.model}/{manifest.MANIFEST_NAME}",
-                         manifest.manifest_path(folder).read_bytes()))
+    members.append(
+        _file(f"weights/{SD_TURBO.model}/{manifest.MANIFEST_NAME}", manifest.manifest_path(folder).read_bytes())
+    )
     fresh = empty_root(tmp_path, monkeypatch)
     with TarServer(_tar(members)) as server:
-        with pytest.raises(fetch.ArchiveError, match=r"does not match its manifest: .*unet/config.json \(\d+ bytes, "
-                                                       r"expected \d+\)"):
+        with pytest.raises(
+            fetch.ArchiveError,
+            match=r"does not match its manifest: .*unet/config.json \(\d+ bytes, "
+            r"expected \d+\)",
+        ):
             weights.ensure_weights(SD_TURBO, server.url)
     assert list(fresh.iterdir()) == []
 
@@ -457,6 +464,7 @@ def test_pget_is_used_when_on_path_and_its_output_is_checked(sd_turbo_tar, tmp_p
 
 # --- packing ------------------------------------------------------------------------------------
 
+
 def test_pack_writes_a_manifest_for_a_folder_without_one(root, tmp_path):
     out = tmp_path / "out.tar"
     pack_weights.pack(SD15_LCM, out, report=lambda line: None)
@@ -488,6 +496,7 @@ def test_pack_keeps_to_the_manifest_and_refuses_a_damaged_folder(root, tmp_path)
 
 # --- baking one variant into an image -----------------------------------------------------------
 
+
 def dockerignore_excludes(patterns: list[str], path: str) -> bool:
     """Docker's .dockerignore rule, enough for these patterns: the last pattern that matches the
     path or one of its parent folders decides; `!` re-includes; `**` spans folders."""
@@ -512,19 +521,34 @@ def test_select_variant_writes_dockerignore_and_cog_yaml(tmp_path):
     written = (project / "cog.yaml").read_text()
     assert "  - FASTSD_VARIANT=sdxl-lcm\n" in written
     assert written.replace("FASTSD_VARIANT=sdxl-lcm", "FASTSD_VARIANT=X") == re.sub(
-        r"FASTSD_VARIANT=[^\s]+", "FASTSD_VARIANT=X", cog_yaml)  # nothing else changed
+        r"FASTSD_VARIANT=[^\s]+", "FASTSD_VARIANT=X", cog_yaml
+    )  # nothing else changed
 
-    patterns = [line for line in (project / ".dockerignore").read_text().splitlines()
-                if line and not line.startswith("#")]
-    kept = ["predict.py", "fastsd/engine.py", "cog.yaml", "requirements.txt",
-            "weights/stabilityai/stable-diffusion-xl-base-1.0/unet/diffusion_pytorch_model.fp16.safetensors",
-            "weights/madebyollin/sdxl-vae-fp16-fix/config.json",
-            "lora/latent-consistency/lcm-lora-sdxl/pytorch_lora_weights.safetensors",
-            "weights/madebyollin/taesdxl/config.json"]
-    left_out = [".git/config", ".venv/bin/python", "tests/test_weights.py", "fastsd/__pycache__/x.pyc",
-                "weights/stabilityai/sd-turbo/model_index.json", "lora/latent-consistency/lcm-lora-sdv1-5/x",
-                "weights/stabilityai/stable-diffusion-xl-base-1.0/.cache/huggingface/download/x.metadata",
-                "weights/madebyollin/taesd/config.json", "sd-turbo.tar", ".fastsd-incoming-abc/weights/x"]
+    patterns = [
+        line for line in (project / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")
+    ]
+    kept = [
+        "predict.py",
+        "fastsd/engine.py",
+        "cog.yaml",
+        "requirements.txt",
+        "weights/stabilityai/stable-diffusion-xl-base-1.0/unet/diffusion_pytorch_model.fp16.safetensors",
+        "weights/madebyollin/sdxl-vae-fp16-fix/config.json",
+        "lora/latent-consistency/lcm-lora-sdxl/pytorch_lora_weights.safetensors",
+        "weights/madebyollin/taesdxl/config.json",
+    ]
+    left_out = [
+        ".git/config",
+        ".venv/bin/python",
+        "tests/test_weights.py",
+        "fastsd/__pycache__/x.pyc",
+        "weights/stabilityai/sd-turbo/model_index.json",
+        "lora/latent-consistency/lcm-lora-sdv1-5/x",
+        "weights/stabilityai/stable-diffusion-xl-base-1.0/.cache/huggingface/download/x.metadata",
+        "weights/madebyollin/taesd/config.json",
+        "sd-turbo.tar",
+        ".fastsd-incoming-abc/weights/x",
+    ]
     assert [p for p in kept if dockerignore_excludes(patterns, p)] == []
     assert [p for p in left_out if not dockerignore_excludes(patterns, p)] == []
 
@@ -576,6 +600,9 @@ def test_a_custom_model_without_tar_or_hub_is_one_clear_error(tmp_path, monkeypa
     monkeypatch.delenv(weights.WEIGHTS_URL_ENV, raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(weights.WeightsMissing, match=r"python scripts/download_weights.py --model someone/x "
-                                                     r"--acceleration lcm-lora.*cannot be reached"):
+    with pytest.raises(
+        weights.WeightsMissing,
+        match=r"python scripts/download_weights.py --model someone/x "
+        r"--acceleration lcm-lora.*cannot be reached",
+    ):
         weights.ensure_model_folder("someone/x")

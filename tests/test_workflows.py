@@ -4,7 +4,6 @@ without GitHub (scripts/lint runs the linters; these are fastsd's own rules)."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import os
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import script_module
 from PIL import Image
 
 from fastsd.variants import VARIANTS
@@ -40,10 +40,7 @@ def steps(workflow: dict):
 
 
 def import_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(f".github/scripts/{name}.py")
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +80,11 @@ def test_one_action_one_pin_across_workflows():
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_no_template_expansion_inside_run_blocks(path):
     # ${{ }} in a script is pasted in before the shell parses it: values go through env: instead.
-    offenders = [f"{job}: {step.get('name', step['run'][:40])}" for job, step in steps(load(path))
-                 if "run" in step and "${{" in step["run"]]
+    offenders = [
+        f"{job}: {step.get('name', step['run'][:40])}"
+        for job, step in steps(load(path))
+        if "run" in step and "${{" in step["run"]
+    ]
     assert offenders == []
 
 
@@ -120,15 +120,20 @@ def test_ci_runs_once_per_change_and_never_cancels_a_check_on_main():
 
 def test_publishing_queues_every_run_and_cancels_none(push_workflow):
     # Without queue: max GitHub keeps one pending run and cancels it when another arrives.
-    assert push_workflow["concurrency"] == {"group": "${{ github.workflow }}", "cancel-in-progress": False,
-                                            "queue": "max"}
+    assert push_workflow["concurrency"] == {
+        "group": "${{ github.workflow }}",
+        "cancel-in-progress": False,
+        "queue": "max",
+    }
     # actionlint 1.7.12 does not know the key yet: its config silences that one message, nothing else.
     config = load(ROOT / ".github" / "actionlint.yaml")
-    assert config == {"paths": {".github/workflows/push.yaml": {
-        "ignore": ['unexpected key "queue" for "concurrency" section']}}}
+    assert config == {
+        "paths": {".github/workflows/push.yaml": {"ignore": ['unexpected key "queue" for "concurrency" section']}}
+    }
 
 
 # --- one Cog version ------------------------------------------------------------------------
+
 
 def cog_version() -> str:
     return subprocess.run([ROOT / "scripts" / "cog-version"], capture_output=True, text=True, check=True).stdout.strip()
@@ -165,8 +170,12 @@ def test_every_cog_build_and_push_uses_the_projects_cog_and_coglet(path, tmp_pat
         assert job_steps[setup]["with"]["cog-version"] == "v${{ steps.cog.outputs.version }}"
         # Run the step as GitHub would: it must hand the version on and pin coglet for what follows.
         output, env_file = tmp_path / f"{job_name}-output", tmp_path / f"{job_name}-env"
-        subprocess.run(["bash", "-eo", "pipefail", "-c", job_steps[version_step]["run"]], cwd=ROOT, check=True,
-                       env=dict(os.environ, GITHUB_OUTPUT=str(output), GITHUB_ENV=str(env_file)))
+        subprocess.run(
+            ["bash", "-eo", "pipefail", "-c", job_steps[version_step]["run"]],
+            cwd=ROOT,
+            check=True,
+            env=dict(os.environ, GITHUB_OUTPUT=str(output), GITHUB_ENV=str(env_file)),
+        )
         assert output.read_text() == f"version={cog_version()}\n"
         assert env_file.read_text() == f"COGLET_WHEEL=pypi:{cog_version()}\n"
         checked += 1
@@ -189,6 +198,7 @@ def test_scripts_the_workflows_run_exist_and_are_executable():
 
 # --- ci.yaml --------------------------------------------------------------------------------
 
+
 def test_ci_runs_tests_lint_and_a_real_cog_build_on_every_change():
     workflow = load(ROOT / ".github" / "workflows" / "ci.yaml")
     assert set(triggers(workflow)) == {"push", "pull_request"}
@@ -196,11 +206,12 @@ def test_ci_runs_tests_lint_and_a_real_cog_build_on_every_change():
     assert "scripts/test" in runs["test"]
     assert "scripts/lint" in runs["lint"]
     assert "cog build -t fastsd:test" in runs["cog-build"]
-    assert "python -m fastsd.random_models --size tiny" in runs["cog-build"]
+    assert "python -m fastsd_testing.random_models --size tiny" in runs["cog-build"]
     assert "smoke_test_image.py fastsd:test" in runs["cog-build"]
 
 
 # --- push.yaml ------------------------------------------------------------------------------
+
 
 def test_push_runs_on_releases_and_by_hand(push_workflow):
     on = triggers(push_workflow)
@@ -252,8 +263,7 @@ def test_push_job_builds_each_selected_variant_with_its_own_weights(push_workflo
 
 def test_push_job_names_models_from_repository_variables(push_workflow):
     model = push_workflow["jobs"]["push"]["env"]["MODEL"]
-    assert model == ("${{ vars.REPLICATE_OWNER }}/${{ vars.REPLICATE_MODEL_PREFIX || 'fastsd-' }}"
-                     "${{ matrix.variant }}")
+    assert model == ("${{ vars.REPLICATE_OWNER }}/${{ vars.REPLICATE_MODEL_PREFIX || 'fastsd-' }}${{ matrix.variant }}")
 
 
 def test_push_job_uses_secrets_only_through_inputs_and_env(push_workflow):
@@ -271,43 +281,57 @@ def test_push_job_installs_what_publishing_needs_and_no_torch(push_workflow):
     runs = " ".join(step.get("run", "") for step in push_workflow["jobs"]["push"]["steps"])
     assert "install-fastsd-deps" not in runs
     installs = re.findall(r"pip install .*", runs)
-    assert len(installs) == 1
+    assert len(installs) == 2
+    assert installs[1].endswith("--no-deps -e .")  # fastsd itself, for the scripts, without its dependencies
     files = re.findall(r"-r (\S+)", installs[0])
     assert files == ["requirements-publish.txt", ".github/scripts/requirements-replicate.txt"]
-    pins = {line.split("==")[0].lower() for name in files for line in (ROOT / name).read_text().splitlines()
-            if line and not line.startswith("#")}
+    pins = {
+        line.split("==")[0].lower()
+        for name in files
+        for line in (ROOT / name).read_text().splitlines()
+        if line and not line.startswith("#")
+    }
     assert pins == {"huggingface_hub", "hf_xet", "replicate"}
 
 
 def test_publish_requirements_are_the_images_own_pins():
     image = set((ROOT / "requirements.txt").read_text().splitlines())
-    publish = [line for line in (ROOT / "requirements-publish.txt").read_text().splitlines()
-               if line and not line.startswith("#")]
+    publish = [
+        line
+        for line in (ROOT / "requirements-publish.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert publish and set(publish) <= image
 
 
 def test_download_weights_runs_without_torch(tmp_path):
     # What the push job and scripts/push give it: huggingface_hub, hf_xet and the standard library.
     blocked = ["torch", "diffusers", "transformers", "peft", "accelerate", "PIL", "numpy", "safetensors"]
-    code = ("import runpy, sys\n"
-            f"sys.modules.update(dict.fromkeys({blocked!r}))\n"  # None in sys.modules: import fails
-            "sys.argv = ['download_weights.py', '--list']\n"
-            "runpy.run_path('scripts/download_weights.py', run_name='__main__')\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, FASTSD_WEIGHTS_ROOT=str(tmp_path)))
+    code = (
+        "import runpy, sys\n"
+        f"sys.modules.update(dict.fromkeys({blocked!r}))\n"  # None in sys.modules: import fails
+        "sys.argv = ['download_weights.py', '--list']\n"
+        "runpy.run_path('scripts/download_weights.py', run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, FASTSD_WEIGHTS_ROOT=str(tmp_path)),
+    )
     assert result.returncode == 0, result.stderr
     assert "sdxl-lcm" in result.stdout
 
 
 def test_images_leave_out_local_leftovers():
-    select_variant = importlib.util.spec_from_file_location("select_variant", ROOT / "scripts" / "select_variant.py")
-    module = importlib.util.module_from_spec(select_variant)
-    select_variant.loader.exec_module(module)
-    ignored = module.dockerignore_text("sd-turbo", []).splitlines()
-    assert {".whl", ".venv", ".venv-publish", ".git", "tests"} <= set(ignored)
+    ignored = script_module("scripts/select_variant.py").dockerignore_text("sd-turbo", []).splitlines()
+    assert {".whl", ".venv", ".venv-publish", ".git", "tests", "fastsd_testing"} <= set(ignored)
 
 
 # --- replicate_model.py check ---------------------------------------------------------------
+
 
 class FakeReplicate:
     """The few calls of the replicate client that check() makes: the Replicate API itself cannot be
@@ -319,7 +343,9 @@ class FakeReplicate:
         self.predictions = self
 
     def get(self, model):
-        return type("Model", (), {"latest_version": type("Version", (), {"id": self.latest})() if self.latest else None})
+        return type(
+            "Model", (), {"latest_version": type("Version", (), {"id": self.latest})() if self.latest else None}
+        )
 
     def create(self, version, input):
         self.created.append(version)
@@ -358,6 +384,7 @@ def test_check_fails_when_the_prediction_fails(capsys):
 
 # --- scripts/push ---------------------------------------------------------------------------
 
+
 @pytest.fixture
 def project_copy(tmp_path) -> Path:
     """The files scripts/push uses, with download_weights.py stubbed: no hub, no Docker."""
@@ -370,9 +397,8 @@ def project_copy(tmp_path) -> Path:
         shutil.copy2(ROOT / "scripts" / script, copy / "scripts" / script)
     shutil.copy2(ROOT / "cog.yaml", copy / "cog.yaml")
     shutil.copy2(ROOT / "requirements-publish.txt", copy / "requirements-publish.txt")
-    # The project's venv, as scripts/setup-dev leaves it: this interpreter has huggingface_hub.
-    (copy / ".venv" / "bin").mkdir(parents=True)
-    (copy / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    # The project's venv, as scripts/setup-dev leaves it (fastsd installed, huggingface_hub): this one.
+    (copy / ".venv").symlink_to(Path(sys.prefix))
     (copy / ".dockerignore").write_text("# the committed one\n.git\n")
     (copy / "scripts" / "download_weights.py").write_text(
         "import sys, pathlib\npathlib.Path('downloaded').write_text(' '.join(sys.argv[1:]))\n"
@@ -385,31 +411,41 @@ def fake_cog(folder: Path, exit_code: int, version: str | None = None) -> Path:
     variant, .dockerignore, its arguments and the coglet it would install."""
     folder.mkdir()
     cog = folder / "cog"
-    cog.write_text(f"#!/bin/sh\n"
-                   f"if [ \"$1\" = --version ]; then echo 'cog version {version or cog_version()} (built 2026-10-20)'; exit 0; fi\n"
-                   f"grep FASTSD_VARIANT= cog.yaml > cog-saw\necho \"$@\" >> cog-saw\n"
-                   f"echo \"$COGLET_WHEEL\" > cog-saw-coglet\n"
-                   f"cp .dockerignore cog-saw-dockerignore\nexit {exit_code}\n")
+    cog.write_text(
+        f"#!/bin/sh\n"
+        f'if [ "$1" = --version ]; then\n'
+        f"  echo 'cog version {version or cog_version()} (built 2026-10-20)'; exit 0\n"
+        f"fi\n"
+        f'grep FASTSD_VARIANT= cog.yaml > cog-saw\necho "$@" >> cog-saw\n'
+        f'echo "$COGLET_WHEEL" > cog-saw-coglet\n'
+        f"cp .dockerignore cog-saw-dockerignore\nexit {exit_code}\n"
+    )
     cog.chmod(cog.stat().st_mode | stat.S_IXUSR)
     return folder
 
 
 def run_push(project: Path, *args: str, path: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=path)
-    return subprocess.run([str(project / "scripts" / "push"), *args], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [str(project / "scripts" / "push"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_push_script_builds_the_variant_and_restores_cog_yaml(project_copy, tmp_path):
     original = (project_copy / "cog.yaml").read_text()
     original_ignore = (project_copy / ".dockerignore").read_text()
     bin_dir = fake_cog(tmp_path / "bin", 0)
-    result = run_push(project_copy, "sdxl-turbo", "r8.im/acme/fastsd-sdxl-turbo",
-                      path=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    result = run_push(
+        project_copy, "sdxl-turbo", "r8.im/acme/fastsd-sdxl-turbo", path=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    )
     assert result.returncode == 0, result.stderr
     assert (project_copy / "downloaded").read_text() == "sdxl-turbo"
-    assert (project_copy / "cog-saw").read_text().split() == ["-", "FASTSD_VARIANT=sdxl-turbo", "push",
-                                                               "r8.im/acme/fastsd-sdxl-turbo"]
+    assert (project_copy / "cog-saw").read_text().split() == [
+        "-",
+        "FASTSD_VARIANT=sdxl-turbo",
+        "push",
+        "r8.im/acme/fastsd-sdxl-turbo",
+    ]
     assert (project_copy / "cog-saw-coglet").read_text() == f"pypi:{cog_version()}\n"  # not the newest coglet
     # The image got this variant's weights only.
     ignored = (project_copy / "cog-saw-dockerignore").read_text().splitlines()
@@ -465,12 +501,17 @@ def test_push_script_refuses_another_cog_release(project_copy, tmp_path):
 def test_push_script_without_the_project_venv_makes_its_own(project_copy, tmp_path):
     # No .venv: scripts/push makes .venv-publish and installs requirements-publish.txt there. Here
     # pip may not reach an index, so it is told not to: the script must then say what failed.
-    shutil.rmtree(project_copy / ".venv")
+    (project_copy / ".venv").unlink()
     bin_dir = fake_cog(tmp_path / "bin", 0)
     env_path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
-    result = subprocess.run([str(project_copy / "scripts" / "push"), "sd-turbo", "r8.im/acme/x"], cwd=project_copy,
-                            env=dict(os.environ, PATH=env_path, PIP_NO_INDEX="1", PIP_FIND_LINKS=""),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(project_copy / "scripts" / "push"), "sd-turbo", "r8.im/acme/x"],
+        cwd=project_copy,
+        env=dict(os.environ, PATH=env_path, PIP_NO_INDEX="1", PIP_FIND_LINKS=""),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert (project_copy / ".venv-publish" / "bin" / "python").exists()
     assert result.returncode == 1
     assert "could not install requirements-publish.txt into .venv-publish/" in result.stderr
@@ -483,6 +524,7 @@ def test_push_script_usage(project_copy):
 
 
 # --- smoke_test_image.py --------------------------------------------------------------------
+
 
 def data_uri(image: Image.Image, fmt: str = "WEBP") -> str:
     buffer = io.BytesIO()

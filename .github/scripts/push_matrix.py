@@ -6,7 +6,8 @@ REQUESTED is the workflow_dispatch input: variant names separated by commas and/
 "all"; a release leaves it empty, which also means all. The script writes variants=<JSON list>
 to $GITHUB_OUTPUT (stdout without it). The names come from fastsd.variants, the list the
 package serves, so a new variant is published without touching the workflow; fastsd.variants
-needs only the standard library, so this runs on the runner's bare python3.
+needs only the standard library, so this runs on the runner's bare python3 with the checkout on
+PYTHONPATH (push.yaml), or in .venv where the project is installed (scripts/setup-dev).
 """
 
 from __future__ import annotations
@@ -15,11 +16,8 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from fastsd.variants import VARIANTS  # noqa: E402  (after the path it is found on)
+from fastsd.variants import VARIANTS
 
 ALL = "all"
 
@@ -33,9 +31,7 @@ def select(requested: str) -> list[str]:
         raise ValueError(f'"{ALL}" cannot be combined with variant names: {requested!r}')
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
-        raise ValueError(
-            f"unknown variant(s): {', '.join(unknown)}. Choose from: {', '.join(VARIANTS)}, or {ALL}."
-        )
+        raise ValueError(f"unknown variant(s): {', '.join(unknown)}. Choose from: {', '.join(VARIANTS)}, or {ALL}.")
     return [name for name in VARIANTS if name in names]
 
 

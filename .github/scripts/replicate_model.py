@@ -56,16 +56,21 @@ def prepare(client: replicate.Client, model: str) -> int:
         visibility = os.environ.get("REPLICATE_VISIBILITY") or "private"
         try:
             client.models.create(
-                owner=owner, name=name, hardware=hardware, visibility=visibility,
+                owner=owner,
+                name=name,
+                hardware=hardware,
+                visibility=visibility,
                 description="Fast Stable Diffusion (fastsd), one variant per model.",
             )
         except ReplicateError as create_error:
             if create_error.status not in (401, 403, 404):
                 raise
-            print(f"::error::Replicate refused to create {model} ({create_error.status}): the API token "
-                  f"must be allowed to create models for {owner}. For an organization, use a token made "
-                  f"for that organization, or create the model once at https://replicate.com/create "
-                  f"(README.md, Deploy).")
+            print(
+                f"::error::Replicate refused to create {model} ({create_error.status}): the API token "
+                f"must be allowed to create models for {owner}. For an organization, use a token made "
+                f"for that organization, or create the model once at https://replicate.com/create "
+                f"(README.md, Deploy)."
+            )
             return 1
         print(f"created {visibility} model {model} on {hardware}", file=sys.stderr)
         previous = None
@@ -80,8 +85,10 @@ def check(client: replicate.Client, model: str, previous: str) -> int:
         print(f"::error::{model} has no version after cog push")
         return 1
     if previous and version == previous:
-        print(f"::error::{model}: cog push made no new version (the latest is still {version}, as before "
-              f"the push): nothing this run built was checked")
+        print(
+            f"::error::{model}: cog push made no new version (the latest is still {version}, as before "
+            f"the push): nothing this run built was checked"
+        )
         return 1
     print(f"checking {model}:{version} with {CHECK_INPUT}")
     prediction = client.predictions.create(version=version, input=CHECK_INPUT)

@@ -123,7 +123,9 @@ def main() -> int:
     if args.image:
         container = subprocess.run(
             ["docker", "run", "-d", "-p", f"127.0.0.1:{args.port}:5000", args.image],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         url = f"http://127.0.0.1:{args.port}"
     try:

@@ -5,7 +5,7 @@ tiny models and benchmarks full-size ones here. Each repo is written the way the
 out: model_index.json, one folder per component, full-precision and fp16 safetensors where the
 real repo has both, tokenizers, scheduler configs, and LCM-LoRA files with kohya-style keys.
 
-    python -m fastsd.random_models --size tiny stabilityai/sd-turbo   # into ./weights, ./lora
+    python -m fastsd_testing.random_models --size tiny stabilityai/sd-turbo   # into ./weights, ./lora
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import variants, weights
+from fastsd import variants, weights
 
 TINY = "tiny"
 FULL = "full"
@@ -40,28 +40,40 @@ _SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_l
 
 REPOS: dict[str, RepoLayout] = {
     "stabilityai/sd-turbo": RepoLayout(
-        "StableDiffusionPipeline", variants.SD, 1024,
+        "StableDiffusionPipeline",
+        variants.SD,
+        1024,
         ("EulerDiscreteScheduler", dict(_SD_SCHEDULER, timestep_spacing="trailing", prediction_type="epsilon")),
     ),
     "stabilityai/sdxl-turbo": RepoLayout(
-        "StableDiffusionXLPipeline", variants.SDXL, 2048,
+        "StableDiffusionXLPipeline",
+        variants.SDXL,
+        2048,
         ("EulerAncestralDiscreteScheduler", dict(_SD_SCHEDULER, timestep_spacing="trailing")),
         extra_model_index={"force_zeros_for_empty_prompt": True},
     ),
     "stable-diffusion-v1-5/stable-diffusion-v1-5": RepoLayout(
-        "StableDiffusionPipeline", variants.SD, 768,
+        "StableDiffusionPipeline",
+        variants.SD,
+        768,
         ("PNDMScheduler", dict(_SD_SCHEDULER, skip_prk_steps=True, steps_offset=1)),
         safety_checker=True,
     ),
     "stabilityai/stable-diffusion-xl-base-1.0": RepoLayout(
-        "StableDiffusionXLPipeline", variants.SDXL, 2048,
+        "StableDiffusionXLPipeline",
+        variants.SDXL,
+        2048,
         ("EulerDiscreteScheduler", dict(_SD_SCHEDULER, timestep_spacing="leading", steps_offset=1)),
         extra_model_index={"force_zeros_for_empty_prompt": True},
     ),
     "SimianLuo/LCM_Dreamshaper_v7": RepoLayout(
-        "LatentConsistencyModelPipeline", variants.SD, 768,
+        "LatentConsistencyModelPipeline",
+        variants.SD,
+        768,
         ("LCMScheduler", dict(_SD_SCHEDULER, original_inference_steps=50, set_alpha_to_one=True)),
-        fp16_files=False, safety_checker=True, time_cond_proj_dim=256,
+        fp16_files=False,
+        safety_checker=True,
+        time_cond_proj_dim=256,
     ),
 }
 VAE_REPOS = {variants.SDXL_VAE_FP16_FIX}  # a bare AutoencoderKL at the repo root
@@ -71,30 +83,44 @@ LORA_REPOS = {hub_id: dim for dim, hub_id in variants.LCM_LORA_FOR.items()}  # h
 
 # --- component configs, per size ------------------------------------------------------------
 
+
 def _unet_config(layout: RepoLayout, size: str) -> dict:
     xl = layout.architecture == variants.SDXL
     config = dict(cross_attention_dim=layout.cross_attention_dim, time_cond_proj_dim=layout.time_cond_proj_dim)
     if size == TINY:
         config.update(
-            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=8,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
         )
         if xl:
-            config.update(addition_embed_type="text_time", addition_time_embed_dim=8,
-                          projection_class_embeddings_input_dim=8 * 6 + 32, use_linear_projection=True)
+            config.update(
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=8 * 6 + 32,
+                use_linear_projection=True,
+            )
         return config
     if xl:  # the published SDXL UNet
         config.update(
-            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
         )
     else:  # SD1.5 (768) and SD2.1 (1024) differ in heads and projections
-        config.update(sample_size=64, layers_per_block=2,
-                      block_out_channels=(320, 640, 1280, 1280))
+        config.update(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280))
         if layout.cross_attention_dim == 1024:
             config.update(attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
         else:
@@ -107,10 +133,14 @@ def _vae_config(architecture: str, size: str) -> dict:
     blocks = 4  # three downsamples: latents are 1/8 of the image, as in every real SD VAE
     channels = (16,) * blocks if size == TINY else (128, 256, 512, 512)
     return dict(
-        block_out_channels=channels, layers_per_block=1 if size == TINY else 2, latent_channels=4,
-        norm_num_groups=8 if size == TINY else 32, scaling_factor=scaling,
+        block_out_channels=channels,
+        layers_per_block=1 if size == TINY else 2,
+        latent_channels=4,
+        norm_num_groups=8 if size == TINY else 32,
+        scaling_factor=scaling,
         sample_size=64 if size == TINY else (1024 if architecture == variants.SDXL else 512),
-        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
     )
 
 
@@ -119,14 +149,29 @@ def _text_config(hidden: int, size: str, projection_dim: int, vocab_size: int) -
     layers = {768: 12, 1024: 23, 1280: 32}[hidden]
     heads = {768: 12, 1024: 16, 1280: 20}[hidden]
     if size == TINY:
-        return dict(hidden_size=hidden, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-                    vocab_size=vocab_size, max_position_embeddings=77, projection_dim=projection_dim)
-    return dict(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers, num_attention_heads=heads,
-                vocab_size=49408, max_position_embeddings=77, projection_dim=projection_dim,
-                hidden_act="quick_gelu" if hidden == 768 else "gelu")
+        return dict(
+            hidden_size=hidden,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=vocab_size,
+            max_position_embeddings=77,
+            projection_dim=projection_dim,
+        )
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        hidden_act="quick_gelu" if hidden == 768 else "gelu",
+    )
 
 
 # --- tokenizer ------------------------------------------------------------------------------
+
 
 def _byte_level_alphabet() -> list[str]:
     """The 256 printable stand-ins that byte-level BPE (CLIP's tokenizer) uses for raw bytes."""
@@ -153,15 +198,21 @@ def write_clip_tokenizer(folder: Path, size: str) -> int:
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        dict(special, tokenizer_class="CLIPTokenizer", model_max_length=77, do_lower_case=True)))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(dict(special, tokenizer_class="CLIPTokenizer", model_max_length=77, do_lower_case=True))
+    )
     return len(tokens)
 
 
 # --- repos ----------------------------------------------------------------------------------
+
 
 def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
@@ -172,15 +223,22 @@ def _text_encoders(layout: RepoLayout, folder: Path, size: str) -> dict:
 
     components = {}
     if layout.architecture == variants.SDXL:
-        encoders = [("", 768, CLIPTextModel, 768), ("_2", 1280, CLIPTextModelWithProjection, 32 if size == TINY else 1280)]
+        encoders = [
+            ("", 768, CLIPTextModel, 768),
+            ("_2", 1280, CLIPTextModelWithProjection, 32 if size == TINY else 1280),
+        ]
     else:
         encoders = [("", layout.cross_attention_dim, CLIPTextModel, 512)]
     for suffix, hidden, model_class, projection in encoders:
         vocab_size = write_clip_tokenizer(folder / f"tokenizer{suffix}", size)
         components[f"tokenizer{suffix}"] = CLIPTokenizer.from_pretrained(folder / f"tokenizer{suffix}")
         # CLIP pools the text at the end-of-text token: its id must be the tokenizer's.
-        config = CLIPTextConfig(**_text_config(hidden, size, projection, vocab_size),
-                                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+        config = CLIPTextConfig(
+            **_text_config(hidden, size, projection, vocab_size),
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
         components[f"text_encoder{suffix}"] = model_class(config).eval()
     return components
 
@@ -190,10 +248,21 @@ def _safety_components(size: str) -> dict:
     from transformers import CLIPConfig, CLIPImageProcessor
 
     tiny = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
-    vision = dict(tiny, image_size=32, patch_size=8) if size == TINY else dict(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
-        patch_size=14)
-    config = CLIPConfig(text_config=dict(tiny, vocab_size=99), vision_config=vision, projection_dim=32 if size == TINY else 768)
+    vision = (
+        dict(tiny, image_size=32, patch_size=8)
+        if size == TINY
+        else dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+        )
+    )
+    config = CLIPConfig(
+        text_config=dict(tiny, vocab_size=99), vision_config=vision, projection_dim=32 if size == TINY else 768
+    )
     processor = CLIPImageProcessor(crop_size=vision["image_size"], size=vision["image_size"])
     return {"safety_checker": StableDiffusionSafetyChecker(config).eval(), "feature_extractor": processor}
 
@@ -245,14 +314,35 @@ def build_tiny_vae_repo(hub_id: str, folder: Path, size: str = TINY, seed: int =
     import diffusers
 
     _seeded(seed)
-    config = {} if size == FULL else dict(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
-                                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+    config = (
+        {}
+        if size == FULL
+        else dict(
+            encoder_block_out_channels=(8,) * 4,
+            decoder_block_out_channels=(8,) * 4,
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 1),
+        )
+    )
     diffusers.AutoencoderTiny(**config).save_pretrained(folder, safe_serialization=True)
     return folder
 
 
-_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                 "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv")
+_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "conv",
+)
 
 
 def kohya_lora_state_dict(unet, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -280,13 +370,15 @@ def build_lora_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0) 
     from safetensors.torch import save_file
 
     cross_attention_dim = LORA_REPOS[hub_id]
-    base = next(layout for layout in REPOS.values() if layout.cross_attention_dim == cross_attention_dim
-                and layout.time_cond_proj_dim is None)
+    base = next(
+        layout
+        for layout in REPOS.values()
+        if layout.cross_attention_dim == cross_attention_dim and layout.time_cond_proj_dim is None
+    )
     with torch.device("meta"):  # only the layer shapes are needed: no memory, no initialisation
         unet = diffusers.UNet2DConditionModel(**_unet_config(base, size))
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(kohya_lora_state_dict(unet, rank=4 if size == TINY else 64, seed=seed),
-              folder / weights.LORA_WEIGHT_NAME)
+    save_file(kohya_lora_state_dict(unet, rank=4 if size == TINY else 64, seed=seed), folder / weights.LORA_WEIGHT_NAME)
     return folder
 
 
@@ -305,8 +397,9 @@ def build(hub_id: str, root: Path, size: str = TINY, seed: int = 0, fp16_only: b
     return build_model_repo(hub_id, root / "weights" / hub_id, size, seed, fp16_only)
 
 
-def build_variant(variant: variants.Variant, root: Path, size: str = TINY, tiny_vae: bool = True,
-                  fp16_only: bool = False) -> None:
+def build_variant(
+    variant: variants.Variant, root: Path, size: str = TINY, tiny_vae: bool = True, fp16_only: bool = False
+) -> None:
     for hub_id in [*variant.hub_ids.values(), *([variant.tiny_vae] if tiny_vae else [])]:
         build(hub_id, root, size, fp16_only=fp16_only)
 
