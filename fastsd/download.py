@@ -4,8 +4,9 @@ The file selection is a pure function of a repo's file list (select_files), so i
 offline against the real repos' lists. The transfer itself is huggingface_hub's
 snapshot_download into weights/<hub id>/ (lora/<hub id>/ for LoRAs): Xet transfers (hf_xet)
 with its progress bar, resume of interrupted files, HF_TOKEN for gated repos. After the transfer
-every file is checked against the sizes the hub reported and a manifest is written
-(fastsd.manifest) that setup() checks at every boot.
+every file is checked against the sizes the hub reported and the folder's manifest
+(fastsd.manifest), which setup() checks at every boot, gains their entries: presets that take
+different files of one repo (Hyper-SD's SD1.5 and SDXL LoRAs) share its folder.
 
 Failures a person can fix (hub unreachable, repo gated or not found) come back as one
 WeightsDownloadError sentence, within seconds: the first call to the hub is model_info with a
@@ -24,14 +25,10 @@ from pathlib import Path
 
 from . import manifest
 from .errors import ConfigurationError
-from .variants import Variant, custom_variant
-from .weights import LORA_WEIGHT_NAME, is_local_path, model_folder, role_folder, variant_repos
+from .layout import LORA, MODEL, TINY_VAE, VAE, Source, model_folder, sources
+from .variants import LORA_WEIGHT_NAME, Variant, custom_variant
 
 log = logging.getLogger(__name__)
-
-MODEL, VAE, LORA, TINY_VAE = "model", "vae", "lora", "tiny_vae"
-# Components a diffusers pipeline repo ships that fastsd never loads (pipelines.py passes None).
-UNLOADED_COMPONENTS = {"safety_checker", "feature_extractor"}
 # The weight files diffusers reads: diffusers models and transformers models. Root-level
 # single-file checkpoints (sd_turbo.safetensors, sdxl_vae.safetensors, ...) have other names.
 WEIGHT_BASENAMES = {"diffusion_pytorch_model", "model"}
@@ -76,30 +73,40 @@ def _config_files(names: list[str]) -> list[str]:
 
 
 def select_files(
-    role: str, repo_files: list[str] | set[str], model_index: dict | None = None, precision: str = FP16
+    role: str,
+    repo_files: list[str] | set[str],
+    model_index: dict | None = None,
+    precision: str = FP16,
+    *,
+    filename: str | None = None,
+    skip: tuple[str, ...] = (),
 ) -> list[str]:
     """The files of a hub repo that fastsd loads for a repo in this role, sorted.
+
+    filename: one file out of a repo that holds many (a LoRA, a Lightning UNet): that file only.
+    skip: model components a preset replaces (its own VAE, its UNet): their configs only.
 
     model: model_index.json and, for each component it lists (but safety_checker and
       feature_extractor), the configs, tokenizer files and the safetensors weights; fp16 weights
       when every component with weights has them (what pipelines.weights_variant then loads),
       else the full-precision ones. model_index (the repo's model_index.json) is required.
       precision="full" prefers the full-precision weights instead (for CPU deployments, where
-      they load without a cast: README.md, "Cold boot", has the numbers).
+      they load without a cast: docs/weights.md, "Cold boot", has the numbers).
     vae, tiny_vae: a bare autoencoder at the repo root: config.json and its full-precision
       safetensors (the loader asks for no variant), fp16 only if that is all there is.
-    lora: pytorch_lora_weights.safetensors only.
+    lora: pytorch_lora_weights.safetensors, unless filename names another.
     """
     files = sorted(set(repo_files))
+    if role == LORA and filename is None:
+        filename = LORA_WEIGHT_NAME
+    if filename is not None:
+        if filename not in files:
+            raise WeightsDownloadError(f"the repo has no {filename}, the file fastsd loads from it")
+        return [filename]
     by_folder: dict[str, list[str]] = {}
     for path in files:
         folder, name = _split(path)
         by_folder.setdefault(folder, []).append(name)
-
-    if role == LORA:
-        if LORA_WEIGHT_NAME not in by_folder.get("", []):
-            raise WeightsDownloadError(f"the repo has no {LORA_WEIGHT_NAME}, the LoRA file fastsd loads")
-        return [LORA_WEIGHT_NAME]
 
     if role in (VAE, TINY_VAE):
         names = by_folder.get("", [])
@@ -112,15 +119,16 @@ def select_files(
         return sorted(["config.json", *weights])
 
     if role != MODEL:
-        raise ValueError(f"unknown role {role!r}")
+        raise ValueError(f"unknown role {role!r} without a filename")
     if "model_index.json" not in by_folder.get("", []) or model_index is None:
         raise WeightsDownloadError("the repo has no model_index.json: it is not a diffusers pipeline")
     components = sorted(
         name
         for name, spec in model_index.items()
-        if isinstance(spec, list) and spec and spec[0] is not None and name not in UNLOADED_COMPONENTS
+        if isinstance(spec, list) and spec and spec[0] is not None and name not in manifest.UNLOADED_COMPONENTS
     )
-    weight_sets = {component: _weight_sets(by_folder.get(component, [])) for component in components}
+    # A replaced component (skip) keeps its configs, and its weights are neither fetched nor counted.
+    weight_sets = {c: _weight_sets(by_folder.get(c, [])) if c not in skip else {} for c in components}
     with_weights = [component for component, sets in weight_sets.items() if sets]
     use_fp16 = bool(with_weights) and all(FP16 in weight_sets[c] for c in with_weights)
     if precision == FULL and all(None in weight_sets[c] for c in with_weights):
@@ -223,26 +231,20 @@ def _escape_glob(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def fetch_repo(
-    role: str,
-    hub_id: str,
-    *,
-    token: str | None = None,
-    verify: bool = False,
-    progress: bool = True,
-    precision: str = FP16,
+def fetch_source(
+    source: Source, *, token: str | None = None, verify: bool = False, progress: bool = True, precision: str = FP16
 ) -> Fetched:
-    """Fetch one repo's selected files into its folder, check them, write its manifest."""
+    """Fetch one source's files into its folder, check them, add them to the folder's manifest."""
     hub = _hub()
     started = time.perf_counter()
-    folder = role_folder(role, hub_id)
+    hub_id, folder = source.repo, source.folder
     token = token or os.environ.get("HF_TOKEN") or None
     try:
         api = hub.HfApi(endpoint=endpoint(), token=token)
         info = api.model_info(hub_id, files_metadata=True, timeout=PROBE_TIMEOUT_S)
         repo_files = [sibling.rfilename for sibling in info.siblings or []]
         model_index = None
-        if role == MODEL:
+        if source.role == MODEL:
             if "model_index.json" not in repo_files:
                 raise WeightsDownloadError(f"{hub_id} has no model_index.json: it is not a diffusers pipeline repo.")
             index_path = hub.hf_hub_download(
@@ -250,19 +252,17 @@ def fetch_repo(
             )
             model_index = json.loads(Path(index_path).read_text())
         try:
-            selected = select_files(role, repo_files, model_index, precision)
+            selected = select_files(
+                source.role, repo_files, model_index, precision, filename=source.filename, skip=source.skip
+            )
         except WeightsDownloadError as error:
             raise WeightsDownloadError(f"{hub_id}: {error}.") from None
         expected = _expected_entries(info, selected)
 
         previous = manifest.load(folder) if folder.is_dir() else None
         wanted = {"files": expected}
-        if (
-            previous
-            and previous.get("revision") == info.sha
-            and previous["files"] == expected
-            and not manifest.check(folder, wanted)
-        ):
+        already = previous and all(previous["files"].get(name) == entry for name, entry in expected.items())
+        if already and not manifest.check(folder, wanted):
             return Fetched(
                 hub_id, folder, len(expected), manifest.total_size(wanted), True, time.perf_counter() - started
             )
@@ -294,7 +294,9 @@ def fetch_repo(
         raise WeightsDownloadError(
             f"{hub_id} arrived damaged: {', '.join(map(str, problems))}; run the command again to fetch it again."
         )
-    manifest.write(folder, expected, repo=hub_id, revision=info.sha, source=endpoint())
+    # Other presets may have fetched other files of this repo into the folder: keep their entries.
+    kept = previous["files"] if previous and previous.get("repo") == hub_id else {}
+    manifest.write(folder, {**kept, **expected}, repo=hub_id, revision=info.sha, source=endpoint())
     return Fetched(hub_id, folder, len(expected), manifest.total_size(wanted), False, time.perf_counter() - started)
 
 
@@ -305,16 +307,23 @@ def fetch_variant(
     token: str | None = None,
     verify: bool = False,
     progress: bool = True,
+    precision: str = FP16,
     report=print,
+    done: dict[Source, Fetched] | None = None,
 ) -> list[Fetched]:
+    """Fetch every source of the variant; done (shared across variants) skips sources fetched already."""
+    done = {} if done is None else done
     results = []
-    for role, hub_id in variant_repos(variant, tiny_vae=tiny_vae):
-        if role == MODEL and is_local_path(hub_id):
-            report(f"{hub_id}: a local folder, nothing to fetch")
+    for source in sources(variant, tiny_vae=tiny_vae):
+        if source in done:
             continue
-        result = fetch_repo(role, hub_id, token=token, verify=verify, progress=progress)
-        state = "already there, unchanged" if result.already_there else f"fetched in {result.seconds:.0f} s"
-        report(f"{hub_id}: {result.files} files, {format_size(result.size)} in {result.folder} ({state})")
+        if source.is_local:
+            report(f"  {source.repo}: a local folder, nothing to fetch")
+            continue
+        result = fetch_source(source, token=token, verify=verify, progress=progress, precision=precision)
+        done[source] = result
+        state = "already there" if result.already_there else f"fetched in {result.seconds:.0f} s"
+        report(f"  {source}: {result.files} files, {format_size(result.size)} -> {result.folder} ({state})")
         results.append(result)
     return results
 
@@ -345,15 +354,4 @@ def format_size(size: int) -> str:
     raise AssertionError
 
 
-__all__ = [
-    "MODEL",
-    "VAE",
-    "LORA",
-    "TINY_VAE",
-    "WeightsDownloadError",
-    "select_files",
-    "fetch_repo",
-    "fetch_variant",
-    "resolve_custom",
-    "explain",
-]
+__all__ = ["WeightsDownloadError", "select_files", "fetch_source", "fetch_variant", "resolve_custom", "explain"]

@@ -20,8 +20,10 @@ from PIL import Image
 from . import images, inputs, pipelines
 from .errors import InputError
 from .inputs import GenerationRequest
+from .layout import model_folder
+from .provision import ensure_model_folder, ensure_weights
+from .tasks import Task
 from .variants import FULL_VAE, Variant, variant_from_environment
-from .weights import ensure_model_folder, ensure_weights, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +159,19 @@ class Engine:
             return request.negative_prompt
         return None
 
+    def _recipe_arguments(self, request: GenerationRequest, accepted: set[str]) -> dict[str, Any]:
+        """What the recipe's sampler takes at call time: TCD's eta, DMD2's fixed timesteps (for the
+        step count they were trained for; another count gets the scheduler's own spacing)."""
+        scheduler = self.variant.recipe.scheduler
+        arguments: dict[str, Any] = {}
+        if scheduler.eta is not None and "eta" in accepted:
+            arguments["eta"] = scheduler.eta
+        if scheduler.timesteps and len(scheduler.timesteps) == request.num_inference_steps and "timesteps" in accepted:
+            arguments["timesteps"] = list(scheduler.timesteps)
+        return arguments
+
     def generate(self, request: GenerationRequest) -> Result:
-        mode = (request.image is not None, request.vae)
+        mode = (request.task, request.vae)
         pipeline, accepted = self.pipelines.get(*mode), self._accepted[mode]
         started = time.perf_counter()
         guidance = request.uses_guidance and self.pipelines.accepts_negative_prompt
@@ -170,14 +183,16 @@ class Engine:
             # One CPU generator per image: image i is reproducible alone with seed + i, on any device.
             generator=[torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_outputs)],
             **{name: tensor for name, tensor in embeddings.items() if name in accepted},
+            **self._recipe_arguments(request, accepted),
         )
-        if request.image is None:
+        if request.task is Task.TEXT_TO_IMAGE:
             arguments.update(width=request.width, height=request.height)
         else:
             arguments.update(image=request.image, strength=request.strength)
 
         log.info(
-            "seed %d, %d step(s), guidance %.3g, %dx%d, %d image(s), vae %s%s",
+            "%s: seed %d, %d step(s), guidance %.3g, %dx%d, %d image(s), vae %s%s%s",
+            request.task,
             request.seed,
             request.num_inference_steps,
             request.guidance_scale,
@@ -185,7 +200,8 @@ class Engine:
             request.height,
             request.num_outputs,
             request.vae,
-            f", image-to-image strength {request.strength:g}" if request.image else "",
+            f", strength {request.strength:g}" if request.task is Task.IMAGE_TO_IMAGE else "",
+            "".join(f", {name} {value}" for name, value in arguments.items() if name in ("eta", "timesteps")),
         )
         try:
             with torch.inference_mode():

@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import images
 from .errors import InputError
+from .tasks import Task
 from .variants import VAE_CHOICES, Variant
 
 OUTPUT_FORMATS = ("webp", "jpg", "png")
@@ -29,6 +30,7 @@ MIN_SIDE, MAX_SIDE = 64, 2048
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    task: Task
     prompt: str
     negative_prompt: str
     image: Image.Image | None  # image-to-image when set, already fitted to width x height
@@ -173,8 +175,9 @@ def validate(
 
     if num_inference_steps is None:
         steps = variant.num_inference_steps
-        if source is not None:
-            # Image-to-image runs int(steps * strength) steps: keep the variant's step count.
+        if source is not None and not variant.recipe.scheduler.timesteps:
+            # Image-to-image runs int(steps * strength) steps: keep the variant's step count. (A
+            # recipe with fixed timesteps keeps them: strength picks the last of those it runs.)
             steps = min(variant.max_steps, math.ceil(steps / max(strength, 1e-6) - 1e-9))
     else:
         steps = _whole_number("num_inference_steps", num_inference_steps)
@@ -186,6 +189,7 @@ def validate(
         )
 
     return GenerationRequest(
+        task=Task.TEXT_TO_IMAGE if source is None else Task.IMAGE_TO_IMAGE,
         prompt=prompt,
         negative_prompt=negative_prompt,
         image=None if source is None else images.fit(source, width, height),

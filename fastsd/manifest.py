@@ -169,25 +169,42 @@ def _safetensors_problem(path: Path) -> Problem | None:
     return None
 
 
-def check_without_manifest(folder: Path) -> list[Problem]:
-    """For a folder that carries no manifest (placed by hand): every safetensors file must be as
-    long as its header says, and every component with weights in model_index.json must have some."""
-    problems = [
-        problem for path in sorted(folder.rglob("*.safetensors")) if (problem := _safetensors_problem(path)) is not None
+def restricted(manifest: dict, covers) -> dict:
+    """The manifest with only the files covers(name) keeps: what one preset loads of a shared folder."""
+    return {**manifest, "files": {name: entry for name, entry in manifest["files"].items() if covers(name)}}
+
+
+def check_without_manifest(folder: Path, covers=lambda name: True) -> list[Problem]:
+    """For a folder that carries no manifest (placed by hand): every safetensors file that covers
+    keeps must be as long as its header says."""
+    return [
+        problem
+        for path in sorted(folder.rglob("*.safetensors"))
+        if covers(path.relative_to(folder).as_posix()) and (problem := _safetensors_problem(path)) is not None
     ]
+
+
+# Components a pipeline repo ships that fastsd never loads (it passes None for them).
+UNLOADED_COMPONENTS = {"safety_checker", "feature_extractor"}
+
+
+def check_components(folder: Path, skip: tuple[str, ...] = ()) -> list[Problem]:
+    """Every component with weights that model_index.json lists (but those in skip, which the
+    preset replaces) must have some: one preset may have fetched a shared base without them."""
     index_path = folder / "model_index.json"
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-        except ValueError as error:
-            return problems + [Problem(index_path, f"unreadable: {error}")]
-        for name, spec in index.items():
-            weighted = (
-                isinstance(spec, list)
-                and len(spec) == 2
-                and spec[1]
-                and ("Model" in spec[1] or spec[1].startswith("Autoencoder"))
-            )
-            if weighted and not any((folder / name).glob("*.safetensors")):
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as error:
+        return [Problem(index_path, f"unreadable: {error}")]
+    problems = []
+    for name, spec in index.items():
+        weighted = (
+            isinstance(spec, list)
+            and len(spec) == 2
+            and spec[1]
+            and ("Model" in spec[1] or spec[1].startswith("Autoencoder"))
+        )
+        if weighted and name not in skip and name not in UNLOADED_COMPONENTS:
+            if not any((folder / name).glob("*.safetensors")):
                 problems.append(Problem(folder / name, "missing: no .safetensors weights"))
     return problems

@@ -1,8 +1,9 @@
-"""Building the diffusers pipelines once: load, fuse the LCM-LoRA, set the scheduler, move to the device.
+"""Building the diffusers pipelines once: load the base, apply the recipe (a replacement UNet,
+LoRAs fused into the weights, the scheduler), move to the device.
 
-The text-to-image pipeline owns the weights; the image-to-image pipeline, and the pair that
+The text-to-image pipeline owns the weights; the pipelines of the other tasks, and those that
 decode with the tiny autoencoder, are made from the same components (diffusers' from_pipe), so
-one copy of the weights serves all four.
+one copy of the weights serves them all.
 """
 
 from __future__ import annotations
@@ -18,35 +19,37 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigurationError
-from .variants import FULL_VAE, TINY_VAE, Variant
-from .weights import LORA_WEIGHT_NAME, lora_folder, model_folder, require_weights, weights_root
+from .layout import LORA, UNET, model_folder, repo_folder, weights_root
+from .provision import require_weights
+from .tasks import Task
+from .variants import ARCHITECTURE_NAMES, FULL_VAE, TINY_VAE, HubFile, Lora, Scheduler, Variant
 
 log = logging.getLogger(__name__)
 
 
+# The diffusers pipeline family of each task; from_pipe picks the class for the model's pipeline.
+_PIPELINE_FOR_TASK = {Task.IMAGE_TO_IMAGE: "AutoPipelineForImage2Image"}
+
+
 @dataclass
 class Pipelines:
-    """Pipelines by (image-to-image?, vae): all share one UNet and text encoders."""
+    """Pipelines by (task, vae): all share one UNet and text encoders."""
 
-    by_mode: dict[tuple[bool, str], object]
+    by_mode: dict[tuple[Task, str], object]
     device: str
     dtype: torch.dtype
     accepts_negative_prompt: bool  # the distilled LCM pipeline embeds guidance and takes none
 
     @property
     def text_to_image(self):
-        return self.by_mode[(False, FULL_VAE)]
-
-    @property
-    def image_to_image(self):
-        return self.by_mode[(True, FULL_VAE)]
+        return self.by_mode[(Task.TEXT_TO_IMAGE, FULL_VAE)]
 
     @property
     def vae_choices(self) -> tuple[str, ...]:
         return tuple(sorted({vae for _, vae in self.by_mode}))
 
-    def get(self, image_to_image: bool, vae: str):
-        return self.by_mode[(image_to_image, vae)]
+    def get(self, task: Task, vae: str):
+        return self.by_mode[(task, vae)]
 
 
 def _cpu_supports_bf16() -> bool:
@@ -80,23 +83,24 @@ def select_device() -> tuple[str, torch.dtype]:
     return device, dtype
 
 
-def _component_folders(folder: Path) -> list[Path]:
+def _component_folders(folder: Path, skip: tuple[str, ...] = ()) -> list[Path]:
     index = json.loads((folder / "model_index.json").read_text())
     return [
         folder / name
         for name, spec in index.items()
-        if isinstance(spec, list) and spec[0] is not None and (folder / name).is_dir()
+        if isinstance(spec, list) and spec[0] is not None and name not in skip and (folder / name).is_dir()
     ]
 
 
-def weights_variant(folder: Path, dtype: torch.dtype) -> str | None:
+def weights_variant(folder: Path, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> str | None:
     """ "fp16" to load the *.fp16.safetensors files, None for the full-precision ones.
 
     Half precision (fp16, bf16) reads the fp16 files: half the bytes, and the values it keeps
     anyway. Full precision reads the full-precision files, unless a component has only fp16 ones.
     With "fp16", diffusers loads the full-precision file of any component that has no fp16 file.
+    Components in skip (replaced by the preset) are not loaded and do not count.
     """
-    with_weights = [path for path in _component_folders(folder) if any(path.glob("*.safetensors"))]
+    with_weights = [path for path in _component_folders(folder, skip) if any(path.glob("*.safetensors"))]
     has_fp16 = [any(path.glob("*.fp16.safetensors")) for path in with_weights]
     has_full = [
         any(not f.name.endswith(".fp16.safetensors") for f in path.glob("*.safetensors")) for path in with_weights
@@ -108,21 +112,57 @@ def weights_variant(folder: Path, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _fuse_lcm_lora(pipeline, variant: Variant) -> None:
-    """Fuse the LoRA into the UNet weights once, then drop the adapter: no LoRA cost per step."""
-    pipeline.load_lora_weights(str(lora_folder(variant.lora)), weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
-    pipeline.fuse_lora(adapter_names=["lcm"], lora_scale=1.0)
-    pipeline.unload_lora_weights()
+def _load_unet(variant: Variant, file: HubFile, dtype: torch.dtype):
+    """A UNet published as one safetensors file in diffusers' keys (SDXL-Lightning), built from the
+    base's unet/config.json. Made on the meta device and given the file's tensors: no random
+    initialisation of billions of weights only to overwrite them."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    path = repo_folder(UNET, file.repo) / file.filename
+    config = UNet2DConditionModel.load_config(model_folder(variant.model) / "unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    try:
+        unet.load_state_dict(load_file(path), strict=True, assign=True)
+    except RuntimeError as error:
+        reason = str(error).splitlines()[0]
+        raise ConfigurationError(f"{path} does not fit the UNet of {variant.model} ({reason}).") from None
+    return unet.to(dtype).eval()
 
 
-def _set_scheduler(pipeline, variant: Variant) -> None:
-    from diffusers import LCMScheduler
+def _fuse_loras(pipeline, loras: tuple[Lora, ...], variant: Variant) -> None:
+    """Fuse each LoRA into the weights once, then drop the adapters: no LoRA cost per step.
+
+    diffusers reads the key formats people publish (kohya, diffusers, peft). A file that fits no
+    layer of this UNet (made for another architecture) is an error, never a silent no-op.
+    """
+    for index, lora in enumerate(loras):
+        path = repo_folder(LORA, lora.file.repo) / lora.file.filename
+        adapter = f"acceleration_{index}"
+        wrong_base = ConfigurationError(
+            f"{path} is not a LoRA for {variant.model}, an {ARCHITECTURE_NAMES[variant.architecture]} model: "
+            "none of its layers fits that UNet."
+        )
+        try:
+            pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ConfigurationError(f"{wrong_base} ({str(error).splitlines()[0]})") from None
+        if adapter not in pipeline.get_list_adapters().get("unet", []):
+            raise wrong_base
+        pipeline.fuse_lora(adapter_names=[adapter], lora_scale=lora.scale)
+    if loras:
+        pipeline.unload_lora_weights()
+
+
+def _set_scheduler(pipeline, spec: Scheduler) -> None:
+    import diffusers
 
     scheduler = pipeline.scheduler
-    if variant.use_lcm_scheduler and not isinstance(scheduler, LCMScheduler):
-        scheduler = LCMScheduler.from_config(scheduler.config)
-    if variant.timestep_spacing and scheduler.config.timestep_spacing != variant.timestep_spacing:
-        scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing=variant.timestep_spacing)
+    wanted = getattr(diffusers, spec.name) if spec.name else type(scheduler)
+    overrides = dict(spec.config)
+    if wanted is not type(scheduler) or any(scheduler.config.get(key) != value for key, value in overrides.items()):
+        scheduler = wanted.from_config(scheduler.config, **overrides)
     pipeline.scheduler = scheduler
 
 
@@ -188,15 +228,31 @@ def _load_tiny_vae(variant: Variant, dtype: torch.dtype):
     return AutoencoderTiny.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
 
 
+def _task_pipeline(task: Task, text_to_image, dtype: torch.dtype, **components):
+    """The task's pipeline over text_to_image's components (with the given ones swapped in).
+
+    from_pipe shares the components; it also casts them all to its dtype argument, float32 unless
+    told otherwise, so the dtype is always passed.
+    """
+    import diffusers
+
+    family = getattr(diffusers, _PIPELINE_FOR_TASK[task]) if task in _PIPELINE_FOR_TASK else type(text_to_image)
+    return family.from_pipe(text_to_image, dtype=dtype, **components)
+
+
 def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None = None) -> Pipelines:
-    from diffusers import AutoencoderKL, AutoPipelineForImage2Image, DiffusionPipeline
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
     if device is None:
         device, dtype = select_device()
     require_weights(variant)
     started = time.perf_counter()
+    recipe = variant.recipe
     folder = model_folder(variant.model)
-    options = dict(dtype=dtype, use_safetensors=True, local_files_only=True, variant=weights_variant(folder, dtype))
+    replaced = tuple(name for name, by in (("unet", recipe.unet), ("vae", variant.vae)) if by)
+    options = dict(
+        dtype=dtype, use_safetensors=True, local_files_only=True, variant=weights_variant(folder, dtype, replaced)
+    )
     index = json.loads((folder / "model_index.json").read_text())
     if "safety_checker" in index:
         # Not loaded: the same behaviour for every variant (the turbo and SDXL repos have none).
@@ -205,10 +261,11 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
         options["vae"] = AutoencoderKL.from_pretrained(
             model_folder(variant.vae), dtype=dtype, use_safetensors=True, local_files_only=True
         )
+    if recipe.unet:
+        options["unet"] = _load_unet(variant, recipe.unet, dtype)
     text_to_image = DiffusionPipeline.from_pretrained(folder, **options)
-    if variant.lora:
-        _fuse_lcm_lora(text_to_image, variant)
-    _set_scheduler(text_to_image, variant)
+    _fuse_loras(text_to_image, recipe.loras, variant)
+    _set_scheduler(text_to_image, recipe.scheduler)
     text_to_image.to(device)
     # The full VAE decodes (and encodes) a batch one image at a time: the same time, since each image
     # is already compute-bound, and a peak that no longer grows with num_outputs (measured on the CPU:
@@ -216,18 +273,15 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
     # The tiny VAE's activations are small; it keeps whole batches, which is what makes them fast.
     text_to_image.vae.enable_slicing()
 
-    # from_pipe shares the components; it also casts them all to its dtype argument, float32 unless
-    # told otherwise, so the dtype is always passed.
-    by_mode = {
-        (False, FULL_VAE): text_to_image,
-        (True, FULL_VAE): AutoPipelineForImage2Image.from_pipe(text_to_image, dtype=dtype),
+    by_mode = {(Task.TEXT_TO_IMAGE, FULL_VAE): text_to_image}
+    by_mode |= {
+        (task, FULL_VAE): _task_pipeline(task, text_to_image, dtype) for task in Task if task in _PIPELINE_FOR_TASK
     }
     tiny_vae = _load_tiny_vae(variant, dtype)
     if tiny_vae is not None:
         tiny_vae.to(device)
         # The tiny VAE adds ~10 MB; everything else is shared, not a second model.
-        by_mode[(False, TINY_VAE)] = type(text_to_image).from_pipe(text_to_image, vae=tiny_vae, dtype=dtype)
-        by_mode[(True, TINY_VAE)] = AutoPipelineForImage2Image.from_pipe(text_to_image, vae=tiny_vae, dtype=dtype)
+        by_mode |= {(task, TINY_VAE): _task_pipeline(task, text_to_image, dtype, vae=tiny_vae) for task in Task}
     for pipeline in by_mode.values():
         pipeline.set_progress_bar_config(disable=True)
     _use_channels_last([text_to_image.unet, text_to_image.vae, *([tiny_vae] if tiny_vae else [])], device)
@@ -240,17 +294,20 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
         dtype,
         accepts_negative_prompt="negative_prompt" in inspect.signature(text_to_image.__call__).parameters,
     )
+    applied = [f"UNet {recipe.unet.repo}/{recipe.unet.filename}"] if recipe.unet else []
+    applied += [f"LoRA {lora.file.repo}/{lora.file.filename} (fused)" for lora in recipe.loras]
+    applied += [f"VAE {variant.vae}"] if variant.vae else []
     log.info(
-        "loaded %s (%s%s%s) as %s + %s on %s in %s, scheduler %s, vae choices %s, in %.1f s",
+        "loaded %s (%s, recipe %s%s) as %s on %s in %s, scheduler %s%s, vae choices %s, in %.1f s",
         variant.name,
         variant.model,
-        f" + LoRA {variant.lora} (fused)" if variant.lora else "",
-        f" + VAE {variant.vae}" if variant.vae else "",
-        type(text_to_image).__name__,
-        type(loaded.image_to_image).__name__,
+        recipe.name,
+        "".join(f" + {part}" for part in applied),
+        ", ".join(sorted({type(pipeline).__name__ for pipeline in by_mode.values()})),
         device,
         str(dtype).removeprefix("torch."),
         type(text_to_image.scheduler).__name__,
+        "".join(f", {key} {value}" for key, value in recipe.scheduler.config),
         "/".join(loaded.vae_choices),
         time.perf_counter() - started,
     )

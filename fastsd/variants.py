@@ -1,42 +1,78 @@
-"""The catalogue of model presets, as data.
+"""The catalogue: every preset and every acceleration recipe, as data.
 
-A preset says which weights to load, how to turn them into a fast pipeline (fused LCM-LoRA,
-scheduler, replacement VAE) and what a request gets when it leaves an input out. A new preset
-is one new row in VARIANTS; nothing else in the package names a preset.
+A recipe is what makes a base model fast: a UNet that replaces the base's, LoRAs fused into it
+at setup, the scheduler (class, config overrides, fixed timesteps, eta), and the defaults a
+request gets. A preset (Variant) is a base model with a recipe, a default size and limits. Any
+SD1.5/SDXL fine-tune can take any recipe made for its architecture (custom_variant). Adding a
+method is adding rows here (and its fixture in fastsd_testing.random_models): no other module
+names a preset or a method.
+
+Where each row comes from, and the weights' licences: docs/recipes.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigurationError
 
-# Architectures, as detected from a model's files. "sd" is the SD 1.x/2.x UNet with one text
-# encoder (StableDiffusionPipeline); "sdxl" is the two-encoder SDXL UNet.
-SD = "sd"
-SDXL = "sdxl"
+# Architectures, as detected from a model's configs (detect_architecture).
+SD15 = "sd1.5"  # SD 1.x: CLIP-L text encoder, cross-attention width 768
+SD2 = "sd2"  # SD 2.x (sd-turbo): OpenCLIP-H, width 1024
+SDXL = "sdxl"  # two text encoders, width 2048
+ARCHITECTURE_NAMES = {SD15: "SD 1.5", SD2: "SD 2.x", SDXL: "SDXL"}
 
-# What a preset does to be fast.
-NONE = "none"  # the plain model, many steps: the slow baseline
-LCM_LORA = "lcm-lora"  # the base model with the LCM-LoRA fused into the UNet
-DISTILLED = "distilled"  # the weights themselves are distilled (turbo, LCM Dreamshaper)
-
-ACCELERATIONS = (NONE, LCM_LORA)  # what a user may ask for with a custom model
-
-LCM_LORA_FOR = {
-    # cross_attention_dim of the UNet -> the LCM-LoRA trained for that base
-    768: "latent-consistency/lcm-lora-sdv1-5",
-    2048: "latent-consistency/lcm-lora-sdxl",
-}
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' training scripts publish
 SDXL_VAE_FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"
 # The tiny autoencoders (TAESD): a decoder ~18x cheaper than the full VAE's, the `vae=tiny` input.
-TINY_VAE_FOR = {SD: "madebyollin/taesd", SDXL: "madebyollin/taesdxl"}
+TINY_VAE_FOR = {SD15: "madebyollin/taesd", SD2: "madebyollin/taesd", SDXL: "madebyollin/taesdxl"}
 FULL_VAE, TINY_VAE = "full", "tiny"
 VAE_CHOICES = (FULL_VAE, TINY_VAE)
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file out of a hub repo that holds many (a LoRA, a replacement UNet); it is stored under
+    its repo's own file name: lora/<repo>/<filename>, weights/<repo>/<filename>."""
+
+    repo: str
+    filename: str
+
+
+@dataclass(frozen=True)
+class Lora:
+    file: HubFile
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """The sampler a recipe was distilled for."""
+
+    name: str | None = None  # a diffusers scheduler class; None keeps the one the model ships
+    config: tuple[tuple[str, Any], ...] = ()  # overrides of its config, e.g. timestep_spacing
+    timesteps: tuple[int, ...] = ()  # the timesteps it was trained on, for that many steps
+    eta: float | None = None  # stochasticity per step (TCD's gamma): a call argument
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a base becomes fast, and what a request gets when it leaves an input out."""
+
+    name: str  # the FASTSD_ACCELERATION value that picks it for a custom model
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: Scheduler = Scheduler()
+    loras: tuple[Lora, ...] = ()  # fused into the UNet (and text encoders) at setup
+    unet: HubFile | None = None  # replaces the base's UNet; its config is the base's unet/config.json
+    # The decoder a request gets when it names none. For 1-step models the full VAE decoder is ~3x
+    # the work of the UNet step (2515 vs 804 GFLOP at 512x512): the tiny one is the fast default.
+    default_vae: str = FULL_VAE
+    max_steps: int = 50
 
 
 @dataclass(frozen=True)
@@ -44,22 +80,29 @@ class Variant:
     name: str
     model: str  # hub id (looked up under weights/) or a local diffusers folder
     architecture: str
-    acceleration: str
-    num_inference_steps: int
-    guidance_scale: float
+    recipe: Recipe
     width: int
     height: int
-    lora: str | None = None  # hub id of the LCM-LoRA fused at setup (under lora/)
     vae: str | None = None  # hub id of a VAE that replaces the model's own (under weights/)
-    use_lcm_scheduler: bool = False  # else keep the scheduler the model ships with
-    timestep_spacing: str | None = None  # turbo models are distilled for "trailing": enforce it
-    # The decoder a request gets when it names none. For 1-step models the full VAE decoder is ~3x
-    # the work of the UNet step (2515 vs 804 GFLOP at 512x512): the tiny one is the fast default.
-    default_vae: str = FULL_VAE
     # Limits that keep one request's memory and time bounded.
-    max_steps: int = 50
     max_pixels: int = 1024 * 1024  # per image
     max_batch_pixels: int = 8 * 512 * 512  # all images of one request together
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self.recipe.num_inference_steps
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.recipe.guidance_scale
+
+    @property
+    def default_vae(self) -> str:
+        return self.recipe.default_vae
+
+    @property
+    def max_steps(self) -> int:
+        return self.recipe.max_steps
 
     @property
     def tiny_vae(self) -> str:
@@ -67,98 +110,103 @@ class Variant:
         return TINY_VAE_FOR[self.architecture]
 
     @property
-    def hub_ids(self) -> dict[str, str]:
-        """Every hub repo this preset needs, by role (the optional tiny VAE is not among them)."""
-        roles = {"model": self.model, "lora": self.lora, "vae": self.vae}
-        return {role: repo for role, repo in roles.items() if repo}
+    def is_custom(self) -> bool:
+        return self.name.startswith("custom:")
 
+
+_TRAILING = (("timestep_spacing", "trailing"),)
+
+
+def _lora(repo: str, filename: str = LORA_WEIGHT_NAME) -> tuple[Lora, ...]:
+    return (Lora(HubFile(repo, filename)),)
+
+
+# --- recipes ----------------------------------------------------------------------------------
+
+TURBO = Recipe("turbo", 1, 0.0, Scheduler(config=_TRAILING), default_vae=TINY_VAE)
+LCM_DISTILLED = Recipe("lcm", 4, 8.0, Scheduler("LCMScheduler"))  # guidance is embedded in the UNet
+SDXL_LIGHTNING_UNET = Recipe(
+    "lightning-unet", 4, 0.0, Scheduler("EulerDiscreteScheduler", _TRAILING),
+    unet=HubFile("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors"),
+)  # fmt: skip
+
+# What FASTSD_ACCELERATION picks for a custom model, by architecture. An architecture missing
+# from a row has no such acceleration.
+ACCELERATIONS: dict[str, dict[str, Recipe]] = {
+    "none": {
+        SD15: Recipe("none", 25, 7.5, max_steps=100),
+        SD2: Recipe("none", 25, 7.5, max_steps=100),
+        SDXL: Recipe("none", 25, 7.0, max_steps=100),
+    },
+    "lcm-lora": {
+        SD15: Recipe("lcm-lora", 4, 1.0, Scheduler("LCMScheduler"), _lora("latent-consistency/lcm-lora-sdv1-5")),
+        SDXL: Recipe("lcm-lora", 4, 1.0, Scheduler("LCMScheduler"), _lora("latent-consistency/lcm-lora-sdxl")),
+    },
+    # The Lightning LoRA is what its authors recommend for SDXL fine-tunes (the UNet for the base).
+    "lightning": {
+        SDXL: Recipe(
+            "lightning", 4, 0.0, Scheduler("EulerDiscreteScheduler", _TRAILING),
+            _lora("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_lora.safetensors"),
+        ),
+    },
+    # Hyper-SD's 1-step "unified" LoRA, good from 1 to 8 steps with TCD (lower eta: more detail).
+    "hyper": {
+        SD15: Recipe(
+            "hyper", 1, 0.0, Scheduler("TCDScheduler", eta=1.0),
+            _lora("ByteDance/Hyper-SD", "Hyper-SD15-1step-lora.safetensors"), max_steps=8,
+        ),
+        SDXL: Recipe(
+            "hyper", 1, 0.0, Scheduler("TCDScheduler", eta=1.0),
+            _lora("ByteDance/Hyper-SD", "Hyper-SDXL-1step-lora.safetensors"), max_steps=8,
+        ),
+    },
+    "tcd": {
+        SD15: Recipe("tcd", 4, 0.0, Scheduler("TCDScheduler", eta=0.3), _lora("h1t/TCD-SD15-LoRA")),
+        SDXL: Recipe("tcd", 4, 0.0, Scheduler("TCDScheduler", eta=0.3), _lora("h1t/TCD-SDXL-LoRA")),
+    },
+    # DMD2 was trained at four fixed timesteps; diffusers' LCM spacing for 4 steps differs.
+    "dmd2": {
+        SDXL: Recipe(
+            "dmd2", 4, 0.0, Scheduler("LCMScheduler", timesteps=(999, 749, 499, 249)),
+            _lora("tianweiy/DMD2", "dmd2_sdxl_4step_lora_fp16.safetensors"),
+        ),
+    },
+}  # fmt: skip
+
+# --- presets ----------------------------------------------------------------------------------
+
+SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+_XL = dict(max_pixels=1536 * 1536, max_batch_pixels=8 * 1024 * 1024)
+_XL_FAST = dict(_XL, vae=SDXL_VAE_FP16_FIX)  # fp16-safe VAE: decodes in half precision, no upcast
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant(
-            "sd-turbo",
-            "stabilityai/sd-turbo",
-            SD,
-            DISTILLED,
-            1,
-            0.0,
-            512,
-            512,
-            timestep_spacing="trailing",
-            default_vae=TINY_VAE,
-        ),
-        Variant(
-            "sdxl-turbo",
-            "stabilityai/sdxl-turbo",
-            SDXL,
-            DISTILLED,
-            1,
-            0.0,
-            512,
-            512,
-            timestep_spacing="trailing",
-            default_vae=TINY_VAE,
-            max_batch_pixels=8 * 1024 * 1024,
-        ),
-        Variant(
-            "sd15-lcm",
-            "stable-diffusion-v1-5/stable-diffusion-v1-5",
-            SD,
-            LCM_LORA,
-            4,
-            1.0,
-            512,
-            512,
-            lora=LCM_LORA_FOR[768],
-            use_lcm_scheduler=True,
-        ),
-        Variant(
-            "sdxl-lcm",
-            "stabilityai/stable-diffusion-xl-base-1.0",
-            SDXL,
-            LCM_LORA,
-            4,
-            1.0,
-            1024,
-            1024,
-            lora=LCM_LORA_FOR[2048],
-            vae=SDXL_VAE_FP16_FIX,
-            use_lcm_scheduler=True,
-            max_pixels=1536 * 1536,
-            max_batch_pixels=8 * 1024 * 1024,
-        ),
-        Variant(
-            "lcm-dreamshaper",
-            "SimianLuo/LCM_Dreamshaper_v7",
-            SD,
-            DISTILLED,
-            4,
-            8.0,
-            512,
-            512,
-            use_lcm_scheduler=True,
-        ),
-        Variant("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", SD, NONE, 25, 7.5, 512, 512, max_steps=100),
-        Variant(
-            "sdxl",
-            "stabilityai/stable-diffusion-xl-base-1.0",
-            SDXL,
-            NONE,
-            25,
-            7.0,
-            1024,
-            1024,
-            max_steps=100,
-            max_pixels=1536 * 1536,
-            max_batch_pixels=8 * 1024 * 1024,
-        ),
+        Variant("sd-turbo", "stabilityai/sd-turbo", SD2, TURBO, 512, 512),
+        Variant("sdxl-turbo", "stabilityai/sdxl-turbo", SDXL, TURBO, 512, 512, max_batch_pixels=8 * 1024 * 1024),
+        Variant("sd15-lcm", SD15_BASE, SD15, ACCELERATIONS["lcm-lora"][SD15], 512, 512),
+        Variant("sdxl-lcm", SDXL_BASE, SDXL, ACCELERATIONS["lcm-lora"][SDXL], 1024, 1024, **_XL_FAST),
+        Variant("lcm-dreamshaper", "SimianLuo/LCM_Dreamshaper_v7", SD15, LCM_DISTILLED, 512, 512),
+        Variant("sdxl-lightning", SDXL_BASE, SDXL, SDXL_LIGHTNING_UNET, 1024, 1024, **_XL_FAST),
+        Variant("hyper-sdxl", SDXL_BASE, SDXL, ACCELERATIONS["hyper"][SDXL], 1024, 1024, **_XL_FAST),
+        Variant("hyper-sd15", SD15_BASE, SD15, ACCELERATIONS["hyper"][SD15], 512, 512),
+        Variant("tcd-sdxl", SDXL_BASE, SDXL, ACCELERATIONS["tcd"][SDXL], 1024, 1024, **_XL_FAST),
+        Variant("tcd-sd15", SD15_BASE, SD15, ACCELERATIONS["tcd"][SD15], 512, 512),
+        Variant("dmd2-sdxl", SDXL_BASE, SDXL, ACCELERATIONS["dmd2"][SDXL], 1024, 1024, **_XL_FAST),
+        Variant("sd15", SD15_BASE, SD15, ACCELERATIONS["none"][SD15], 512, 512),
+        Variant("sdxl", SDXL_BASE, SDXL, ACCELERATIONS["none"][SDXL], 1024, 1024, **_XL),
     )
 }
 DEFAULT_VARIANT = "sd-turbo"
 
-# A custom model takes its defaults and limits from the preset of the same kind.
-_TEMPLATE_FOR = {(SD, NONE): "sd15", (SD, LCM_LORA): "sd15-lcm", (SDXL, NONE): "sdxl", (SDXL, LCM_LORA): "sdxl-lcm"}
+# A custom model of an architecture gets the size and limits of that architecture's presets (and
+# the SDXL ones the fp16-safe VAE).
+_CUSTOM_SHAPE = {
+    SD15: dict(width=512, height=512),
+    SD2: dict(width=512, height=512),
+    SDXL: dict(width=1024, height=1024, **_XL_FAST),
+}
 
 
 def get_variant(name: str) -> Variant:
@@ -170,8 +218,8 @@ def get_variant(name: str) -> Variant:
         ) from None
 
 
-def detect_architecture(model_folder: Path) -> tuple[str, int]:
-    """(architecture, cross_attention_dim) of a diffusers-format model, read from its configs."""
+def detect_architecture(model_folder: Path) -> str:
+    """SD15, SD2 or SDXL for a diffusers-format model, read from its configs."""
     index_file = model_folder / "model_index.json"
     unet_config = model_folder / "unet" / "config.json"
     for required in (index_file, unet_config):
@@ -183,29 +231,30 @@ def detect_architecture(model_folder: Path) -> tuple[str, int]:
     pipeline_class = json.loads(index_file.read_text())["_class_name"]
     cross_attention_dim = json.loads(unet_config.read_text())["cross_attention_dim"]
     if "XL" in pipeline_class or cross_attention_dim == 2048:
-        return SDXL, 2048
+        return SDXL
     if pipeline_class in ("StableDiffusionPipeline", "LatentConsistencyModelPipeline"):
-        return SD, cross_attention_dim
+        return SD2 if cross_attention_dim == 1024 else SD15
     raise ConfigurationError(f"{model_folder} holds a {pipeline_class}; only SD 1.x/2.x and SDXL models are supported.")
 
 
+def accelerations_for(architecture: str) -> list[str]:
+    return [name for name, by_architecture in ACCELERATIONS.items() if architecture in by_architecture]
+
+
 def custom_variant(model: str, model_folder: Path, acceleration: str) -> Variant:
-    """A preset for any SD1.5- or SDXL-architecture model, with the matching LCM-LoRA if asked."""
+    """A preset for any SD 1.5, SD 2.x or SDXL model, with the acceleration asked for."""
     if acceleration not in ACCELERATIONS:
         raise ConfigurationError(
             f"FASTSD_ACCELERATION={acceleration!r} is not allowed; choose one of: {', '.join(ACCELERATIONS)}."
         )
-    architecture, cross_attention_dim = detect_architecture(model_folder)
-    template = VARIANTS[_TEMPLATE_FOR[(architecture, acceleration)]]
-    lora = None
-    if acceleration == LCM_LORA:
-        lora = LCM_LORA_FOR.get(cross_attention_dim)
-        if lora is None:
-            raise ConfigurationError(
-                f"{model} has a UNet with cross_attention_dim={cross_attention_dim} (SD 2.x); LCM-LoRA exists "
-                f"only for SD1.5 (768) and SDXL (2048). Set FASTSD_ACCELERATION=none."
-            )
-    return dataclasses.replace(template, name=f"custom:{model}", model=model, lora=lora)
+    architecture = detect_architecture(model_folder)
+    recipe = ACCELERATIONS[acceleration].get(architecture)
+    if recipe is None:
+        raise ConfigurationError(
+            f"FASTSD_ACCELERATION={acceleration} does not exist for {model}, an {ARCHITECTURE_NAMES[architecture]} "
+            f"model; for it choose one of: {', '.join(accelerations_for(architecture))}."
+        )
+    return Variant(f"custom:{model}", model, architecture, recipe, **_CUSTOM_SHAPE[architecture])
 
 
 def variant_from_environment(model_folder_of) -> Variant:
@@ -215,6 +264,16 @@ def variant_from_environment(model_folder_of) -> Variant:
     """
     model = os.environ.get("FASTSD_MODEL", "").strip()
     if model:
-        acceleration = os.environ.get("FASTSD_ACCELERATION", LCM_LORA).strip()
-        return custom_variant(model, model_folder_of(model), acceleration)
+        return custom_variant(model, model_folder_of(model), custom_acceleration())
     return get_variant(os.environ.get("FASTSD_VARIANT", DEFAULT_VARIANT).strip() or DEFAULT_VARIANT)
+
+
+def custom_acceleration() -> str:
+    return os.environ.get("FASTSD_ACCELERATION", "lcm-lora").strip() or "lcm-lora"
+
+
+def all_recipes() -> list[Recipe]:
+    """Every recipe the catalogue knows: the presets' and the custom accelerations'."""
+    found = [variant.recipe for variant in VARIANTS.values()]
+    found += [recipe for by_architecture in ACCELERATIONS.values() for recipe in by_architecture.values()]
+    return list(dict.fromkeys(found))

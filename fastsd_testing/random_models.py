@@ -3,9 +3,10 @@
 The hub cannot be reached from CI, and timing does not depend on weight values, so tests build
 tiny models and benchmarks full-size ones here. Each repo is written the way the hub lays it
 out: model_index.json, one folder per component, full-precision and fp16 safetensors where the
-real repo has both, tokenizers, scheduler configs, and LCM-LoRA files with kohya-style keys.
+real repo has both, tokenizers, scheduler configs; a replacement UNet as one file in diffusers'
+keys; LoRA files in their publishers' key formats (kohya, peft, diffusers' older one).
 
-    python -m fastsd_testing.random_models --size tiny stabilityai/sd-turbo   # into ./weights, ./lora
+    python -m fastsd_testing.random_models --size tiny sd-turbo hyper-sdxl   # into ./weights, ./lora
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from fastsd import variants, weights
+from fastsd import layout as disk
+from fastsd import variants
+from fastsd.layout import Source
 
 TINY = "tiny"
 FULL = "full"
@@ -27,13 +30,21 @@ FULL = "full"
 @dataclass(frozen=True)
 class RepoLayout:
     pipeline: str  # diffusers pipeline class written to model_index.json
-    architecture: str  # variants.SD or variants.SDXL
-    cross_attention_dim: int
+    architecture: str  # variants.SD15, SD2 or SDXL
     scheduler: tuple[str, dict]
     fp16_files: bool = True  # the repo carries *.fp16.safetensors beside the full-precision files
     safety_checker: bool = False  # SD1.5-era repos ship safety_checker/ and feature_extractor/
     time_cond_proj_dim: int | None = None  # the distilled LCM UNet takes guidance as an embedding
     extra_model_index: dict = field(default_factory=dict)
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return _CROSS_ATTENTION_DIM[self.architecture]
+
+
+_CROSS_ATTENTION_DIM = {variants.SD15: 768, variants.SD2: 1024, variants.SDXL: 2048}
+# The SDXL repos' model_index.json: the watermarker switched off, the optional components null.
+_SDXL_INDEX = {"force_zeros_for_empty_prompt": True, "add_watermarker": None}
 
 
 _SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -41,35 +52,30 @@ _SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_l
 REPOS: dict[str, RepoLayout] = {
     "stabilityai/sd-turbo": RepoLayout(
         "StableDiffusionPipeline",
-        variants.SD,
-        1024,
+        variants.SD2,
         ("EulerDiscreteScheduler", dict(_SD_SCHEDULER, timestep_spacing="trailing", prediction_type="epsilon")),
     ),
     "stabilityai/sdxl-turbo": RepoLayout(
         "StableDiffusionXLPipeline",
         variants.SDXL,
-        2048,
         ("EulerAncestralDiscreteScheduler", dict(_SD_SCHEDULER, timestep_spacing="trailing")),
-        extra_model_index={"force_zeros_for_empty_prompt": True},
+        extra_model_index=_SDXL_INDEX,
     ),
     "stable-diffusion-v1-5/stable-diffusion-v1-5": RepoLayout(
         "StableDiffusionPipeline",
-        variants.SD,
-        768,
+        variants.SD15,
         ("PNDMScheduler", dict(_SD_SCHEDULER, skip_prk_steps=True, steps_offset=1)),
         safety_checker=True,
     ),
     "stabilityai/stable-diffusion-xl-base-1.0": RepoLayout(
         "StableDiffusionXLPipeline",
         variants.SDXL,
-        2048,
         ("EulerDiscreteScheduler", dict(_SD_SCHEDULER, timestep_spacing="leading", steps_offset=1)),
-        extra_model_index={"force_zeros_for_empty_prompt": True},
+        extra_model_index=_SDXL_INDEX,
     ),
     "SimianLuo/LCM_Dreamshaper_v7": RepoLayout(
         "LatentConsistencyModelPipeline",
-        variants.SD,
-        768,
+        variants.SD15,
         ("LCMScheduler", dict(_SD_SCHEDULER, original_inference_steps=50, set_alpha_to_one=True)),
         fp16_files=False,
         safety_checker=True,
@@ -78,7 +84,22 @@ REPOS: dict[str, RepoLayout] = {
 }
 VAE_REPOS = {variants.SDXL_VAE_FP16_FIX}  # a bare AutoencoderKL at the repo root
 TINY_VAE_REPOS = set(variants.TINY_VAE_FOR.values())  # a bare AutoencoderTiny at the repo root
-LORA_REPOS = {hub_id: dim for dim, hub_id in variants.LCM_LORA_FOR.items()}  # hub id -> cross_attention_dim
+# The base each architecture's acceleration files are made for (LoRAs, replacement UNets).
+BASE_FOR = {
+    variants.SD15: "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    variants.SD2: "stabilityai/sd-turbo",
+    variants.SDXL: "stabilityai/stable-diffusion-xl-base-1.0",
+}
+# The key format each publisher's LoRA files use (diffusers reads them all): kohya
+# (lora_unet_<path>.lora_down/lora_up/alpha), peft (unet.<path>.lora_A/lora_B, diffusers' current
+# training scripts) and diffusers' older format (unet.<path>.lora.down/lora.up).
+KOHYA, PEFT, DIFFUSERS_OLD = "kohya", "peft", "diffusers-old"
+LORA_FORMAT = {
+    "latent-consistency": KOHYA,
+    "ByteDance": KOHYA,
+    "h1t": PEFT,
+    "tianweiy": DIFFUSERS_OLD,
+}
 
 
 # --- component configs, per size ------------------------------------------------------------
@@ -279,7 +300,7 @@ def build_model_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0,
     scheduler_class, scheduler_config = layout.scheduler
     with torch.device("cpu"):  # schedulers build numpy arrays, whatever device the weights are made on
         components["scheduler"] = getattr(diffusers, scheduler_class)(**scheduler_config)
-    if layout.architecture == variants.SD:
+    if layout.architecture != variants.SDXL:
         if layout.safety_checker:
             components.update(_safety_components(size))
         else:
@@ -345,51 +366,98 @@ _LORA_TARGETS = (
 )
 
 
-def kohya_lora_state_dict(unet, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """LoRA factors for the UNet's attention, feed-forward and ResNet layers, keyed the way the
-    published LCM-LoRA files are: lora_unet_<module path with _>.{lora_down.weight,lora_up.weight,alpha}."""
+def _lora_modules(unet, targets: tuple[str, ...]):
+    for name, module in unet.named_modules():
+        if name.endswith(targets) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            yield name, module
+
+
+def _lora_factors(module, rank: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(module, torch.nn.Linear):
+        down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
+    else:
+        down_shape = (rank, module.in_channels, *module.kernel_size)
+        up_shape = (module.out_channels, rank, 1, 1)
+    return torch.randn(down_shape, generator=generator) * 0.1, torch.randn(up_shape, generator=generator) * 0.1
+
+
+_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def lora_state_dict(unet, rank: int, key_format: str = KOHYA, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random LoRA factors for a UNet, keyed the way a publisher's files are (key_format).
+
+    kohya (the LCM-LoRA, Lightning and Hyper-SD files) covers attention, feed-forward and ResNet
+    layers, with an alpha per layer; the diffusers-trained files (TCD: peft keys; DMD2: the older
+    diffusers keys) cover the attention projections.
+    """
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, module in unet.named_modules():
-        if not name.endswith(_LORA_TARGETS) or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            continue
-        key = "lora_unet_" + name.replace(".", "_")
-        if isinstance(module, torch.nn.Linear):
-            down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
-        else:
-            down_shape = (rank, module.in_channels, *module.kernel_size)
-            up_shape = (module.out_channels, rank, 1, 1)
-        state[f"{key}.lora_down.weight"] = torch.randn(down_shape, generator=generator) * 0.1
-        state[f"{key}.lora_up.weight"] = torch.randn(up_shape, generator=generator) * 0.1
-        state[f"{key}.alpha"] = torch.tensor(float(rank) / 2)
+    if key_format == KOHYA:
+        for name, module in _lora_modules(unet, _LORA_TARGETS):
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = _lora_factors(module, rank, generator)
+            state[f"{key}.alpha"] = torch.tensor(float(rank) / 2)
+    else:
+        down, up = ("lora_A", "lora_B") if key_format == PEFT else ("lora.down", "lora.up")
+        for name, module in _lora_modules(unet, _ATTENTION_TARGETS):
+            state[f"unet.{name}.{down}.weight"], state[f"unet.{name}.{up}.weight"] = _lora_factors(
+                module, rank, generator
+            )
     return {k: v.to(torch.float16) for k, v in state.items()}
 
 
-def build_lora_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0) -> Path:
+def _shapes_only_unet(architecture: str, size: str):
+    import diffusers
+
+    with torch.device("meta"):  # only the layer shapes are needed: no memory, no initialisation
+        return diffusers.UNet2DConditionModel(**_unet_config(REPOS[BASE_FOR[architecture]], size))
+
+
+def _architecture_of(file: variants.HubFile) -> str:
+    """The architecture a catalogue file is made for, from the recipes that use it."""
+    for variant in variants.VARIANTS.values():
+        if file == variant.recipe.unet or file in (lora.file for lora in variant.recipe.loras):
+            return variant.architecture
+    for by_architecture in variants.ACCELERATIONS.values():
+        for architecture, recipe in by_architecture.items():
+            if file == recipe.unet or file in (lora.file for lora in recipe.loras):
+                return architecture
+    raise KeyError(f"{file} is not in the catalogue")
+
+
+def build_lora_file(file: variants.HubFile, root: Path, size: str = TINY, seed: int = 0) -> Path:
+    """lora/<repo>/<filename>: a LoRA for the base of its architecture, in its publisher's key format."""
+    from safetensors.torch import save_file
+
+    unet = _shapes_only_unet(_architecture_of(file), size)
+    path = root / "lora" / file.repo / file.filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key_format = LORA_FORMAT[file.repo.split("/")[0]]
+    save_file(lora_state_dict(unet, rank=4 if size == TINY else 64, key_format=key_format, seed=seed), path)
+    return path
+
+
+def build_unet_file(file: variants.HubFile, root: Path, size: str = TINY, seed: int = 0) -> Path:
+    """weights/<repo>/<filename>: a whole UNet in diffusers' keys, fp16, without a config of its own
+    (it takes the base's unet/config.json), as SDXL-Lightning publishes its UNets."""
     import diffusers
     from safetensors.torch import save_file
 
-    cross_attention_dim = LORA_REPOS[hub_id]
-    base = next(
-        layout
-        for layout in REPOS.values()
-        if layout.cross_attention_dim == cross_attention_dim and layout.time_cond_proj_dim is None
-    )
-    with torch.device("meta"):  # only the layer shapes are needed: no memory, no initialisation
-        unet = diffusers.UNet2DConditionModel(**_unet_config(base, size))
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(kohya_lora_state_dict(unet, rank=4 if size == TINY else 64, seed=seed), folder / weights.LORA_WEIGHT_NAME)
-    return folder
+    _seeded(seed + 1)
+    unet = diffusers.UNet2DConditionModel(**_unet_config(REPOS[BASE_FOR[_architecture_of(file)]], size))
+    path = root / "weights" / file.repo / file.filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.to(torch.float16).contiguous() for name, tensor in unet.state_dict().items()}, path)
+    return path
 
 
 def build(hub_id: str, root: Path, size: str = TINY, seed: int = 0, fp16_only: bool = False) -> Path:
-    """Write the repo hub_id under root/weights/<hub id> or root/lora/<hub id>.
+    """Write the repo hub_id (a pipeline, a VAE, a tiny VAE) under root/weights/<hub id>.
 
     fp16_only writes what download_weights.py fetches (the fp16 files where the repo has them),
     half the bytes of the full repo: quicker to build on a machine rented by the minute.
     """
-    if hub_id in LORA_REPOS:
-        return build_lora_repo(hub_id, root / "lora" / hub_id, size, seed)
     if hub_id in VAE_REPOS:
         return build_vae_repo(hub_id, root / "weights" / hub_id, size, seed)
     if hub_id in TINY_VAE_REPOS:
@@ -397,11 +465,22 @@ def build(hub_id: str, root: Path, size: str = TINY, seed: int = 0, fp16_only: b
     return build_model_repo(hub_id, root / "weights" / hub_id, size, seed, fp16_only)
 
 
+def build_source(source: Source, root: Path, size: str = TINY, fp16_only: bool = False) -> Path:
+    """What a Source (fastsd.layout) loads, in its place under root."""
+    if source.role == disk.LORA:
+        return build_lora_file(variants.HubFile(source.repo, source.filename), root, size)
+    if source.role == disk.UNET:
+        return build_unet_file(variants.HubFile(source.repo, source.filename), root, size)
+    return build(source.repo, root, size, fp16_only=fp16_only)
+
+
 def build_variant(
     variant: variants.Variant, root: Path, size: str = TINY, tiny_vae: bool = True, fp16_only: bool = False
 ) -> None:
-    for hub_id in [*variant.hub_ids.values(), *([variant.tiny_vae] if tiny_vae else [])]:
-        build(hub_id, root, size, fp16_only=fp16_only)
+    """Every source of the variant that is not there yet (the same repo serves many variants)."""
+    for source in disk.sources(variant, tiny_vae):
+        if not source.is_local and not (root / source.relative_folder / source.marker_name).exists():
+            build_source(source, root, size, fp16_only)
 
 
 def _remove_tree(path: Path) -> None:
@@ -414,7 +493,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", nargs="+", help="variant names (see fastsd.variants)")
     parser.add_argument("--size", choices=(TINY, FULL), default=TINY)
-    parser.add_argument("--root", type=Path, default=weights.PROJECT_ROOT)
+    parser.add_argument("--root", type=Path, default=disk.PROJECT_ROOT)
     parser.add_argument("--fp16-only", action="store_true", help="only the fp16 files, as download_weights.py fetches")
     args = parser.parse_args()
     for name in args.variant:

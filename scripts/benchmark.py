@@ -35,10 +35,11 @@ from pathlib import Path
 
 import torch
 
-from fastsd import images, variants
+from fastsd import images, layout, variants
 from fastsd.engine import Engine
 from fastsd.inputs import MAX_OUTPUTS
 from fastsd.pipelines import select_device
+from fastsd.tasks import Task
 from fastsd_testing import random_models
 from fastsd_testing.cog_server import CogServer, decode_output
 
@@ -90,19 +91,23 @@ def build_random_weights(variant: variants.Variant, root: Path, size: str, devic
     On a GPU the modules are initialised there: seconds instead of a minute of CPU time for each
     SDXL UNet, on a machine rented by the minute.
     """
-    for hub_id in [*variant.hub_ids.values(), variant.tiny_vae]:
-        folder = root / ("lora" if hub_id in random_models.LORA_REPOS else "weights") / hub_id
-        if not folder.is_dir():
-            print(f"building {size} random weights for {hub_id} under {root} ...", flush=True)
-            started = time.perf_counter()
-            staging = root / ".staging"
-            shutil.rmtree(staging, ignore_errors=True)
-            with torch.device(device if device == "cuda" and hub_id not in random_models.LORA_REPOS else "cpu"):
-                built = random_models.build(hub_id, staging, size, fp16_only=True)
-            # Moved into place once complete: a build stopped halfway never passes for a finished one.
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            built.rename(folder)
-            print(f"  built in {time.perf_counter() - started:.1f} s", flush=True)
+    for source in layout.sources(variant):
+        target = root / source.relative_folder / source.marker_name
+        if target.exists():
+            continue
+        print(f"building {size} random weights for {source} under {root} ...", flush=True)
+        started = time.perf_counter()
+        staging = root / ".staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        # LoRA factors come from a seeded CPU generator; everything else is made on the GPU.
+        with torch.device(device if device == "cuda" and source.role != layout.LORA else "cpu"):
+            random_models.build_source(source, staging, size, fp16_only=True)
+        # Moved into place once complete: a build stopped halfway never passes for a finished one.
+        built = staging / source.relative_folder / (source.filename or "")
+        target = root / source.relative_folder / (source.filename or "")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        built.rename(target)
+        print(f"  built in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def worker_peak_rss_mib(server: CogServer) -> float | None:
@@ -183,7 +188,7 @@ def bench_phases(variant, args, device: str, side: dict) -> dict:
     engine.warm_up()
     results = {"dtype": str(engine.pipelines.dtype).removeprefix("torch.")}
     for vae in engine.pipelines.vae_choices:
-        pipeline = engine.pipelines.get(False, vae)
+        pipeline = engine.pipelines.get(Task.TEXT_TO_IMAGE, vae)
         samples: dict[str, list[float]] = {}
         for run in range(args.warmup + args.runs):
             engine.prompts = type(engine.prompts)(pipeline, device)  # measure the text encoders every time
@@ -219,18 +224,33 @@ def bench_phases(variant, args, device: str, side: dict) -> dict:
 
 
 def bench_baseline(variant, root: Path, args, device: str, side: dict) -> dict:
-    """What a user writes from the model card: AutoPipelineForText2Image with default settings."""
-    from diffusers import AutoPipelineForText2Image, LCMScheduler
+    """What a user writes from the model card: AutoPipelineForText2Image with default settings,
+    the recipe's UNet, LoRAs (fused) and scheduler."""
+    import diffusers
+    from safetensors.torch import load_file
 
     dtype = torch.float16 if device == "cuda" else torch.float32
+    recipe = variant.recipe
     folder = root / "weights" / variant.model
-    has_full = any(path for path in folder.glob("unet/*.safetensors") if ".fp16." not in path.name)
-    fp16 = any(folder.glob("unet/*.fp16.safetensors")) and (device == "cuda" or not has_full)
-    pipe = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=dtype, variant="fp16" if fp16 else None)
-    if variant.lora:
-        pipe.load_lora_weights(str(root / "lora" / variant.lora))
-    if variant.use_lcm_scheduler:
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    has_full = any(path for path in folder.glob("text_encoder/*.safetensors") if ".fp16." not in path.name)
+    fp16 = any(folder.glob("text_encoder/*.fp16.safetensors")) and (device == "cuda" or not has_full)
+    options = dict(torch_dtype=dtype, variant="fp16" if fp16 else None)
+    if variant.vae:
+        options["vae"] = diffusers.AutoencoderKL.from_pretrained(root / "weights" / variant.vae, torch_dtype=dtype)
+    if recipe.unet:
+        unet = diffusers.UNet2DConditionModel.from_config(folder / "unet").to(dtype)
+        unet.load_state_dict(load_file(root / "weights" / recipe.unet.repo / recipe.unet.filename))
+        options["unet"] = unet
+    pipe = diffusers.AutoPipelineForText2Image.from_pretrained(folder, **options)
+    for lora in recipe.loras:
+        pipe.load_lora_weights(str(root / "lora" / lora.file.repo), weight_name=lora.file.filename)
+        pipe.fuse_lora(lora_scale=lora.scale)
+    if recipe.scheduler.name or recipe.scheduler.config:
+        scheduler_class = getattr(diffusers, recipe.scheduler.name) if recipe.scheduler.name else type(pipe.scheduler)
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **dict(recipe.scheduler.config))
+    extra = {"eta": recipe.scheduler.eta} if recipe.scheduler.eta is not None else {}
+    if recipe.scheduler.timesteps:
+        extra["timesteps"] = list(recipe.scheduler.timesteps)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     results = {"dtype": str(dtype).removeprefix("torch.")}
@@ -245,6 +265,7 @@ def bench_baseline(variant, root: Path, args, device: str, side: dict) -> dict:
                 height=side.get("height", variant.height),
                 num_images_per_prompt=batch,
                 generator=torch.Generator("cpu").manual_seed(1),
+                **extra,
             )
 
         runs = args.runs if batch == 1 else max(1, args.runs // 2)

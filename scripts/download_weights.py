@@ -4,13 +4,14 @@
     python scripts/download_weights.py sd-turbo [sdxl-lcm ...]   # into weights/ and lora/
     python scripts/download_weights.py --all
     python scripts/download_weights.py --list                    # variants, repos, what is on disk
-    python scripts/download_weights.py --model HUB_ID --acceleration {none,lcm-lora}
+    python scripts/download_weights.py --model HUB_ID --acceleration tcd   # none, lcm-lora, lightning, hyper, tcd, dmd2
     python scripts/download_weights.py sd-turbo --precision full     # fp32 files, for a CPU server
 
-Each repo lands in weights/<hub id>/ (lora/<hub id>/ for LoRAs) under the project root, or under
-FASTSD_WEIGHTS_ROOT / --root, with a .fastsd-manifest.json that setup() checks at boot. An
-interrupted run resumes where it stopped; a run over complete folders only checks them. Gated
-repos need HF_TOKEN. See README.md, "Weights".
+Each repo lands in weights/<hub id>/ (lora/<hub id>/ for LoRAs; a single file out of a repo of
+many keeps its own name there) under the project root, or under FASTSD_WEIGHTS_ROOT / --root,
+with a .fastsd-manifest.json that setup() checks at boot. An interrupted run resumes where it
+stopped; a run over complete folders only checks them. Gated repos need HF_TOKEN. See
+docs/weights.md.
 """
 
 from __future__ import annotations
@@ -21,33 +22,28 @@ import os
 import sys
 from pathlib import Path
 
+from fastsd.variants import ACCELERATIONS
+
 # Xet's high-performance mode uses every core and more memory for the transfer: right for a
 # command that only downloads (the person's own setting wins).
 os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
 
 
-def _status(variant, weights, manifest) -> str:
-    """What is on disk for a variant: ready, ready but unverified, damaged, or missing."""
-    states = []
-    for role, hub_id in weights.variant_repos(variant):
-        folder = weights.role_folder(role, hub_id)
-        marker = folder / weights._MARKER[role]
-        if not marker.is_file():
-            states.append("missing" if role != "tiny_vae" else "ready")  # the tiny VAE is optional
-            continue
-        try:
-            listed = manifest.load(folder)
-        except ValueError:
-            states.append("damaged")
-            continue
-        if listed is None:
-            states.append("unverified")
-        else:
-            states.append("damaged" if manifest.check(folder, listed) else "ready")
-    for state in ("missing", "damaged", "unverified"):
-        if state in states:
-            return state if state != "unverified" else "present (no manifest, not verified)"
-    return "ready"
+def _status(variant) -> str:
+    """What is on disk for a variant: ready, present but unverified, damaged, or missing."""
+    from fastsd import layout, manifest, provision
+
+    if provision.missing(variant):
+        return "missing"
+    try:
+        if provision.damaged(variant):
+            return "damaged"
+        unverified = any(
+            manifest.load(source.folder) is None for source in layout.sources(variant) if source.folder.is_dir()
+        )
+    except ValueError:  # an unreadable manifest
+        return "damaged"
+    return "present (no manifest, not verified)" if unverified else "ready"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--acceleration",
         default="lcm-lora",
-        choices=("none", "lcm-lora"),
-        help="with --model: fuse the matching LCM-LoRA (default) or not",
+        choices=list(ACCELERATIONS),
+        help="with --model: the acceleration recipe whose files to fetch too (default lcm-lora)",
     )
     parser.add_argument(
         "--no-tiny-vae",
@@ -89,44 +85,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.root:
         os.environ["FASTSD_WEIGHTS_ROOT"] = str(args.root.resolve())
 
-    from fastsd import manifest, variants, weights
+    from fastsd import download, layout, variants
     from fastsd.errors import ConfigurationError
 
     if args.list:
-        print(f"weights root: {weights.weights_root()}")
+        print(f"weights root: {layout.weights_root()}")
         for name, variant in variants.VARIANTS.items():
-            repos = ", ".join(f"{hub_id} ({role})" for role, hub_id in weights.variant_repos(variant))
-            print(f"{name:16} {_status(variant, weights, manifest):38} {repos}")
+            print(f"{name:16} {_status(variant):38} {', '.join(map(str, layout.sources(variant)))}")
         return 0
 
     if not (args.variants or args.all or args.model):
         parser.error("name at least one VARIANT, or --all, --list or --model HUB_ID")
     # Progress bars and results go to the terminal; the library's own warnings would repeat them.
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    from fastsd import download
-
+    done: dict[layout.Source, download.Fetched] = {}
     try:
         chosen = [variants.get_variant(name) for name in args.variants]
         if args.all:
             chosen += [v for v in variants.VARIANTS.values() if v not in chosen]
         if args.model:
             chosen.append(download.resolve_custom(args.model, args.acceleration))
-        done: dict[str, download.Fetched] = {}
         for variant in chosen:
             print(f"{variant.name}:")
-            for role, hub_id in weights.variant_repos(variant, tiny_vae=args.tiny_vae):
-                if hub_id in done:
-                    continue
-                if role == download.MODEL and weights.is_local_path(hub_id):
-                    print(f"  {hub_id}: a local folder, nothing to fetch")
-                    continue
-                result = download.fetch_repo(role, hub_id, verify=args.verify, precision=args.precision)
-                done[hub_id] = result
-                state = "already there" if result.already_there else f"fetched in {result.seconds:.0f} s"
-                print(
-                    f"  {hub_id}: {result.files} files, {download.format_size(result.size)} "
-                    f"-> {result.folder} ({state})"
-                )
+            download.fetch_variant(
+                variant, tiny_vae=args.tiny_vae, verify=args.verify, precision=args.precision, done=done
+            )
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -134,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
     total = sum(result.size for result in done.values())
-    print(f"{len(done)} repos, {download.format_size(total)} in {weights.weights_root()}")
+    print(f"{len(done)} sources, {download.format_size(total)} in {layout.weights_root()}")
     return 0
 
 

@@ -34,17 +34,19 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def _loaded_files(variant, root: Path) -> list[Path]:
     """The files Engine.load reads on this machine, with the precision pipelines.py chooses."""
     os.environ["FASTSD_WEIGHTS_ROOT"] = str(root)
-    from fastsd import pipelines, weights
+    from fastsd import layout, pipelines
 
     _, dtype = pipelines.select_device()
     files = []
-    for role, hub_id in weights.variant_repos(variant):
-        folder = weights.role_folder(role, hub_id)
+    for source in layout.sources(variant):
+        folder = source.folder
         if not folder.is_dir():
             continue
-        if role == "model":
-            chosen = pipelines.weights_variant(folder, dtype)
-            for component in pipelines._component_folders(folder):
+        if source.filename:
+            files.append(folder / source.filename)
+        elif source.role == layout.MODEL:
+            chosen = pipelines.weights_variant(folder, dtype, source.skip)
+            for component in pipelines._component_folders(folder, source.skip):
                 candidates = sorted(component.glob("*.safetensors"))
                 fp16 = [f for f in candidates if f.name.endswith(".fp16.safetensors")]
                 files += fp16 if chosen == "fp16" else [f for f in candidates if f not in fp16]
@@ -95,7 +97,7 @@ def child(variant_name: str, root: Path, profile: bool) -> dict:
     import diffusers
     import transformers  # noqa: F401
 
-    from fastsd import engine, pipelines, variants, weights
+    from fastsd import engine, pipelines, provision, variants
 
     phases["import diffusers+transformers"] = time.perf_counter() - mark
 
@@ -119,7 +121,7 @@ def child(variant_name: str, root: Path, profile: bool) -> dict:
     diffusers.DiffusionPipeline.from_pretrained = classmethod(timed("from_pretrained", pipeline_from_pretrained))
     vae_from_pretrained = diffusers.AutoencoderKL.from_pretrained.__func__
     diffusers.AutoencoderKL.from_pretrained = classmethod(timed("from_pretrained", vae_from_pretrained))
-    pipelines._fuse_lcm_lora = timed("LoRA load+fuse", pipelines._fuse_lcm_lora)
+    pipelines._fuse_loras = timed("LoRA load+fuse", pipelines._fuse_loras)
     pipelines._set_scheduler = timed("scheduler", pipelines._set_scheduler)
     diffusers.DiffusionPipeline.to = timed(".to(device)", diffusers.DiffusionPipeline.to)
     from_pipe = diffusers.AutoPipelineForImage2Image.from_pipe.__func__
@@ -127,7 +129,7 @@ def child(variant_name: str, root: Path, profile: bool) -> dict:
 
     variant = variants.get_variant(variant_name)
     mark = time.perf_counter()
-    weights.ensure_weights(variant)
+    provision.ensure_weights(variant)
     phases["ensure_weights"] = time.perf_counter() - mark
     mark = time.perf_counter()
     if profile:
@@ -165,15 +167,10 @@ def child(variant_name: str, root: Path, profile: bool) -> dict:
 
 
 def build(variant, root: Path) -> None:
-    from fastsd import weights
     from fastsd_testing import random_models
 
-    os.environ["FASTSD_WEIGHTS_ROOT"] = str(root)
-    for role, hub_id in weights.variant_repos(variant):
-        folder = weights.role_folder(role, hub_id)
-        if not folder.is_dir():
-            print(f"building {hub_id} (full size, random weights) under {root} ...", flush=True)
-            random_models.build(hub_id, root, size=random_models.FULL)
+    print(f"building {variant.name} (full size, random weights) under {root} ...", flush=True)
+    random_models.build_variant(variant, root, size=random_models.FULL)
 
 
 def fp16_only(full_root: Path, root: Path) -> None:

@@ -4,11 +4,11 @@
     python scripts/pack_weights.py sd-turbo sd-turbo.tar [--no-tiny-vae] [--root DIR]
     python scripts/pack_weights.py custom custom.tar --model ORG/NAME --acceleration lcm-lora
 
-The tar holds weights/<hub id>/ and lora/<hub id>/ exactly as they sit under the weights root,
-each with its .fastsd-manifest.json: a folder fetched by download_weights.py keeps its manifest
-(its sizes are checked before packing; only the files it lists are packed); a folder without
-one (made by hand or by fastsd_testing.random_models) gets one written into the tar, with every file's
-size and sha256. The tar is uncompressed: safetensors barely compress, and inflating would cost
+The tar holds weights/<hub id>/ and lora/<hub id>/ as they sit under the weights root, with only
+the files the variant loads, each folder with a .fastsd-manifest.json of them: a folder fetched
+by download_weights.py gives its manifest's entries (sizes checked before packing); a folder
+without one (made by hand or by fastsd_testing.random_models) gets its files hashed (sha256).
+The tar is uncompressed: safetensors barely compress, and inflating would cost
 CPU time at every boot. Serve it over HTTP(S) with Range support and point Cog's weights
 (COG_WEIGHTS) or FASTSD_WEIGHTS_URL at it.
 """
@@ -40,46 +40,48 @@ def _normalized(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 
 def pack(variant, out: Path, tiny_vae: bool = True, report=print) -> int:
-    from fastsd import manifest, weights
+    from fastsd import layout, manifest
     from fastsd.errors import ConfigurationError
 
-    root = weights.weights_root()
-    folders = []
-    for role, hub_id in weights.variant_repos(variant, tiny_vae):
-        if role == "model" and weights.is_local_path(hub_id):
-            raise ConfigurationError(f"{hub_id} is a local folder, not under the weights root: it cannot be packed.")
-        folder = weights.role_folder(role, hub_id)
-        if role == "tiny_vae" and not folder.is_dir():
-            report(f"{hub_id}: not here, left out (the tiny autoencoder is optional)")
+    # The files of each folder that the variant loads: a shared folder (a repo of many LoRAs, a
+    # base whose VAE the preset replaces) is packed with only those, and a manifest of them.
+    by_folder: dict[Path, list[layout.Source]] = {}
+    for source in layout.sources(variant, tiny_vae):
+        if source.is_local:
+            raise ConfigurationError(f"{source.repo} is a local folder, outside the weights root: it cannot be packed.")
+        if source.optional and not source.folder.is_dir():
+            report(f"{source}: not here, left out (the tiny autoencoder is optional)")
             continue
-        folders.append(folder)
+        if not source.marker.is_file():
+            raise ConfigurationError(f"{source.marker} is missing: fetch it first with {layout.fetch_command(variant)}")
+        by_folder.setdefault(source.relative_folder, []).append(source)
+    root = layout.weights_root()
     temporary = out.with_name(out.name + ".partial")
     with tarfile.open(temporary, "w", format=tarfile.PAX_FORMAT) as archive:
-        for folder in folders:
-            relative = folder.relative_to(root).as_posix()
-            listed = manifest.load(folder) if folder.is_dir() else None
-            if not folder.is_dir():
-                raise ConfigurationError(f"{folder} is missing: fetch it first with {weights.fetch_command(variant)}")
+        for relative_folder, folder_sources in by_folder.items():
+            folder, relative = root / relative_folder, relative_folder.as_posix()
+
+            def packed(name: str, folder_sources=folder_sources) -> bool:
+                return any(source.covers(name) for source in folder_sources)
+
+            listed = manifest.load(folder)
             if listed is not None:
+                listed = manifest.restricted(listed, packed)
                 problems = manifest.check(folder, listed)
                 if problems:
                     raise ConfigurationError(
                         f"{folder} does not match its manifest: {', '.join(map(str, problems))}; fetch it again first."
                     )
-                names = sorted(listed["files"])
-                archive.add(manifest.manifest_path(folder), f"{relative}/{manifest.MANIFEST_NAME}", filter=_normalized)
             else:
                 report(f"{relative}: no manifest, hashing its files to write one into the tar")
                 listed = {
                     "format": manifest.FORMAT,
                     "repo": relative.split("/", 1)[1],
                     "source": "packed from local files",
-                    "files": manifest.describe_local(folder),
+                    "files": {name: entry for name, entry in manifest.describe_local(folder).items() if packed(name)},
                 }
-                names = sorted(listed["files"])
-                _add_bytes(
-                    archive, f"{relative}/{manifest.MANIFEST_NAME}", (json.dumps(listed, indent=1) + "\n").encode()
-                )
+            _add_bytes(archive, f"{relative}/{manifest.MANIFEST_NAME}", (json.dumps(listed, indent=1) + "\n").encode())
+            names = sorted(listed["files"])
             for name in names:
                 archive.add(folder / name, f"{relative}/{name}", recursive=False, filter=_normalized)
             report(f"{relative}: {len(names)} files, {manifest.total_size(listed) / 1e9:.2f} GB")
@@ -97,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--acceleration",
         default="lcm-lora",
-        choices=("none", "lcm-lora"),
-        help="with --model: also pack the matching LCM-LoRA (default)",
+        help="with --model: the acceleration whose files to pack too (default lcm-lora; see fastsd.variants)",
     )
     parser.add_argument(
         "--no-tiny-vae",
@@ -110,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.root:
         os.environ["FASTSD_WEIGHTS_ROOT"] = str(args.root.resolve())
-    from fastsd import variants, weights
+    from fastsd import layout, variants
     from fastsd.errors import ConfigurationError
 
     try:
         if args.model:
-            variant = variants.custom_variant(args.model, weights.model_folder(args.model), args.acceleration)
+            variant = variants.custom_variant(args.model, layout.model_folder(args.model), args.acceleration)
         else:
             variant = variants.get_variant(args.variant)
         pack(variant, args.out, args.tiny_vae)

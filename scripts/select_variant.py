@@ -34,6 +34,7 @@ ALWAYS_EXCLUDED = [
     "**/*.pyc",
     "tests",
     "fastsd_testing",
+    "*.egg-info",
     "docs",
     "benchmarks",
     "outputs",
@@ -43,8 +44,23 @@ ALWAYS_EXCLUDED = [
 _VARIANT_LINE = re.compile(r"^(?P<indent>[ \t]*-[ \t]*)FASTSD_VARIANT=[^\s#]*(?P<rest>.*)$", re.MULTILINE)
 
 
-def dockerignore_text(variant_name: str, folders: list[str]) -> str:
-    """folders: the variant's weight folders, relative to the project root (weights/<hub id>, ...)."""
+def kept_paths(sources) -> list[str]:
+    """The .dockerignore lines that let a variant's weights back in, from its sources (fastsd.layout):
+    a whole folder, or one file of a shared folder with the folder's manifest; then, for a base
+    whose UNet or VAE the preset replaces, those weights out again (later lines win)."""
+    lines = []
+    for source in sources:
+        folder = source.relative_folder.as_posix()
+        if source.filename:
+            lines += [f"!{folder}/{source.filename}", f"!{folder}/.fastsd-manifest.json"]
+        else:
+            lines.append(f"!{folder}/**")
+            lines += [f"{folder}/{component}/*.safetensors" for component in source.skip]
+    return list(dict.fromkeys(lines))
+
+
+def dockerignore_text(variant_name: str, kept: list[str]) -> str:
+    """kept: kept_paths() of the variant's sources."""
     lines = [
         f"# Written by `python scripts/select_variant.py {variant_name}`: what `cog build` leaves out of the image.",
         "# The code goes in, with the weights of this variant only; run the command again for another.",
@@ -52,7 +68,7 @@ def dockerignore_text(variant_name: str, folders: list[str]) -> str:
         "# Every weights folder ... (later lines win: the ! lines below let this variant's back in)",
         "weights/**",
         "lora/**",
-        *[f"!{folder}/**" for folder in folders],
+        *kept,
         "# ... but not huggingface_hub's resume metadata, nor a fetch that was cut short.",
         "**/.cache/huggingface",
         ".fastsd-incoming-*",
@@ -83,13 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", type=Path, default=PROJECT_ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    import os
-
-    from fastsd import variants, weights
+    from fastsd import layout, variants
     from fastsd.errors import ConfigurationError
 
-    # The folders as the image sees them: relative to the project folder that cog build sends.
-    os.environ["FASTSD_WEIGHTS_ROOT"] = str(args.project)
     try:
         variant = variants.get_variant(args.variant)
         cog_path = args.project / "cog.yaml"
@@ -97,16 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigurationError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    folders = [
-        folder.relative_to(args.project).as_posix() for folder in weights.variant_folders(variant, args.tiny_vae)
-    ]
-    (args.project / ".dockerignore").write_text(dockerignore_text(variant.name, folders))
+    # The paths as the image sees them: relative to the project folder that cog build sends.
+    sources = [source for source in layout.sources(variant, args.tiny_vae) if not source.is_local]
+    (args.project / ".dockerignore").write_text(dockerignore_text(variant.name, kept_paths(sources)))
     cog_path.write_text(cog_yaml)
-    missing = [folder for folder in folders if not (args.project / folder).is_dir()]
-    print(f"selected {variant.name}: .dockerignore keeps {', '.join(folders)}; cog.yaml FASTSD_VARIANT={variant.name}")
+    shown = ", ".join((source.relative_folder / (source.filename or "")).as_posix() for source in sources)
+    print(f"selected {variant.name}: .dockerignore keeps {shown}; cog.yaml FASTSD_VARIANT={variant.name}")
+    missing = [s for s in sources if not (args.project / s.relative_folder / s.marker_name).exists()]
     if missing:
         print(
-            f"note: {', '.join(missing)} not here yet: run {weights.fetch_command(variant)} before cog build "
+            f"note: {', '.join(map(str, missing))} not here yet: run {layout.fetch_command(variant)} before cog build "
             "(else the image fetches what it needs at boot, from FASTSD_WEIGHTS_URL or the hub)"
         )
     return 0

@@ -15,11 +15,15 @@ from fastsd_testing import random_models
 
 @pytest.fixture(scope="session")
 def weights_root(tmp_path_factory) -> Path:
-    """A project root holding weights/<hub id> and lora/<hub id> for every variant's repos."""
+    """A project root holding weights/ and lora/ for every preset, and the acceleration files of
+    every custom acceleration (for the fine-tune tests)."""
     root = tmp_path_factory.mktemp("fastsd-root")
-    hub_ids = {hub for variant in variants.VARIANTS.values() for hub in [*variant.hub_ids.values(), variant.tiny_vae]}
-    for hub_id in sorted(hub_ids):
-        random_models.build(hub_id, root)
+    for variant in variants.VARIANTS.values():
+        random_models.build_variant(variant, root)
+    for recipe in variants.all_recipes():
+        for lora in recipe.loras:
+            if not (root / "lora" / lora.file.repo / lora.file.filename).exists():
+                random_models.build_lora_file(lora.file, root)
     return root
 
 

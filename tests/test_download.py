@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fastsd import download, variants, weights
+from fastsd import download, layout, provision, variants
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -297,6 +297,52 @@ REPOS = {
             "pytorch_lora_weights.safetensors",
         ]
     ),
+    # The repos of the 2024 recipes: many root files, of which a preset takes one.
+    "ByteDance/SDXL-Lightning": dict(
+        files=[
+            ".gitattributes",
+            "LICENSE.md",
+            "README.md",
+            "comfyui/sdxl_lightning_workflow_full.json",
+            "comfyui/sdxl_lightning_workflow_lora.json",
+            "sdxl_lightning_report.pdf",
+            *[f"sdxl_lightning_{n}step{kind}.safetensors" for n in (2, 4, 8) for kind in ("", "_lora", "_unet")],
+            "sdxl_lightning_1step_unet_x0.safetensors",
+            "sdxl_lightning_1step_x0.safetensors",
+        ]
+    ),
+    "ByteDance/Hyper-SD": dict(
+        files=[
+            ".gitattributes",
+            "LICENSE.md",
+            "README.md",
+            "hypersd_tearser.jpg",
+            "comfyui/Hyper-SDXL-1step-Unet-workflow.json",
+            *[f"Hyper-SD15-{n}-lora.safetensors" for n in ("1step", "2steps", "4steps", "8steps", "8steps-CFG")],
+            *[f"Hyper-SDXL-{n}-lora.safetensors" for n in ("1step", "2steps", "4steps", "8steps", "8steps-CFG")],
+            "Hyper-SD15-12steps-CFG-lora.safetensors",
+            "Hyper-SDXL-12steps-CFG-lora.safetensors",
+            "Hyper-SDXL-1step-Unet.safetensors",
+            "Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors",
+        ]
+    ),
+    "h1t/TCD-SD15-LoRA": dict(
+        files=[".gitattributes", "README.md", "assets/teaser.jpeg", "pytorch_lora_weights.safetensors"]
+    ),
+    "h1t/TCD-SDXL-LoRA": dict(
+        files=[".gitattributes", "README.md", "assets/teaser.jpeg", "pytorch_lora_weights.safetensors"]
+    ),
+    "tianweiy/DMD2": dict(
+        files=[
+            ".gitattributes",
+            "README.md",
+            "dmd2_sdxl_4step_lora.safetensors",
+            "dmd2_sdxl_4step_lora_fp16.safetensors",
+            "dmd2_sdxl_4step_unet_fp16.bin",
+            "dmd2_sdxl_4step_unet_fp16.safetensors",
+            "model/sdxl/sdxl_cond999_8node_lr5e-7_denoising4step_checkpoint_model_019000/pytorch_model.bin",
+        ]
+    ),
 }
 
 SD_FP16 = [
@@ -348,17 +394,53 @@ EXPECTED = {
 }
 
 
+def selected(source: layout.Source) -> list[str]:
+    repo = REPOS[source.repo]
+    return download.select_files(
+        source.role, repo["files"], repo.get("index"), filename=source.filename, skip=source.skip
+    )
+
+
 @pytest.mark.parametrize("hub_id", sorted(EXPECTED))
 def test_selection_is_exactly_what_the_pipeline_loads(hub_id):
     role, expected = EXPECTED[hub_id]
-    repo = REPOS[hub_id]
-    assert download.select_files(role, repo["files"], repo.get("index")) == sorted(expected)
+    assert selected(layout.Source(role, hub_id)) == sorted(expected)
 
 
-def test_every_repo_of_every_variant_is_covered_by_the_data():
-    used = {(role, hub_id) for variant in variants.VARIANTS.values() for role, hub_id in weights.variant_repos(variant)}
-    assert {hub_id for _, hub_id in used} <= set(EXPECTED)
-    assert all(EXPECTED[hub_id][0] == role for role, hub_id in used)
+def every_source() -> set[layout.Source]:
+    """Every source of every preset, and the acceleration files of every custom acceleration."""
+    found = {source for variant in variants.VARIANTS.values() for source in layout.sources(variant)}
+    for recipe in variants.all_recipes():
+        found |= {layout.Source(layout.LORA, lora.file.repo, lora.file.filename) for lora in recipe.loras}
+    return found
+
+
+def test_every_source_is_covered_by_the_recorded_repos():
+    for source in every_source():
+        assert source.repo in REPOS, source
+        if source.filename:  # one file of a repo of many: that file, nothing else
+            assert selected(source) == [source.filename]
+        else:
+            assert EXPECTED[source.repo][0] == source.role
+
+
+def test_a_preset_that_replaces_the_base_vae_or_unet_does_not_fetch_them():
+    sdxl_lcm = layout.sources(variants.VARIANTS["sdxl-lcm"])[0]
+    assert selected(sdxl_lcm) == [name for name in SDXL_FP16 if name != "vae/diffusion_pytorch_model.fp16.safetensors"]
+    lightning = layout.sources(variants.VARIANTS["sdxl-lightning"])[0]
+    assert selected(lightning) == [
+        name
+        for name in SDXL_FP16
+        if name not in ("vae/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors")
+    ]
+    assert "unet/config.json" in selected(lightning)  # the Lightning UNet's config is the base's
+
+
+def test_a_file_missing_from_its_repo_is_named():
+    with pytest.raises(download.WeightsDownloadError, match="no sdxl_lightning_3step_unet.safetensors"):
+        download.select_files(
+            "unet", REPOS["ByteDance/SDXL-Lightning"]["files"], filename="sdxl_lightning_3step_unet.safetensors"
+        )
 
 
 def test_full_precision_everywhere_when_one_component_lacks_fp16():
@@ -439,7 +521,8 @@ def test_unknown_variant_and_list_work_offline(tmp_path):
     assert done.returncode == 1 and "not a known variant" in done.stderr and "Traceback" not in done.stderr
     done, _ = run_command("--list", root=tmp_path)
     assert done.returncode == 0
-    assert "sd-turbo" in done.stdout and "missing" in done.stdout and "stabilityai/sd-turbo (model)" in done.stdout
+    assert "sd-turbo" in done.stdout and "missing" in done.stdout and "stabilityai/sd-turbo," in done.stdout
+    assert "ByteDance/Hyper-SD/Hyper-SDXL-1step-lora.safetensors" in done.stdout
 
 
 class FakeHub:
@@ -632,7 +715,7 @@ class LocalHub:
 
 def test_download_fetches_exactly_the_selection_writes_manifests_and_repairs(weights_root, tmp_path):
     variant = variants.VARIANTS["sd-turbo"]
-    repos = {hub_id: weights_root / "weights" / hub_id for _, hub_id in weights.variant_repos(variant)}
+    repos = {source.repo: weights_root / source.relative_folder for source in layout.sources(variant)}
     hub = LocalHub(repos)
     try:
         env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1"}
@@ -653,7 +736,7 @@ def test_download_fetches_exactly_the_selection_writes_manifests_and_repairs(wei
         on_disk = {p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file() and ".cache" not in p.parts}
         assert on_disk == {*expected, ".fastsd-manifest.json"}
         assert (tmp_path / "weights" / variant.tiny_vae / ".fastsd-manifest.json").is_file()
-        assert "2 repos," in done.stdout, done.stdout
+        assert "2 sources," in done.stdout, done.stdout
 
         # A second run checks and fetches nothing.
         fetched = len(hub.gets)
@@ -664,12 +747,12 @@ def test_download_fetches_exactly_the_selection_writes_manifests_and_repairs(wei
         unet = model / "unet" / "diffusion_pytorch_model.fp16.safetensors"
         with open(unet, "r+b") as stream:
             stream.truncate(100)
-        with pytest.raises(weights.WeightsMissing, match="damaged"):
-            with_root(tmp_path, weights.require_weights, variant)
+        with pytest.raises(provision.WeightsMissing, match="damaged"):
+            with_root(tmp_path, provision.require_weights, variant)
         done, _ = run_command("sd-turbo", env=env, root=tmp_path)
         assert done.returncode == 0, done.stderr
         assert f"{variant.model}/unet/diffusion_pytorch_model.fp16.safetensors" in hub.gets[fetched:]
-        with_root(tmp_path, weights.require_weights, variant)
+        with_root(tmp_path, provision.require_weights, variant)
     finally:
         hub.close()
 
@@ -694,3 +777,31 @@ def test_full_precision_on_request():
         "unet/diffusion_pytorch_model.safetensors",
         "vae/diffusion_pytorch_model.safetensors",
     ]
+
+
+def test_presets_sharing_a_repo_fetch_only_their_files_into_one_folder(weights_root, tmp_path):
+    """hyper-sd15 and hyper-sdxl take one LoRA each out of ByteDance/Hyper-SD: each run fetches its
+    own file, and the folder's manifest keeps both. hyper-sdxl replaces the SDXL base's VAE: the
+    base's VAE weights are not fetched."""
+    chosen = [variants.VARIANTS["hyper-sd15"], variants.VARIANTS["hyper-sdxl"]]
+    repos = {source.repo: weights_root / source.relative_folder for v in chosen for source in layout.sources(v)}
+    hub = LocalHub(repos)
+    try:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1"}
+        hyper = tmp_path / "lora" / "ByteDance" / "Hyper-SD"
+        done, _ = run_command("hyper-sd15", env=env, root=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert sorted(p.name for p in hyper.iterdir() if p.is_file()) == [
+            ".fastsd-manifest.json",
+            "Hyper-SD15-1step-lora.safetensors",
+        ]
+        done, _ = run_command("hyper-sdxl", env=env, root=tmp_path)
+        assert done.returncode == 0, done.stderr
+        listed = json.loads((hyper / ".fastsd-manifest.json").read_text())
+        assert sorted(listed["files"]) == ["Hyper-SD15-1step-lora.safetensors", "Hyper-SDXL-1step-lora.safetensors"]
+        base = tmp_path / "weights" / "stabilityai" / "stable-diffusion-xl-base-1.0"
+        assert (base / "vae" / "config.json").is_file() and not list((base / "vae").glob("*.safetensors"))
+        for variant in chosen:  # both boot
+            with_root(tmp_path, provision.require_weights, variant)
+    finally:
+        hub.close()

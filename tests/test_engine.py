@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from fastsd import pipelines, variants
 from fastsd.engine import Engine
 from fastsd.errors import ConfigurationError, InputError
-from fastsd.weights import LORA_WEIGHT_NAME, lora_folder
+from fastsd.layout import LORA, repo_folder
+from fastsd.tasks import Task
 
 SMALL = dict(width=64, height=64)
 
@@ -54,6 +55,12 @@ def generate(engine: Engine, **raw):
         ("lcm-dreamshaper", "LCMScheduler", None),
         ("sd15", "PNDMScheduler", None),
         ("sdxl", "EulerDiscreteScheduler", None),
+        ("sdxl-lightning", "EulerDiscreteScheduler", "trailing"),
+        ("hyper-sdxl", "TCDScheduler", None),
+        ("hyper-sd15", "TCDScheduler", None),
+        ("tcd-sdxl", "TCDScheduler", None),
+        ("tcd-sd15", "TCDScheduler", None),
+        ("dmd2-sdxl", "LCMScheduler", None),
     ],
 )
 def test_each_variant_gets_its_scheduler(engines, name, scheduler, spacing):
@@ -65,7 +72,7 @@ def test_each_variant_gets_its_scheduler(engines, name, scheduler, spacing):
 
 def test_image_to_image_shares_the_text_to_image_weights(engines):
     engine = engines("sdxl-lcm")
-    text, image = engine.pipelines.text_to_image, engine.pipelines.image_to_image
+    text, image = engine.pipelines.text_to_image, engine.pipelines.get(Task.IMAGE_TO_IMAGE, "full")
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
         assert getattr(image, component) is getattr(text, component)
 
@@ -78,12 +85,12 @@ def test_every_pipeline_keeps_the_chosen_dtype(weights_root, monkeypatch, name):
     for mode, pipeline in loaded.by_mode.items():
         for component in ("unet", "vae", "text_encoder"):
             assert getattr(pipeline, component).dtype == torch.bfloat16, (mode, component)
-    assert loaded.get(False, "tiny").vae is not loaded.text_to_image.vae
-    assert loaded.get(True, "tiny").unet is loaded.text_to_image.unet
+    assert loaded.get(Task.TEXT_TO_IMAGE, "tiny").vae is not loaded.text_to_image.vae
+    assert loaded.get(Task.IMAGE_TO_IMAGE, "tiny").unet is loaded.text_to_image.unet
     for convolution in (
         loaded.text_to_image.unet.conv_in,
         loaded.text_to_image.vae.decoder.conv_out,
-        loaded.get(False, "tiny").vae.decoder.layers[0],
+        loaded.get(Task.TEXT_TO_IMAGE, "tiny").vae.decoder.layers[0],
     ):
         assert convolution.weight.is_contiguous(memory_format=torch.channels_last)
 
@@ -92,7 +99,7 @@ def test_the_full_vae_decodes_a_batch_one_image_at_a_time_and_the_tiny_one_whole
     """Slicing bounds the full decoder's memory per image; the tiny decoder keeps the batch."""
     engine = engines("sd-turbo")
     for vae, expected in (("full", [1, 1, 1]), ("tiny", [3])):
-        sizes, handle = batch_sizes(engine.pipelines.get(False, vae).vae.decoder)
+        sizes, handle = batch_sizes(engine.pipelines.get(Task.TEXT_TO_IMAGE, vae).vae.decoder)
         try:
             generate(engine, prompt="three kites", num_outputs=3, seed=3, vae=vae, **SMALL)
         finally:
@@ -136,7 +143,8 @@ def test_lcm_lora_is_fused_exactly_once(engines, weights_root, name):
     variant = variants.VARIANTS[name]
     unet = engines(name).pipelines.text_to_image.unet
     base = load_file(weights_root / "weights" / variant.model / "unet" / "diffusion_pytorch_model.safetensors")
-    lora = load_file(weights_root / "lora" / variant.lora / LORA_WEIGHT_NAME)
+    [lora_spec] = variant.recipe.loras
+    lora = load_file(weights_root / "lora" / lora_spec.file.repo / lora_spec.file.filename)
     layer = next(n for n in unet.state_dict() if n.endswith("attn1.to_q.weight"))
     key = "lora_unet_" + layer.removesuffix(".weight").replace(".", "_")
     down, up = lora[f"{key}.lora_down.weight"].float(), lora[f"{key}.lora_up.weight"].float()
@@ -252,16 +260,28 @@ def test_a_repo_with_only_fp16_files_loads_them_in_full_precision(weights_root, 
     assert pipelines.weights_variant(only_fp16, torch.float32) == "fp16"
 
 
+def lora_repos(variant) -> list[str]:
+    return [lora.file.repo for lora in variant.recipe.loras]
+
+
 def test_custom_models_detect_their_architecture_and_lora(weights_root, monkeypatch):
     sd15 = weights_root / "weights" / "stable-diffusion-v1-5/stable-diffusion-v1-5"
     sdxl = weights_root / "weights" / "stabilityai/stable-diffusion-xl-base-1.0"
     turbo = weights_root / "weights" / "stabilityai/sd-turbo"
     custom = variants.custom_variant(str(sd15), sd15, "lcm-lora")
-    assert (custom.architecture, custom.lora, custom.num_inference_steps) == ("sd", variants.LCM_LORA_FOR[768], 4)
+    assert (custom.architecture, lora_repos(custom), custom.num_inference_steps) == (
+        variants.SD15,
+        ["latent-consistency/lcm-lora-sdv1-5"],
+        4,
+    )
     custom = variants.custom_variant(str(sdxl), sdxl, "lcm-lora")
-    assert (custom.architecture, custom.lora, custom.width) == ("sdxl", variants.LCM_LORA_FOR[2048], 1024)
-    assert variants.custom_variant(str(sdxl), sdxl, "none").lora is None
-    with pytest.raises(ConfigurationError, match="SD 2.x"):
+    assert (custom.architecture, lora_repos(custom), custom.width) == (
+        variants.SDXL,
+        ["latent-consistency/lcm-lora-sdxl"],
+        1024,
+    )
+    assert lora_repos(variants.custom_variant(str(sdxl), sdxl, "none")) == []
+    with pytest.raises(ConfigurationError, match=r"an SD 2.x model; for it choose one of: none\.$"):
         variants.custom_variant(str(turbo), turbo, "lcm-lora")
     with pytest.raises(ConfigurationError, match="FASTSD_ACCELERATION"):
         variants.custom_variant(str(sd15), sd15, "turbo")
@@ -276,10 +296,10 @@ def test_a_custom_local_model_runs_with_its_lcm_lora(weights_root, tmp_path, mon
     monkeypatch.setenv("FASTSD_MODEL", str(fine_tune))
     monkeypatch.setenv("FASTSD_ACCELERATION", "lcm-lora")
     engine = Engine.from_environment()
-    assert engine.variant.lora == variants.LCM_LORA_FOR[768]
+    assert lora_repos(engine.variant) == ["latent-consistency/lcm-lora-sdv1-5"]
     assert type(engine.pipelines.text_to_image.scheduler).__name__ == "LCMScheduler"
     assert generate(engine, prompt="x", seed=1, **SMALL).images[0].size == (64, 64)
-    assert lora_folder(engine.variant.lora).is_dir()
+    assert repo_folder(LORA, lora_repos(engine.variant)[0]).is_dir()
 
 
 def test_unknown_variant_names_the_choices(monkeypatch):
@@ -300,7 +320,7 @@ def test_compiled_modules_are_shared_and_give_the_same_image(weights_root, monke
     compiled = Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
     unet = compiled.pipelines.text_to_image.unet
     assert unet._compiled_call_impl is not None
-    assert compiled.pipelines.get(True, "tiny").unet is unet
+    assert compiled.pipelines.get(Task.IMAGE_TO_IMAGE, "tiny").unet is unet
     assert np.abs(np.asarray(generate(compiled, **request).images[0], dtype=int) - expected).max() <= 2
 
 

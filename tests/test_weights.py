@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_ROOT, script_module
 
-from fastsd import fetch, manifest, variants, weights
+from fastsd import fetch, layout, manifest, provision, variants
 from fastsd.engine import Engine
 from fastsd.errors import ConfigurationError
 
@@ -29,16 +29,15 @@ select_variant = script_module("scripts/select_variant.py")
 
 SD_TURBO = variants.VARIANTS["sd-turbo"]
 SD15_LCM = variants.VARIANTS["sd15-lcm"]
+SD15_LCM_LORA = next(source for source in layout.sources(SD15_LCM) if source.role == layout.LORA)
 
 
 def copy_variant(source_root: Path, variant, root: Path) -> Path:
     """A private copy of a variant's tiny model folders (the session's shared root stays intact)."""
-    for folder in weights.variant_folders(variant):
-        relative = folder.relative_to(source_root) if folder.is_relative_to(source_root) else None
-        if relative is None:
-            continue
+    for source in layout.sources(variant):
+        folder = source_root / source.relative_folder
         if folder.is_dir():
-            shutil.copytree(folder, root / relative, dirs_exist_ok=True)
+            shutil.copytree(folder, root / source.relative_folder, dirs_exist_ok=True)
     return root
 
 
@@ -65,53 +64,53 @@ def add_manifest(folder: Path) -> dict:
 def test_folder_without_manifest_loads_and_says_so(root, caplog):
     from fastsd.engine import Engine
 
-    caplog.set_level(logging.INFO, logger="fastsd.weights")
-    weights._logged_unverified.clear()
-    weights.ensure_weights(SD_TURBO)
+    caplog.set_level(logging.INFO, logger="fastsd.provision")
+    provision._logged_unverified.clear()
+    provision.ensure_weights(SD_TURBO)
     engine = Engine.load(SD_TURBO)
     assert engine.pipelines.text_to_image is not None
-    assert f"{weights.model_folder(SD_TURBO.model)} has no .fastsd-manifest.json" in caplog.text
+    assert f"{layout.model_folder(SD_TURBO.model)} has no .fastsd-manifest.json" in caplog.text
 
 
 def test_a_truncated_file_in_a_folder_without_manifest_fails_setup_naming_it(root):
-    unet = weights.model_folder(SD_TURBO.model) / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    unet = layout.model_folder(SD_TURBO.model) / "unet" / "diffusion_pytorch_model.fp16.safetensors"
     with open(unet, "r+b") as file:
         file.truncate(unet.stat().st_size // 2)
     with pytest.raises(
-        weights.WeightsMissing,
+        provision.WeightsMissing,
         match=re.escape(str(unet)) + r" \(\d+ bytes, expected \d+ from its "
         r"header\).*python scripts/download_weights.py sd-turbo",
     ):
-        weights.require_weights(SD_TURBO)
+        provision.require_weights(SD_TURBO)
 
 
 def test_a_mangled_header_or_missing_component_weights_fail_setup_without_manifest(root):
-    vae = weights.model_folder(SD_TURBO.model) / "vae"
+    vae = layout.model_folder(SD_TURBO.model) / "vae"
     (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"\x0a\x00\x00\x00\x00\x00\x00\x00{not json}")
-    with pytest.raises(weights.WeightsMissing, match="unreadable safetensors header"):
-        weights.require_weights(SD_TURBO)
+    with pytest.raises(provision.WeightsMissing, match="unreadable safetensors header"):
+        provision.require_weights(SD_TURBO)
     for file in vae.glob("*.safetensors"):
         file.unlink()
-    with pytest.raises(weights.WeightsMissing, match=re.escape(str(vae)) + r" \(missing: no .safetensors weights\)"):
-        weights.require_weights(SD_TURBO)
+    with pytest.raises(provision.WeightsMissing, match=re.escape(str(vae)) + r" \(missing: no .safetensors weights\)"):
+        provision.require_weights(SD_TURBO)
 
 
 def test_complete_folder_with_manifest_passes(root):
-    for folder in weights.variant_folders(SD15_LCM):
+    for folder in {source.folder for source in layout.sources(SD15_LCM)}:
         if folder.is_dir():
             add_manifest(folder)
-    weights.ensure_weights(SD15_LCM)  # no error
+    provision.ensure_weights(SD15_LCM)  # no error
 
 
 def test_truncated_file_fails_setup_naming_it_and_the_fetch_command(root):
-    folder = weights.model_folder(SD_TURBO.model)
+    folder = layout.model_folder(SD_TURBO.model)
     add_manifest(folder)
     unet = sorted((folder / "unet").glob("*.safetensors"))[0]
     size = unet.stat().st_size
     with open(unet, "r+b") as stream:
         stream.truncate(size // 2)
-    with pytest.raises(weights.WeightsMissing) as raised:
-        weights.ensure_weights(SD_TURBO)
+    with pytest.raises(provision.WeightsMissing) as raised:
+        provision.ensure_weights(SD_TURBO)
     message = str(raised.value)
     assert f"{unet} ({size // 2} bytes, expected {size})" in message
     assert "python scripts/download_weights.py sd-turbo" in message
@@ -119,28 +118,28 @@ def test_truncated_file_fails_setup_naming_it_and_the_fetch_command(root):
 
 
 def test_missing_file_listed_in_manifest_fails_setup(root):
-    folder = weights.lora_folder(SD15_LCM.lora)
+    folder = SD15_LCM_LORA.folder
     add_manifest(folder)
-    weights.require_weights(SD15_LCM)
-    (folder / weights.LORA_WEIGHT_NAME).rename(folder / "moved-away")
-    with pytest.raises(weights.WeightsMissing, match="missing") as raised:
-        weights.require_weights(SD15_LCM)
-    assert weights.LORA_WEIGHT_NAME in str(raised.value)
+    provision.require_weights(SD15_LCM)
+    (folder / SD15_LCM_LORA.filename).rename(folder / "moved-away")
+    with pytest.raises(provision.WeightsMissing, match="missing") as raised:
+        provision.require_weights(SD15_LCM)
+    assert SD15_LCM_LORA.filename in str(raised.value)
     assert "python scripts/download_weights.py sd15-lcm" in str(raised.value)
 
 
 def test_missing_config_file_named_by_manifest(root):
-    folder = weights.model_folder(SD_TURBO.model)
+    folder = layout.model_folder(SD_TURBO.model)
     add_manifest(folder)
     (folder / "unet" / "config.json").unlink()
-    with pytest.raises(weights.WeightsMissing, match=re.escape(str(folder / "unet" / "config.json") + " (missing)")):
-        weights.require_weights(SD_TURBO)
+    with pytest.raises(provision.WeightsMissing, match=re.escape(str(folder / "unet" / "config.json") + " (missing)")):
+        provision.require_weights(SD_TURBO)
 
 
 def test_verify_catches_a_changed_byte_that_the_size_check_cannot(root):
-    folder = weights.lora_folder(SD15_LCM.lora)
+    folder = SD15_LCM_LORA.folder
     add_manifest(folder)
-    path = folder / weights.LORA_WEIGHT_NAME
+    path = folder / SD15_LCM_LORA.filename
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -149,19 +148,19 @@ def test_verify_catches_a_changed_byte_that_the_size_check_cannot(root):
 
 
 def test_unreadable_manifest_is_reported_not_a_traceback(root):
-    folder = weights.model_folder(SD_TURBO.model)
+    folder = layout.model_folder(SD_TURBO.model)
     manifest.manifest_path(folder).write_text("{not json")
-    with pytest.raises(weights.WeightsMissing, match="not a valid fastsd manifest"):
-        weights.require_weights(SD_TURBO)
+    with pytest.raises(provision.WeightsMissing, match="not a valid fastsd manifest"):
+        provision.require_weights(SD_TURBO)
 
 
 def test_missing_weights_without_url_and_without_hub_fail_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(tmp_path))
-    monkeypatch.delenv(weights.WEIGHTS_URL_ENV, raising=False)
+    monkeypatch.delenv(provision.WEIGHTS_URL_ENV, raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(weights.WeightsMissing) as raised:
-        weights.ensure_weights(SD_TURBO)
+    with pytest.raises(provision.WeightsMissing) as raised:
+        provision.ensure_weights(SD_TURBO)
     message = str(raised.value)
     assert message.startswith("Weights for variant sd-turbo are missing:")
     assert "python scripts/download_weights.py sd-turbo" in message and "FASTSD_WEIGHTS_URL" in message
@@ -171,9 +170,9 @@ def test_missing_weights_without_url_and_without_hub_fail_clearly(tmp_path, monk
 def test_hub_not_asked_when_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv(weights.WEIGHTS_URL_ENV, raising=False)
-    with pytest.raises(weights.WeightsMissing, match="HF_HUB_OFFLINE is set"):
-        weights.ensure_weights(SD_TURBO)
+    monkeypatch.delenv(provision.WEIGHTS_URL_ENV, raising=False)
+    with pytest.raises(provision.WeightsMissing, match="HF_HUB_OFFLINE is set"):
+        provision.ensure_weights(SD_TURBO)
 
 
 # --- a local HTTP server for the weights tar ----------------------------------------------------
@@ -273,9 +272,9 @@ def test_setup_fetches_a_missing_variant_from_the_tar_with_parallel_range_reques
     from fastsd.engine import Engine
 
     fresh = empty_root(tmp_path, monkeypatch)
-    caplog.set_level(logging.INFO, logger="fastsd.weights")
+    caplog.set_level(logging.INFO, logger="fastsd.provision")
     with TarServer(sd_turbo_tar) as server:
-        weights.ensure_weights(SD_TURBO, server.url)
+        provision.ensure_weights(SD_TURBO, server.url)
     ranges = [r for r in server.requests if r]
     assert len(ranges) == len(server.requests) >= len(sd_turbo_tar) // (64 * 1024)
     assert "bytes=0-65535" in ranges
@@ -289,15 +288,15 @@ def test_setup_fetches_a_missing_variant_from_the_tar_with_parallel_range_reques
 def test_weights_url_from_the_environment(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
     fresh = empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar) as server:
-        monkeypatch.setenv(weights.WEIGHTS_URL_ENV, server.url)
-        weights.ensure_weights(SD_TURBO)
+        monkeypatch.setenv(provision.WEIGHTS_URL_ENV, server.url)
+        provision.ensure_weights(SD_TURBO)
     assert (fresh / "weights" / SD_TURBO.model / "model_index.json").is_file()
 
 
 def test_a_dropped_connection_resumes_from_the_byte_it_reached(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
     fresh = empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar, drop=3) as server:
-        weights.ensure_weights(SD_TURBO, server.url)
+        provision.ensure_weights(SD_TURBO, server.url)
     # A resumed request starts inside a chunk, not at a multiple of the chunk size.
     starts = [int(re.match(r"bytes=(\d+)-", r)[1]) for r in server.requests]
     assert any(start % (64 * 1024) for start in starts)
@@ -311,7 +310,7 @@ def test_a_connection_that_keeps_dropping_fails_clearly_and_leaves_nothing(
     monkeypatch.setattr(fetch, "ATTEMPTS", 2)
     with TarServer(sd_turbo_tar, drop=10_000) as server:
         with pytest.raises(fetch.ArchiveError, match=r"failed at byte \d+ after 2 attempts") as raised:
-            weights.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, server.url)
     assert "secret" not in str(raised.value)
     assert list(fresh.iterdir()) == []
 
@@ -319,7 +318,7 @@ def test_a_connection_that_keeps_dropping_fails_clearly_and_leaves_nothing(
 def test_a_server_without_range_support_is_read_as_one_stream(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
     fresh = empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar, ranges=False) as server:
-        weights.ensure_weights(SD_TURBO, server.url)
+        provision.ensure_weights(SD_TURBO, server.url)
     assert len(server.requests) == 1
     assert manifest.check(fresh / "weights" / SD_TURBO.model) == []
 
@@ -328,14 +327,14 @@ def test_a_dropped_connection_without_range_support_is_a_clear_error(sd_turbo_ta
     empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar, ranges=False, drop=1) as server:
         with pytest.raises(ConfigurationError, match="cannot resume|damaged"):
-            weights.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, server.url)
 
 
 def test_http_error_is_one_sentence(small_chunks, tmp_path, monkeypatch):
     empty_root(tmp_path, monkeypatch)
     with TarServer(b"", status=403) as server:
         with pytest.raises(fetch.ArchiveError, match=r"answered HTTP 403 .*signed URL may have expired"):
-            weights.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, server.url)
 
 
 def test_a_corrupt_archive_is_refused(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
@@ -344,10 +343,10 @@ def test_a_corrupt_archive_is_refused(sd_turbo_tar, small_chunks, tmp_path, monk
     damaged[100:400] = b"\x07" * 300  # inside the first member's header: its checksum fails
     with TarServer(bytes(damaged)) as server:
         with pytest.raises(fetch.ArchiveError, match="damaged or not a tar"):
-            weights.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, server.url)
     with TarServer(b"this is not a tar at all" * 1000) as server:
         with pytest.raises(fetch.ArchiveError, match="damaged or not a tar"):
-            weights.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, server.url)
     assert list(fresh.iterdir()) == []
 
 
@@ -355,7 +354,7 @@ def test_a_truncated_archive_is_refused(sd_turbo_tar, small_chunks, tmp_path, mo
     empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar[: len(sd_turbo_tar) // 2]) as server:
         with pytest.raises(fetch.ArchiveError, match="damaged or not a tar"):
-            weights.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, server.url)
 
 
 def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
@@ -373,7 +372,7 @@ def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
 
 
 def test_a_file_of_the_wrong_size_in_the_tar_is_refused(root, small_chunks, tmp_path, monkeypatch):
-    folder = weights.model_folder(SD_TURBO.model)
+    folder = layout.model_folder(SD_TURBO.model)
     files = add_manifest(folder)
     members = []
     for name in sorted(files):
@@ -391,7 +390,7 @@ def test_a_file_of_the_wrong_size_in_the_tar_is_refused(root, small_chunks, tmp_
             match=r"does not match its manifest: .*unet/config.json \(\d+ bytes, "
             r"expected \d+\)",
         ):
-            weights.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, server.url)
     assert list(fresh.iterdir()) == []
 
 
@@ -401,7 +400,7 @@ def test_path_traversal_is_refused(name, small_chunks, tmp_path, monkeypatch):
     payload = _tar([_file(f"weights/{SD_TURBO.model}/model_index.json", b"{}"), _file(name, b"owned")])
     with TarServer(payload) as server:
         with pytest.raises(fetch.ArchiveError, match="leads outside its folder"):
-            weights.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, server.url)
     assert not (tmp_path / "escaped").exists() and not Path("/tmp/escaped").exists()
     assert list(fresh.iterdir()) == []
 
@@ -412,24 +411,24 @@ def test_links_and_members_outside_weights_are_refused(small_chunks, tmp_path, m
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     with TarServer(_tar([(link, None)])) as server:
         with pytest.raises(fetch.ArchiveError, match="a link"):
-            weights.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, server.url)
     with TarServer(_tar([_file("predict.py", b"print('replaced')")])) as server:
         with pytest.raises(fetch.ArchiveError, match="outside weights/ and lora/"):
-            weights.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, server.url)
 
 
 def test_a_tar_for_another_variant_is_refused(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
     empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar) as server:
         with pytest.raises(fetch.ArchiveError, match=f"has no weights/{SD15_LCM.model}/"):
-            weights.ensure_weights(SD15_LCM, server.url)
+            provision.ensure_weights(SD15_LCM, server.url)
 
 
 def test_a_local_tar_path_works_too(sd_turbo_tar, tmp_path, monkeypatch):
     fresh = empty_root(tmp_path, monkeypatch)
     path = tmp_path / "local.tar"
     path.write_bytes(sd_turbo_tar)
-    weights.ensure_weights(SD_TURBO, str(path))
+    provision.ensure_weights(SD_TURBO, str(path))
     assert manifest.check(fresh / "weights" / SD_TURBO.model) == []
 
 
@@ -452,14 +451,14 @@ def test_pget_is_used_when_on_path_and_its_output_is_checked(sd_turbo_tar, tmp_p
     archive.write_bytes(sd_turbo_tar)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("SOURCE_TAR", str(archive))
-    weights.ensure_weights(SD_TURBO, "https://example.invalid/sd-turbo.tar")
+    provision.ensure_weights(SD_TURBO, "https://example.invalid/sd-turbo.tar")
     assert record.read_text().split()[:2] == ["-x", "https://example.invalid/sd-turbo.tar"]
     assert manifest.check(fresh / "weights" / SD_TURBO.model) == []
 
     shutil.rmtree(fresh / "weights")
     monkeypatch.setenv("ADD_LINK", "1")
     with pytest.raises(fetch.ArchiveError, match="a link or special file"):
-        weights.ensure_weights(SD_TURBO, "https://example.invalid/sd-turbo.tar")
+        provision.ensure_weights(SD_TURBO, "https://example.invalid/sd-turbo.tar")
 
 
 # --- packing ------------------------------------------------------------------------------------
@@ -471,27 +470,49 @@ def test_pack_writes_a_manifest_for_a_folder_without_one(root, tmp_path):
     with tarfile.open(out) as archive:
         names = archive.getnames()
         model_manifest = json.load(archive.extractfile(f"weights/{SD15_LCM.model}/{manifest.MANIFEST_NAME}"))
-    folder = weights.model_folder(SD15_LCM.model)
+    folder = layout.model_folder(SD15_LCM.model)
     assert set(model_manifest["files"]) == set(manifest.local_files(folder))
     unet = next(n for n in model_manifest["files"] if n.startswith("unet/") and n.endswith(".safetensors"))
     assert model_manifest["files"][unet]["sha256"] == manifest.sha256_of(folder / unet)
-    assert f"lora/{SD15_LCM.lora}/{weights.LORA_WEIGHT_NAME}" in names
+    assert f"lora/{SD15_LCM_LORA.repo}/{SD15_LCM_LORA.filename}" in names
     assert all(n.startswith(("weights/", "lora/")) for n in names)
     assert not manifest.manifest_path(folder).exists()  # the folder itself is left as it was
 
 
 def test_pack_keeps_to_the_manifest_and_refuses_a_damaged_folder(root, tmp_path):
-    folder = weights.lora_folder(SD15_LCM.lora)
+    folder = SD15_LCM_LORA.folder
     add_manifest(folder)
     (folder / "notes.txt").write_text("not listed in the manifest")
     out = tmp_path / "out.tar"
     pack_weights.pack(SD15_LCM, out, report=lambda line: None)
     with tarfile.open(out) as archive:
-        assert f"lora/{SD15_LCM.lora}/notes.txt" not in archive.getnames()
-    with open(folder / weights.LORA_WEIGHT_NAME, "r+b") as stream:
+        assert f"lora/{SD15_LCM_LORA.repo}/notes.txt" not in archive.getnames()
+    with open(folder / SD15_LCM_LORA.filename, "r+b") as stream:
         stream.truncate(10)
     with pytest.raises(ConfigurationError, match="does not match its manifest"):
         pack_weights.pack(SD15_LCM, out, report=lambda line: None)
+
+
+def test_pack_takes_only_what_the_preset_loads_from_shared_folders(weights_root, tmp_path, monkeypatch):
+    """hyper-sdxl takes one LoRA out of ByteDance/Hyper-SD (whose folder also holds the SD1.5 one)
+    and replaces the SDXL base's VAE: the tar holds neither the other LoRA nor the base's VAE
+    weights, its manifests list only what it holds, and a fresh root set up from it boots."""
+    hyper_sdxl = variants.VARIANTS["hyper-sdxl"]
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
+    out = tmp_path / "hyper-sdxl.tar"
+    pack_weights.pack(hyper_sdxl, out, report=lambda line: None)
+    with tarfile.open(out) as archive:
+        names = archive.getnames()
+        lora_manifest = json.load(archive.extractfile(f"lora/ByteDance/Hyper-SD/{manifest.MANIFEST_NAME}"))
+    assert "lora/ByteDance/Hyper-SD/Hyper-SDXL-1step-lora.safetensors" in names
+    assert "lora/ByteDance/Hyper-SD/Hyper-SD15-1step-lora.safetensors" not in names
+    assert list(lora_manifest["files"]) == ["Hyper-SDXL-1step-lora.safetensors"]
+    base = f"weights/{hyper_sdxl.model}"
+    assert f"{base}/vae/config.json" in names
+    assert not [name for name in names if name.startswith(f"{base}/vae/") and name.endswith(".safetensors")]
+    fresh = empty_root(tmp_path, monkeypatch)
+    provision.ensure_weights(hyper_sdxl, str(out))
+    assert (fresh / "lora" / "ByteDance" / "Hyper-SD" / "Hyper-SDXL-1step-lora.safetensors").is_file()
 
 
 # --- baking one variant into an image -----------------------------------------------------------
@@ -553,6 +574,32 @@ def test_select_variant_writes_dockerignore_and_cog_yaml(tmp_path):
     assert [p for p in left_out if not dockerignore_excludes(patterns, p)] == []
 
 
+def test_select_variant_bakes_only_the_files_a_preset_takes_from_shared_folders(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "cog.yaml").write_text((PROJECT_ROOT / "cog.yaml").read_text())
+    assert select_variant.main(["hyper-sdxl", "--project", str(project)]) == 0
+    patterns = [
+        line for line in (project / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")
+    ]
+    base = "weights/stabilityai/stable-diffusion-xl-base-1.0"
+    kept = [
+        "lora/ByteDance/Hyper-SD/Hyper-SDXL-1step-lora.safetensors",
+        "lora/ByteDance/Hyper-SD/.fastsd-manifest.json",
+        f"{base}/unet/diffusion_pytorch_model.fp16.safetensors",
+        f"{base}/vae/config.json",
+        "weights/madebyollin/sdxl-vae-fp16-fix/diffusion_pytorch_model.safetensors",
+    ]
+    left_out = [
+        "lora/ByteDance/Hyper-SD/Hyper-SD15-1step-lora.safetensors",
+        f"{base}/vae/diffusion_pytorch_model.fp16.safetensors",
+        "weights/ByteDance/SDXL-Lightning/sdxl_lightning_4step_unet.safetensors",
+        "lora/h1t/TCD-SDXL-LoRA/pytorch_lora_weights.safetensors",
+    ]
+    assert [p for p in kept if dockerignore_excludes(patterns, p)] == []
+    assert [p for p in left_out if not dockerignore_excludes(patterns, p)] == []
+
+
 def test_select_variant_refuses_an_unknown_variant_or_a_cog_yaml_without_the_line(tmp_path, capsys):
     project = tmp_path / "project"
     project.mkdir()
@@ -565,10 +612,9 @@ def test_select_variant_refuses_an_unknown_variant_or_a_cog_yaml_without_the_lin
 
 
 def test_committed_dockerignore_is_the_one_for_the_default_variant(monkeypatch):
-    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(PROJECT_ROOT))
-    folders = [folder.relative_to(PROJECT_ROOT).as_posix() for folder in weights.variant_folders(SD_TURBO)]
-    assert f"weights/{SD_TURBO.model}" in folders
-    assert (PROJECT_ROOT / ".dockerignore").read_text() == select_variant.dockerignore_text("sd-turbo", folders)
+    kept = select_variant.kept_paths(layout.sources(SD_TURBO))
+    assert f"!weights/{SD_TURBO.model}/**" in kept
+    assert (PROJECT_ROOT / ".dockerignore").read_text() == select_variant.dockerignore_text("sd-turbo", kept)
     assert "FASTSD_VARIANT=sd-turbo" in (PROJECT_ROOT / "cog.yaml").read_text()
 
 
@@ -582,27 +628,27 @@ def test_fnmatch_is_not_used_by_the_selection_escape():
 
 def test_a_custom_model_is_fetched_from_the_tar_before_its_configs_are_read(root, tmp_path, monkeypatch):
     """FASTSD_MODEL=<hub id>: the engine must fetch the folder before custom_variant reads it."""
-    shutil.copytree(weights.model_folder(SD15_LCM.model), root / "weights" / "someone" / "custom-sd15")
+    shutil.copytree(layout.model_folder(SD15_LCM.model), root / "weights" / "someone" / "custom-sd15")
     out = tmp_path / "custom.tar"
     assert pack_weights.main(["custom", str(out), "--model", "someone/custom-sd15"]) == 0
     fresh = empty_root(tmp_path, monkeypatch)
     monkeypatch.setenv("FASTSD_MODEL", "someone/custom-sd15")
     monkeypatch.setenv("FASTSD_ACCELERATION", "lcm-lora")
     variant = Engine.from_environment(weights_url=str(out)).variant  # what setup() does
-    assert variant.lora == SD15_LCM.lora
-    assert (fresh / "lora" / SD15_LCM.lora / weights.LORA_WEIGHT_NAME).is_file()  # came along, optional
-    weights.ensure_weights(variant, str(out))  # nothing left to fetch
+    assert variant.recipe.loras == SD15_LCM.recipe.loras
+    assert (fresh / SD15_LCM_LORA.relative_folder / SD15_LCM_LORA.filename).is_file()  # came along, optional
+    provision.ensure_weights(variant, str(out))  # nothing left to fetch
     assert manifest.check(fresh / "weights" / "someone" / "custom-sd15") == []
 
 
 def test_a_custom_model_without_tar_or_hub_is_one_clear_error(tmp_path, monkeypatch):
     empty_root(tmp_path, monkeypatch)
-    monkeypatch.delenv(weights.WEIGHTS_URL_ENV, raising=False)
+    monkeypatch.delenv(provision.WEIGHTS_URL_ENV, raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(
-        weights.WeightsMissing,
+        provision.WeightsMissing,
         match=r"python scripts/download_weights.py --model someone/x "
         r"--acceleration lcm-lora.*cannot be reached",
     ):
-        weights.ensure_model_folder("someone/x")
+        provision.ensure_model_folder("someone/x")

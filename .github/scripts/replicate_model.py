@@ -69,7 +69,7 @@ def prepare(client: replicate.Client, model: str) -> int:
                 f"::error::Replicate refused to create {model} ({create_error.status}): the API token "
                 f"must be allowed to create models for {owner}. For an organization, use a token made "
                 f"for that organization, or create the model once at https://replicate.com/create "
-                f"(README.md, Deploy)."
+                f"(docs/deploy.md)."
             )
             return 1
         print(f"created {visibility} model {model} on {hardware}", file=sys.stderr)

@@ -1,0 +1,114 @@
+"""Where weights live on disk, and which of them a preset loads.
+
+Folders mirror hub ids: weights/<hub id>/ for models, VAEs and replacement UNets, lora/<hub id>/
+for LoRAs, under the project root (FASTSD_WEIGHTS_ROOT overrides it). A file out of a repo that
+holds many (a LoRA, a Lightning UNet) keeps the repo's own file name inside that folder. A local
+folder may also be named directly as a custom model.
+
+A Source is one thing a preset loads: a whole repo (a diffusers pipeline, a bare autoencoder) or
+one file of it. Everything that checks, fetches, packs or bakes weights works from sources(), so
+a new recipe needs no code here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .variants import Variant
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Roles: what a source is to the pipeline.
+MODEL, VAE, TINY_VAE, UNET, LORA = "model", "vae", "tiny_vae", "unet", "lora"
+
+
+def weights_root() -> Path:
+    return Path(os.environ.get("FASTSD_WEIGHTS_ROOT", PROJECT_ROOT))
+
+
+def is_local_path(model: str) -> bool:
+    return Path(model).expanduser().is_absolute() or model.startswith(".")
+
+
+def model_folder(model: str) -> Path:
+    """The folder of a model named by hub id (under weights/) or by a local path."""
+    if is_local_path(model):
+        return Path(model).expanduser()
+    return weights_root() / "weights" / model
+
+
+def repo_folder(role: str, repo: str) -> Path:
+    if role == MODEL and is_local_path(repo):
+        return model_folder(repo)
+    return weights_root() / ("lora" if role == LORA else "weights") / repo
+
+
+@dataclass(frozen=True)
+class Source:
+    role: str
+    repo: str
+    filename: str | None = None  # one file of the repo; None: the repo's diffusers layout
+    skip: tuple[str, ...] = ()  # model components the preset replaces: their weights are not loaded
+    optional: bool = False  # loaded when present (the tiny autoencoder)
+
+    @property
+    def folder(self) -> Path:
+        return repo_folder(self.role, self.repo)
+
+    @property
+    def relative_folder(self) -> Path:
+        """The folder under the weights root (what a weights tar and .dockerignore name)."""
+        return Path("lora" if self.role == LORA else "weights") / self.repo
+
+    @property
+    def marker_name(self) -> str:
+        """The file whose presence says the source is there at all."""
+        return self.filename or ("model_index.json" if self.role == MODEL else "config.json")
+
+    @property
+    def marker(self) -> Path:
+        return self.folder / self.marker_name
+
+    @property
+    def is_local(self) -> bool:
+        """A custom model given as a local folder: nothing to fetch, pack or bake."""
+        return self.role == MODEL and is_local_path(self.repo)
+
+    def covers(self, name: str) -> bool:
+        """Whether a file of the folder (its path relative to the folder) is one this source loads."""
+        if self.filename:
+            return name == self.filename
+        # A replaced component keeps its configs (the Lightning UNet is built from the base's).
+        return not (name.split("/", 1)[0] in self.skip and name.endswith(".safetensors"))
+
+    def __str__(self) -> str:
+        return f"{self.repo}/{self.filename}" if self.filename else self.repo
+
+
+def sources(variant: Variant, tiny_vae: bool = True) -> list[Source]:
+    """Everything the variant loads: its model (less the components it replaces), the replacement
+    VAE and UNet, the LoRAs it fuses, then its tiny autoencoder (optional: loaded when present;
+    fetched, packed and baked unless tiny_vae=False)."""
+    recipe = variant.recipe
+    replaced = tuple(name for name, by in (("unet", recipe.unet), ("vae", variant.vae)) if by)
+    found = [Source(MODEL, variant.model, skip=replaced)]
+    if variant.vae:
+        found.append(Source(VAE, variant.vae))
+    if recipe.unet:
+        found.append(Source(UNET, recipe.unet.repo, recipe.unet.filename))
+    found += [Source(LORA, lora.file.repo, lora.file.filename) for lora in recipe.loras]
+    if tiny_vae:
+        found.append(Source(TINY_VAE, variant.tiny_vae, optional=True))
+    return found
+
+
+def required_sources(variant: Variant) -> list[Source]:
+    return [source for source in sources(variant) if not source.optional]
+
+
+def fetch_command(variant: Variant) -> str:
+    if variant.is_custom:
+        return f"python scripts/download_weights.py --model {variant.model} --acceleration {variant.recipe.name}"
+    return f"python scripts/download_weights.py {variant.name}"
