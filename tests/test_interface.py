@@ -55,3 +55,28 @@ def test_the_runner_uses_the_current_cog_api():
     source = PREDICT.read_text()
     assert "class Predictor(BaseRunner)" in source and "def run(" in source
     assert "BasePredictor" not in source and "def predict(" not in source
+
+
+def readme_variants_table() -> list[list[str]]:
+    readme = (PREDICT.parent / "README.md").read_text()
+    section = readme.split("## Variants\n", 1)[1].split("\n## ", 1)[0]
+    table = section.split("| variant |", 1)[1].split("\n\n", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_the_readme_variants_table_is_the_catalogue():
+    from fastsd import variants
+
+    rows = readme_variants_table()
+    assert [row[0].strip("`") for row in rows] == list(variants.VARIANTS)
+    for row in rows:
+        variant = variants.VARIANTS[row[0].strip("`")]
+        assert variant.model.endswith(row[1]), row
+        guidance = f"{variant.guidance_scale:g}"
+        assert row[-1] == f"{variant.num_inference_steps} / {guidance} / {variant.width}x{variant.height}", row
+        scheduler = variant.recipe.scheduler
+        if scheduler.eta is not None:
+            assert f"eta {scheduler.eta:g}" in row[3], row
+        if scheduler.timesteps:
+            assert ", ".join(map(str, scheduler.timesteps)) in row[3], row
