@@ -1,14 +1,22 @@
 """The Cog interface, and nothing else: typed inputs with their descriptions, and calls into fastsd.
 
 Cog reads this file's source to build the input schema without importing it, so every default,
-choice and description below is a literal.
+choice and description below is a literal, and so is the concurrency: up to 16 predictions in
+flight (the image's default; COG_MAX_CONCURRENCY overrides it when the container starts). Requests
+that arrive while the model is busy wait in fastsd's queue, and those that can share a pipeline
+call run together (fastsd.batching). Twice the clients one expects: Cog frees a slot a moment
+after it replies, so a client that sends again at once briefly holds two.
 """
 
+import asyncio
+import contextlib
 import logging
 import sys
 
+import cog
 from cog import BaseRunner, Input, Path
 
+from fastsd.batching import Batcher
 from fastsd.engine import Engine
 from fastsd.errors import InputError
 
@@ -18,8 +26,12 @@ logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s",
 class Predictor(BaseRunner):
     def setup(self, weights: str | None = None) -> None:
         self.engine = Engine.from_environment(weights_url=weights)
+        self.batcher = Batcher(self.engine)
+        # A decoded input image takes up to 160 MB before it is fitted: two decodes at a time.
+        self.decoding = asyncio.Semaphore(2)
 
-    def run(
+    @cog.concurrent(max=16)
+    async def run(
         self,
         prompt: str = Input(description="What the image should show."),
         negative_prompt: str = Input(
@@ -95,24 +107,33 @@ class Predictor(BaseRunner):
             # Cog turns URLs and data URIs into downloaded files (Path); without a build schema it
             # passes any other string through as is. A bare path would read this machine's files.
             raise InputError("image must be an http(s) URL or a data URI of an image, not a file path.")
-        request = self.engine.validate(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            image=image,
-            strength=strength,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            width=width,
-            height=height,
-            num_outputs=num_outputs,
-            seed=seed,
-            output_format=output_format,
-            output_quality=output_quality,
-            vae=vae,
-        )
-        result = self.engine.generate(request)
-        paths = self.engine.save(result, request)
+        # Decoding an input image takes a while: off the event loop, where other requests wait.
+        async with self.decoding if image is not None else contextlib.nullcontext():
+            request = await asyncio.to_thread(
+                self.engine.validate,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                image=image,
+                strength=strength,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                width=width,
+                height=height,
+                num_outputs=num_outputs,
+                seed=seed,
+                output_format=output_format,
+                output_quality=output_quality,
+                vae=vae,
+            )
+        for line in self.engine.describe(request):
+            logging.info(line)
+        result = await self.batcher.run(request)
+        paths = await asyncio.to_thread(self.engine.save, result, request)
+        if result.batch_size > request.num_outputs:
+            logging.info("ran in a batch of %d images with other requests", result.batch_size)
         self.record_metric("seed", result.seed)
+        self.record_metric("batch_size", result.batch_size)
+        self.record_metric("queue_time", round(result.timings["queue_time"], 4))
         self.record_metric("inference_time", round(result.inference_time, 4))
         self.record_metric("encode_time", round(result.timings["encode_time"], 4))
         return [Path(path) for path in paths]

@@ -1,14 +1,18 @@
-"""Request -> images: seeding, batching and the image-to-image call, on pipelines built once."""
+"""Requests -> images on pipelines built once: seeding, prompt embeddings, and one pipeline call
+for a batch of requests that can share it (fastsd.batching decides which do)."""
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +37,20 @@ class Result:
     images: list[Image.Image]
     seed: int
     inference_time: float  # seconds in the diffusers call: prompt encoding, steps, decoding
-    timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1  # images in the pipeline call this request ran in (its own and others')
+    timings: dict[str, float] = field(default_factory=dict)  # encode_time, queue_time
+
+
+class Interrupted(Exception):
+    """Every request of a running call was canceled: the call stops at the end of a step."""
+
+
+def batch_key(request: GenerationRequest) -> tuple:
+    """Requests with the same key can run as one pipeline call (prompts, seeds and output formats
+    may differ: each image gets its own embeddings and generator)."""
+    strength = request.strength if request.task is Task.IMAGE_TO_IMAGE else None
+    return (request.task, request.vae, request.width, request.height, request.num_inference_steps,
+            request.guidance_scale, strength)  # fmt: skip
 
 
 class PromptCache:
@@ -50,8 +67,13 @@ class PromptCache:
         self._device = device
         self._capacity = capacity
         self._entries: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()  # the batch worker and a direct caller may both ask
 
     def get(self, prompt: str, negative_prompt: str | None, guidance: bool) -> dict[str, torch.Tensor]:
+        with self._lock:
+            return self._get(prompt, negative_prompt, guidance)
+
+    def _get(self, prompt: str, negative_prompt: str | None, guidance: bool) -> dict[str, torch.Tensor]:
         key = (prompt, negative_prompt, guidance)
         if key in self._entries:
             self._entries.move_to_end(key)
@@ -80,7 +102,13 @@ class Engine:
         self.variant = variant
         self.pipelines = loaded
         self.prompts = PromptCache(loaded.text_to_image, loaded.device)
-        self._output_dir = Path(tempfile.mkdtemp(prefix="fastsd-outputs-"))
+        # Each request's files get a folder of their own: Cog reads them after run() returns, while
+        # other requests go on. The oldest folders go once there are more than a few slots' worth,
+        # the whole tree at exit.
+        self._output_root = Path(tempfile.mkdtemp(prefix="fastsd-outputs-"))
+        self._output_dirs: deque[Path] = deque()
+        self._output_lock = threading.Lock()
+        atexit.register(shutil.rmtree, self._output_root, ignore_errors=True)
         self._encoders = ThreadPoolExecutor(max_workers=min(inputs.MAX_OUTPUTS, os.cpu_count() or 1))
         self._accepted = {
             mode: set(inspect.signature(pipeline.__call__).parameters) for mode, pipeline in loaded.by_mode.items()
@@ -146,18 +174,28 @@ class Engine:
         return request
 
     def _negative_prompt(self, request: GenerationRequest) -> str | None:
-        if not request.negative_prompt:
-            return None
-        if not self.pipelines.accepts_negative_prompt:
-            log.info("negative_prompt ignored: %s embeds guidance and takes no negative prompt", self.variant.name)
-        elif not request.uses_guidance:
-            log.info(
-                "negative_prompt ignored: guidance_scale %.3g <= 1 switches classifier-free guidance off",
-                request.guidance_scale,
-            )
-        else:
+        if request.negative_prompt and request.uses_guidance and self.pipelines.accepts_negative_prompt:
             return request.negative_prompt
         return None
+
+    def describe(self, request: GenerationRequest) -> list[str]:
+        """The log lines for a request: what will run, and any input that will have no effect."""
+        recipe = self._recipe_arguments(request, self._accepted[(request.task, request.vae)])
+        lines = [
+            f"{request.task}: seed {request.seed}, {request.num_inference_steps} step(s), guidance "
+            f"{request.guidance_scale:g}, {request.width}x{request.height}, {request.num_outputs} image(s), "
+            f"vae {request.vae}"
+            + (f", strength {request.strength:g}" if request.task is Task.IMAGE_TO_IMAGE else "")
+            + "".join(f", {name} {value}" for name, value in recipe.items())
+        ]
+        if request.negative_prompt and not self.pipelines.accepts_negative_prompt:
+            lines.append(f"negative_prompt ignored: {self.variant.name} embeds guidance and takes no negative prompt")
+        elif request.negative_prompt and not request.uses_guidance:
+            lines.append(
+                f"negative_prompt ignored: guidance_scale {request.guidance_scale:g} <= 1 switches "
+                "classifier-free guidance off"
+            )
+        return lines
 
     def _recipe_arguments(self, request: GenerationRequest, accepted: set[str]) -> dict[str, Any]:
         """What the recipe's sampler takes at call time: TCD's eta, DMD2's fixed timesteps (for the
@@ -171,38 +209,53 @@ class Engine:
         return arguments
 
     def generate(self, request: GenerationRequest) -> Result:
-        mode = (request.task, request.vae)
+        """One request on its own (scripts, tests, the warm-up)."""
+        for line in self.describe(request):
+            log.info(line)
+        return self.generate_batch([request])[0]
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], interrupted: Callable[[], bool] | None = None
+    ) -> list[Result]:
+        """Requests with one batch_key as one pipeline call: each image gets its request's prompt
+        embeddings and its own generator (seed + i), so a request draws what it draws alone.
+        interrupted() is asked after every step; when it says so the call stops (Interrupted)."""
+        first = requests[0]
+        if any(batch_key(request) != batch_key(first) for request in requests):
+            raise ValueError("requests of one batch must share a batch_key")
+        mode = (first.task, first.vae)
         pipeline, accepted = self.pipelines.get(*mode), self._accepted[mode]
         started = time.perf_counter()
-        guidance = request.uses_guidance and self.pipelines.accepts_negative_prompt
-        embeddings = self.prompts.get(request.prompt, self._negative_prompt(request), guidance)
+        guidance = first.uses_guidance and self.pipelines.accepts_negative_prompt
+        encoded = [self.prompts.get(r.prompt, self._negative_prompt(r), guidance) for r in requests]
+        counts = [request.num_outputs for request in requests]
+        embeddings = {
+            name: torch.cat([e[name].repeat_interleave(n, dim=0) for e, n in zip(encoded, counts, strict=True)])
+            for name in encoded[0]
+            if name in accepted
+        }
         arguments = dict(
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            num_images_per_prompt=request.num_outputs,
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+            num_images_per_prompt=1,
             # One CPU generator per image: image i is reproducible alone with seed + i, on any device.
-            generator=[torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_outputs)],
-            **{name: tensor for name, tensor in embeddings.items() if name in accepted},
-            **self._recipe_arguments(request, accepted),
+            generator=[torch.Generator("cpu").manual_seed(r.seed + i) for r in requests for i in range(r.num_outputs)],
+            **embeddings,
+            **self._recipe_arguments(first, accepted),
         )
-        if request.task is Task.TEXT_TO_IMAGE:
-            arguments.update(width=request.width, height=request.height)
+        if first.task is Task.TEXT_TO_IMAGE:
+            arguments.update(width=first.width, height=first.height)
         else:
-            arguments.update(image=request.image, strength=request.strength)
+            arguments.update(image=[r.image for r in requests for _ in range(r.num_outputs)], strength=first.strength)
+        if interrupted is not None and "callback_on_step_end" in accepted:
 
-        log.info(
-            "%s: seed %d, %d step(s), guidance %.3g, %dx%d, %d image(s), vae %s%s%s",
-            request.task,
-            request.seed,
-            request.num_inference_steps,
-            request.guidance_scale,
-            request.width,
-            request.height,
-            request.num_outputs,
-            request.vae,
-            f", strength {request.strength:g}" if request.task is Task.IMAGE_TO_IMAGE else "",
-            "".join(f", {name} {value}" for name, value in arguments.items() if name in ("eta", "timesteps")),
-        )
+            def stop_when_asked(pipe, step, timestep, callback_kwargs):
+                if interrupted():
+                    raise Interrupted()
+                return callback_kwargs
+
+            arguments["callback_on_step_end"] = stop_when_asked
+        images_in_call = sum(counts)
         try:
             with torch.inference_mode():
                 generated = pipeline(**arguments).images
@@ -210,17 +263,33 @@ class Engine:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise RuntimeError(
-                f"Out of memory for {request.num_outputs} image(s) of {request.width}x{request.height}; "
+                f"Out of memory for {images_in_call} image(s) of {first.width}x{first.height}; "
                 "ask for fewer or smaller images."
             ) from None
-        return Result(generated, request.seed, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        results, offset = [], 0
+        for request in requests:
+            mine = generated[offset : offset + request.num_outputs]
+            results.append(Result(mine, request.seed, seconds, batch_size=images_in_call))
+            offset += request.num_outputs
+        return results
+
+    KEPT_OUTPUT_FOLDERS = 64  # several times the slots: Cog has read a request's files long before
+
+    def _output_folder(self) -> Path:
+        folder = Path(tempfile.mkdtemp(dir=self._output_root))
+        with self._output_lock:
+            self._output_dirs.append(folder)
+            stale = [self._output_dirs.popleft() for _ in range(len(self._output_dirs) - self.KEPT_OUTPUT_FOLDERS)]
+        for old in stale:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
 
     def save(self, result: Result, request: GenerationRequest) -> list[Path]:
-        """Encode the images into files that live until the next request (Cog reads them after run())."""
-        shutil.rmtree(self._output_dir, ignore_errors=True)
-        self._output_dir.mkdir(parents=True)
+        """Encode the images into a folder of this request's own (Cog reads them after run())."""
         started = time.perf_counter()
-        targets = [self._output_dir / f"output-{i}.{request.output_format}" for i in range(len(result.images))]
+        folder = self._output_folder()
+        targets = [folder / f"output-{i}.{request.output_format}" for i in range(len(result.images))]
         # Pillow's encoders release the GIL: a batch encodes in parallel on the host's cores.
         paths = list(
             self._encoders.map(

@@ -84,9 +84,10 @@ class Variant:
     width: int
     height: int
     vae: str | None = None  # hub id of a VAE that replaces the model's own (under weights/)
-    # Limits that keep one request's memory and time bounded.
+    # Limits that keep one pipeline call's memory and time bounded.
     max_pixels: int = 1024 * 1024  # per image
-    max_batch_pixels: int = 8 * 512 * 512  # all images of one request together
+    max_batch_pixels: int = 8 * 512 * 512  # all images of one call: one request's, or a batch of requests'
+    max_batch_images: int = 8  # images in one call when concurrent requests are batched
 
     @property
     def num_inference_steps(self) -> int:

@@ -6,6 +6,7 @@ the wheels it carries.
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
@@ -59,13 +60,26 @@ def decode_output(uri: str):
     return payload, image
 
 
+def declared_concurrency(predict_py: Path = PROJECT_ROOT / "predict.py") -> int:
+    """The max of @cog.concurrent(max=N) on run(): what `cog build` bakes into the image as
+    COG_MAX_CONCURRENCY (the bare server reads only that variable, and defaults to 1)."""
+    for node in ast.walk(ast.parse(predict_py.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "concurrent":
+            for keyword in node.keywords:
+                if keyword.arg == "max":
+                    return int(ast.literal_eval(keyword.value))
+    return 1
+
+
 class CogServer:
-    """`python -m cog.server.http` on a free loopback port, with the given environment."""
+    """`python -m cog.server.http` on a free loopback port, with the given environment, and the
+    prediction slots a built image would have."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environment = dict(os.environ, **env, PORT=str(self.port), COG_PREDICT_TYPE_STUB="predict.py:Predictor")
+        environment.setdefault("COG_MAX_CONCURRENCY", str(declared_concurrency()))
         environment["PATH"] = f"{_python_folder(log_path.parent)}{os.pathsep}{environment.get('PATH', '')}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
@@ -114,18 +128,21 @@ class CogServer:
             time.sleep(0.05)
         return True
 
-    def predict(self, **inputs) -> dict:
-        # A sync runner takes one prediction at a time, and coglet can still answer 409 (busy) for
-        # a moment after it replied to the previous one: retry briefly, as a client would.
-        deadline = time.monotonic() + 10
-        while True:
-            status, body = self._request("POST", "/predictions", {"input": inputs})
-            if status != 409 or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
+    def post(self, inputs: dict, prediction_id: str | None = None) -> tuple[int, dict]:
+        """POST /predictions, waiting for the reply: (HTTP status, body)."""
+        body = {"input": inputs, **({"id": prediction_id} if prediction_id else {})}
+        return self._request("POST", "/predictions", body)
+
+    def predict(self, prediction_id: str | None = None, **inputs) -> dict:
+        """One prediction, waiting for it. No retry: a client that waits for each reply must never
+        be answered 409 (busy)."""
+        status, answer = self.post(inputs, prediction_id)
         if status != 200:
-            raise RuntimeError(f"POST /predictions answered {status}: {body}")
-        return body
+            raise RuntimeError(f"POST /predictions answered {status}: {answer}")
+        return answer
+
+    def cancel(self, prediction_id: str) -> int:
+        return self._request("POST", f"/predictions/{prediction_id}/cancel", {})[0]
 
     def stop(self) -> None:
         self.process.terminate()
