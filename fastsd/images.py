@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
+import re
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
@@ -12,6 +16,11 @@ from .errors import InputError
 MAX_INPUT_BYTES = 50 * 1024 * 1024
 MAX_INPUT_PIXELS = 40_000_000  # a 40-megapixel photo; larger is refused before it is decoded
 INPUT_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"}
+# Pillow refuses to open an image of more than twice this many pixels (a decompression bomb: a
+# 389 KB PNG of 20000x20000) before decoding anything; fastsd's own limit, checked right after
+# the header is read, is this one.
+Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
+_BOMB_SIZE = re.compile(r"\((\d+) pixels\)")
 
 # Output encoder settings, chosen for speed with the quality kept (measured on the 2-core CPU,
 # scripts/benchmark.py prints the table): WebP method 0 encodes 5x faster than Pillow's default
@@ -33,6 +42,8 @@ def open_input_image(path: Path | str) -> Image.Image:
     except OSError:
         raise InputError("image could not be read; send a PNG, JPEG or WebP file or URL.") from None
     if size > MAX_INPUT_BYTES:
+        # Cog decoded the data URI or download before run(): hand that memory back, then refuse.
+        release_unused_memory()
         raise InputError(f"image must be at most {MAX_INPUT_BYTES // 2**20} MiB, got {size / 2**20:.1f} MiB.")
     try:
         with Image.open(path) as opened:
@@ -43,12 +54,56 @@ def open_input_image(path: Path | str) -> Image.Image:
                     f"image must have at most {MAX_INPUT_PIXELS} pixels, got {opened.width}x{opened.height}."
                 )
             opened.seek(0)  # the first frame of an animation
-            decoded = ImageOps.exif_transpose(opened).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            decoded = to_rgb(ImageOps.exif_transpose(opened))
+    except Image.DecompressionBombError as error:
+        found = _BOMB_SIZE.search(str(error))
+        size = f", got {found[1]}" if found else ""
+        raise InputError(f"image must have at most {MAX_INPUT_PIXELS} pixels{size}.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, InputError):
             raise
         raise InputError("image is not a readable image file; send a PNG, JPEG or WebP image.") from None
     return decoded
+
+
+def _to_8_bits(values: np.ndarray) -> np.ndarray:
+    """Greyscale of more than 8 bits (16-bit PNGs open as I;16 or I; TIFFs as F) scaled to 0-255,
+    never clipped: a 16-bit value of 30000 is mid-grey, not white."""
+    values = values.astype(np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if top <= 1.0 and values.dtype.kind == "f":
+        scale = 255.0  # floats in 0..1
+    elif top <= 255:
+        scale = 1.0
+    elif top <= 65535:
+        scale = 255 / 65535
+    else:
+        scale = 255 / top
+    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode Pillow opens, as 8-bit RGB: high-bit-depth greyscale scaled down, transparency
+    (RGBA, LA, P with a transparent colour) laid over white, CMYK and 1-bit converted."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = Image.fromarray(_to_8_bits(np.asarray(image)), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def release_unused_memory() -> None:
+    """Give freed heap memory back to the system: after a large input image the allocator keeps
+    hundreds of MB otherwise (glibc's malloc_trim; a no-op where there is none)."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
 
 
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:

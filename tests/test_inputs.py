@@ -119,6 +119,20 @@ def test_exif_orientation_is_applied(tmp_path):
     assert images.open_input_image(path).size == (80, 120)
 
 
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (dict(seed=-1), r"^seed must be between 0 and 4294967295, got -1\.$"),
+        (dict(seed=2**33), r"^seed must be between 0 and 4294967295, got 8589934592\.$"),
+        (dict(guidance_scale=20.5), r"^guidance_scale must be between 0 and 20, got 20\.5\.$"),
+        (dict(prompt=None), r"^prompt is required\.$"),
+    ],
+)
+def test_messages_give_limits_in_full_and_read_as_one_sentence(raw, message):
+    with pytest.raises(InputError, match=message):
+        validate(TURBO, **{"prompt": "x", **raw})
+
+
 def test_unreadable_and_oversized_images_are_input_errors(tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -132,10 +146,42 @@ def test_unreadable_and_oversized_images_are_input_errors(tmp_path):
         images.open_input_image(tmp_path / "absent.png")
 
 
-def test_transparent_images_become_rgb(tmp_path):
-    path = tmp_path / "alpha.png"
-    path.write_bytes(png_bytes(64, 64, color=(10, 20, 30, 0), mode="RGBA"))
-    assert images.open_input_image(path).mode == "RGB"
+def test_a_decompression_bomb_is_refused_as_too_large_before_it_is_decoded(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb, optimize=True)  # ~400 KB of file, 400 megapixels
+    assert bomb.stat().st_size < 2_000_000
+    with pytest.raises(InputError, match=r"^image must have at most 40000000 pixels, got 400000000\.$"):
+        images.open_input_image(bomb)
+
+
+def opened(tmp_path, image: Image.Image, suffix: str = ".png") -> Image.Image:
+    path = tmp_path / f"input{suffix}"
+    image.save(path)
+    return images.open_input_image(path)
+
+
+def test_every_mode_pillow_opens_becomes_8_bit_rgb_without_clipping(tmp_path):
+    import numpy as np
+
+    # 16-bit greyscale: 30000 of 65535 is mid-grey (117), not white.
+    sixteen = Image.fromarray(np.full((32, 32), 30000, dtype=np.uint16))
+    assert opened(tmp_path, sixteen).getpixel((0, 0)) == (117, 117, 117)
+    # 32-bit float TIFF in 0..1.
+    floats = Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32), mode="F")
+    assert opened(tmp_path, floats, ".tif").getpixel((0, 0)) == (128, 128, 128)
+    # Transparency is laid over white: LA, RGBA, and a palette with a transparent colour.
+    assert opened(tmp_path, Image.new("LA", (8, 8), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert opened(tmp_path, Image.new("RGBA", (8, 8), (10, 20, 30, 0))).getpixel((0, 0)) == (255, 255, 255)
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    palette.info["transparency"] = 1
+    assert opened(tmp_path, palette).getpixel((0, 0)) == (255, 255, 255)
+    # CMYK (JPEG, TIFF) and 1-bit.
+    cmyk = opened(tmp_path, Image.new("CMYK", (8, 8), (0, 255, 255, 0)), ".jpg").getpixel((0, 0))
+    assert cmyk[0] > 200 and cmyk[1] < 60 and cmyk[2] < 60  # red
+    assert opened(tmp_path, Image.new("1", (8, 8), 1)).getpixel((0, 0)) == (255, 255, 255)
+    for image in (sixteen, floats, palette):
+        assert opened(tmp_path, image, ".tif" if image.mode == "F" else ".png").mode == "RGB"
 
 
 @pytest.mark.parametrize("output_format, pil_format", [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")])
