@@ -3,6 +3,7 @@
     python scripts/benchmark.py                      # sd-turbo, full-size random weights
     python scripts/benchmark.py --quick              # tiny models: a CPU smoke run and the server overhead
     python scripts/benchmark.py --variants sd-turbo sdxl-turbo sdxl-lcm --runs 20 --batch 8
+    python scripts/benchmark.py --load 4 --requests 16     # 4 clients at once: batched vs one slot
 
 Weights are random, in the real on-disk layout (fastsd_testing.random_models), built once under --root:
 timing does not depend on the values, and nothing is downloaded. For each variant, in one run:
@@ -41,7 +42,8 @@ from fastsd.inputs import MAX_OUTPUTS
 from fastsd.pipelines import select_device
 from fastsd.tasks import Task
 from fastsd_testing import random_models
-from fastsd_testing.cog_server import CogServer, decode_output
+from fastsd_testing.cog_server import CogServer, declared_concurrency, decode_output
+from fastsd_testing.load import run_clients
 
 CASES = ("default", "vae_full", "vae_tiny", "batch")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
@@ -278,6 +280,52 @@ def bench_baseline(variant, root: Path, args, device: str, side: dict) -> dict:
     return results
 
 
+def bench_load(variant, root: Path, args, log_dir: Path, side: dict) -> dict:
+    """K clients sending requests back to back, three ways in the same run on the same weights:
+    the server as the image runs it (its slots, at least K, and batching); the same K clients on
+    one slot, where requests run one at a time and a 409 is retried after 50 ms (a tighter loop
+    steals the CPU from the model); and one client alone on one slot: the sequential reference."""
+    results = {}
+
+    def make_inputs(index: int) -> dict:
+        # Prompts vary (the prompt cache must not make the batched run look better), seeds too.
+        return dict(prompt=f"{PROMPT}, variation {index % 7}", seed=index, **side)
+
+    for clients in args.load:
+        requests = args.requests or 4 * clients
+        modes = (
+            ("batched", max(declared_concurrency(), clients), clients, requests),
+            ("one slot", 1, clients, requests),
+            ("sequential", 1, 1, max(2, requests // clients)),
+        )
+        for mode, slots, senders, count in modes:
+            log_path = log_dir / f"server-{variant.name}-load-{clients}-{mode.replace(' ', '-')}.log"
+            environment = {"FASTSD_VARIANT": variant.name, "FASTSD_WEIGHTS_ROOT": str(root)}
+            server = CogServer({**environment, "COG_MAX_CONCURRENCY": str(slots)}, log_path)
+            try:
+                if server.wait_for_setup()["status"] != "READY":
+                    raise RuntimeError(f"setup failed: {log_path.read_text()[-3000:]}")
+                server.predict(**make_inputs(0))  # warm
+                load = run_clients(server, senders, count, make_inputs, retry_after_s=0.05)
+            finally:
+                server.stop()
+            summary = dict(load.summary(), slots=slots, clients=senders)
+            results.setdefault(str(clients), {})[mode] = summary
+            print(
+                f"  {clients:>3} clients, {mode:>10} ({senders} client(s), {slots} slot(s)): "
+                f"{summary['images_per_s']:8.3f} images/s, latency p50/p95/p99 {summary['latency_s']['p50']:.3f}/"
+                f"{summary['latency_s']['p95']:.3f}/{summary['latency_s']['p99']:.3f} s, batch sizes "
+                f"{summary['batch_sizes']}, 409s {summary['refused_409']}, failed {dict(summary['failed'])}",
+                flush=True,
+            )
+        measured = results[str(clients)]
+        for reference in ("one slot", "sequential"):
+            ratio = round(measured["batched"]["images_per_s"] / measured[reference]["images_per_s"], 2)
+            measured[f"batched_vs_{reference.replace(' ', '_')}"] = ratio
+            print(f"  {clients:>3} clients: batched / {reference} = {ratio}x", flush=True)
+    return results
+
+
 def bench_encoding(args) -> dict:
     """Output encoders at 512 and 1024, on an image with natural-image statistics (1/f spectrum)."""
     import numpy as np
@@ -361,6 +409,14 @@ def main() -> int:
         help="which server requests to time (batch: --batch images per request)",
     )
     parser.add_argument("--compile", help="FASTSD_COMPILE for fastsd's side (1, or a torch.compile mode)")
+    parser.add_argument(
+        "--load",
+        type=int,
+        nargs="+",
+        metavar="CLIENTS",
+        help="load mode: for each number of concurrent clients, throughput and latency batched against one slot",
+    )
+    parser.add_argument("--requests", type=int, help="load mode: requests per run (default 4 per client)")
     args = parser.parse_args()
     # A time limit (timeout sends SIGTERM) still runs the finally blocks that stop the Cog servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
@@ -391,6 +447,10 @@ def main() -> int:
         build_random_weights(variant, root, size, device)
         print(f"{name} on {report['device']} ({report['dtype']}, {size} weights)", flush=True)
         side = dict(width=64, height=64) if args.quick else {}
+        if args.load:
+            report["variants"][name] = {"load": bench_load(variant, root, args, log_dir, side)}
+            out.write_text(json.dumps(report, indent=2))
+            continue
         every_case = {
             "default": {**side},
             "vae_full": {"vae": "full", **side},
@@ -422,6 +482,9 @@ def main() -> int:
             print(f"stopped at the time limit; partial results in {out}", flush=True)
             raise
         out.write_text(json.dumps(report, indent=2))
+    if args.load:
+        print(f"\nwrote {out}")
+        return 0
     report["encoding"] = bench_encoding(args)
 
     out.write_text(json.dumps(report, indent=2))
