@@ -42,7 +42,13 @@ class Predictor(BaseRunner):
         image: Path | None = Input(
             default=None,
             description="A starting image (PNG, JPEG or WebP) for image-to-image. Without width and height the "
-            "output keeps its size, rounded to a multiple of 8.",
+            "output keeps its size, rounded to a multiple of 8. Transparent pixels (with no mask) are filled in: "
+            "outpainting.",
+        ),
+        mask: Path | None = Input(
+            default=None,
+            description="Inpainting: an image the size of image (or resized to it) where white repaints and black "
+            "keeps; grey blends. The kept pixels come back unchanged.",
         ),
         strength: float = Input(
             default=0.8,
@@ -103,10 +109,11 @@ class Predictor(BaseRunner):
             description="Quality of webp and jpg outputs, from 1 to 100 (png is lossless and ignores it).",
         ),
     ) -> list[Path]:
-        if image is not None and not isinstance(image, Path):
-            # Cog turns URLs and data URIs into downloaded files (Path); without a build schema it
-            # passes any other string through as is. A bare path would read this machine's files.
-            raise InputError("image must be an http(s) URL or a data URI of an image, not a file path.")
+        for name, value in (("image", image), ("mask", mask)):
+            if value is not None and not isinstance(value, Path):
+                # Cog turns URLs and data URIs into downloaded files (Path); without a build schema it
+                # passes any other string through as is. A bare path would read this machine's files.
+                raise InputError(f"{name} must be an http(s) URL or a data URI of an image, not a file path.")
         # Decoding an input image takes a while: off the event loop, where other requests wait.
         async with self.decoding if image is not None else contextlib.nullcontext():
             request = await asyncio.to_thread(
@@ -114,6 +121,7 @@ class Predictor(BaseRunner):
                 prompt=prompt,
                 negative_prompt=negative_prompt,
                 image=image,
+                mask=mask,
                 strength=strength,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,

@@ -41,6 +41,12 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)  # encode_time, queue_time
 
 
+def _share(mask: Image.Image) -> float:
+    """How much of the image a mask repaints (grey counts in part)."""
+    histogram = mask.histogram()
+    return sum(level * count for level, count in enumerate(histogram)) / (255 * sum(histogram))
+
+
 class Interrupted(Exception):
     """Every request of a running call was canceled: the call stops at the end of a step."""
 
@@ -48,7 +54,7 @@ class Interrupted(Exception):
 def batch_key(request: GenerationRequest) -> tuple:
     """Requests with the same key can run as one pipeline call (prompts, seeds and output formats
     may differ: each image gets its own embeddings and generator)."""
-    strength = request.strength if request.task is Task.IMAGE_TO_IMAGE else None
+    strength = None if request.task is Task.TEXT_TO_IMAGE else request.strength
     return (request.task, request.vae, request.width, request.height, request.num_inference_steps,
             request.guidance_scale, strength)  # fmt: skip
 
@@ -185,7 +191,8 @@ class Engine:
             f"{request.task}: seed {request.seed}, {request.num_inference_steps} step(s), guidance "
             f"{request.guidance_scale:g}, {request.width}x{request.height}, {request.num_outputs} image(s), "
             f"vae {request.vae}"
-            + (f", strength {request.strength:g}" if request.task is Task.IMAGE_TO_IMAGE else "")
+            + (f", strength {request.strength:g}" if request.task is not Task.TEXT_TO_IMAGE else "")
+            + (f", mask {_share(request.mask):.0%} of the image" if request.task is Task.INPAINTING else "")
             + "".join(f", {name} {value}" for name, value in recipe.items())
         ]
         if request.negative_prompt and not self.pipelines.accepts_negative_prompt:
@@ -247,6 +254,9 @@ class Engine:
             arguments.update(width=first.width, height=first.height)
         else:
             arguments.update(image=[r.image for r in requests for _ in range(r.num_outputs)], strength=first.strength)
+        if first.task is Task.INPAINTING:
+            masks = [r.mask for r in requests for _ in range(r.num_outputs)]
+            arguments.update(mask_image=masks, width=first.width, height=first.height)
         if interrupted is not None and "callback_on_step_end" in accepted:
 
             def stop_when_asked(pipe, step, timestep, callback_kwargs):
@@ -270,6 +280,8 @@ class Engine:
         results, offset = [], 0
         for request in requests:
             mine = generated[offset : offset + request.num_outputs]
+            if request.task is Task.INPAINTING:
+                mine = [images.keep_unmasked(request.image, image, request.mask) for image in mine]
             results.append(Result(mine, request.seed, seconds, batch_size=images_in_call))
             offset += request.num_outputs
         return results

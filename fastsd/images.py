@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageFilter, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -34,39 +34,40 @@ _SAVE_OPTIONS = {
 }
 
 
-def open_input_image(path: Path | str) -> Image.Image:
-    """Open, check and decode a user's image to RGB, honouring its EXIF orientation."""
+def open_input_image(path: Path | str, name: str = "image") -> Image.Image:
+    """Open, check and decode a user's image (the input called name) to 8-bit RGB, or RGBA where
+    it has transparency (flatten() and transparent_area() read that), honouring EXIF orientation."""
     path = Path(path)
     try:
         size = path.stat().st_size
     except OSError:
-        raise InputError("image could not be read; send a PNG, JPEG or WebP file or URL.") from None
+        raise InputError(f"{name} could not be read; send a PNG, JPEG or WebP file or URL.") from None
     if size > MAX_INPUT_BYTES:
         # Cog decoded the data URI or download before run(): hand that memory back, then refuse.
         release_unused_memory()
-        raise InputError(f"image must be at most {MAX_INPUT_BYTES // 2**20} MiB, got {size / 2**20:.1f} MiB.")
+        raise InputError(f"{name} must be at most {MAX_INPUT_BYTES // 2**20} MiB, got {size / 2**20:.1f} MiB.")
     try:
         with Image.open(path) as opened:
             if opened.format not in INPUT_FORMATS:
-                raise InputError(f"image must be one of {', '.join(sorted(INPUT_FORMATS))}, got {opened.format}.")
+                raise InputError(f"{name} must be one of {', '.join(sorted(INPUT_FORMATS))}, got {opened.format}.")
             if opened.width * opened.height > MAX_INPUT_PIXELS:
                 raise InputError(
-                    f"image must have at most {MAX_INPUT_PIXELS} pixels, got {opened.width}x{opened.height}."
+                    f"{name} must have at most {MAX_INPUT_PIXELS} pixels, got {opened.width}x{opened.height}."
                 )
             opened.seek(0)  # the first frame of an animation
-            decoded = to_rgb(ImageOps.exif_transpose(opened))
+            decoded = to_8_bits(ImageOps.exif_transpose(opened))
     except Image.DecompressionBombError as error:
         found = _BOMB_SIZE.search(str(error))
         size = f", got {found[1]}" if found else ""
-        raise InputError(f"image must have at most {MAX_INPUT_PIXELS} pixels{size}.") from None
+        raise InputError(f"{name} must have at most {MAX_INPUT_PIXELS} pixels{size}.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, InputError):
             raise
-        raise InputError("image is not a readable image file; send a PNG, JPEG or WebP image.") from None
+        raise InputError(f"{name} is not a readable image file; send a PNG, JPEG or WebP image.") from None
     return decoded
 
 
-def _to_8_bits(values: np.ndarray) -> np.ndarray:
+def _greyscale_to_8_bits(values: np.ndarray) -> np.ndarray:
     """Greyscale of more than 8 bits (16-bit PNGs open as I;16 or I; TIFFs as F) scaled to 0-255,
     never clipped: a 16-bit value of 30000 is mid-grey, not white."""
     values = values.astype(np.float64)
@@ -82,18 +83,53 @@ def _to_8_bits(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode Pillow opens, as 8-bit RGB: high-bit-depth greyscale scaled down, transparency
-    (RGBA, LA, P with a transparent colour) laid over white, CMYK and 1-bit converted."""
+def to_8_bits(image: Image.Image) -> Image.Image:
+    """Any mode Pillow opens, as 8-bit RGB, or RGBA when it has transparency (LA, P with a
+    transparent colour): high-bit-depth greyscale scaled down, CMYK and 1-bit converted."""
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = Image.fromarray(_to_8_bits(np.asarray(image)), mode="L")
+        image = Image.fromarray(_greyscale_to_8_bits(np.asarray(image)), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
+        return image.convert("RGBA")
     return image.convert("RGB")
+
+
+def flatten(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency laid over white."""
+    if image.mode != "RGBA":
+        return image.convert("RGB")
+    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, image).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    return flatten(to_8_bits(image))
+
+
+def transparent_area(image: Image.Image) -> Image.Image | None:
+    """Where an image is transparent, as a mask (white: fully transparent), or None when it has
+    no transparent pixel: the area an outpainting request fills."""
+    if image.mode != "RGBA":
+        return None
+    alpha = image.getchannel("A")
+    if alpha.getextrema()[0] == 255:
+        return None
+    return ImageOps.invert(alpha)
+
+
+def as_mask(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A mask input as greyscale (white: repaint, black: keep, grey: blend) at the image's size."""
+    grey = flatten(image).convert("L")
+    return grey if grey.size == size else grey.resize(size, Image.Resampling.LANCZOS)
+
+
+def keep_unmasked(original: Image.Image, generated: Image.Image, mask: Image.Image, edge: float = 2) -> Image.Image:
+    """The generated pixels where the mask is white, the original ones where it is black, blended
+    over a soft edge a few pixels wide around the white area: a few-step model then leaves the rest
+    of a photo exactly as it was, instead of passing all of it through the VAE."""
+    soft = ImageChops.lighter(mask, mask.filter(ImageFilter.GaussianBlur(edge)))
+    return Image.composite(generated, original, soft)
 
 
 def release_unused_memory() -> None:

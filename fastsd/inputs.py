@@ -34,7 +34,8 @@ class GenerationRequest:
     task: Task
     prompt: str
     negative_prompt: str
-    image: Image.Image | None  # image-to-image when set, already fitted to width x height
+    image: Image.Image | None  # image-to-image and inpainting: already fitted to width x height
+    mask: Image.Image | None  # inpainting: greyscale, white repaints, fitted like the image
     strength: float
     num_inference_steps: int
     guidance_scale: float
@@ -141,6 +142,7 @@ def validate(
     prompt: Any,
     negative_prompt: Any = "",
     image: Path | str | None = None,
+    mask: Path | str | None = None,
     strength: Any = 0.8,
     num_inference_steps: Any = None,
     guidance_scale: Any = None,
@@ -174,6 +176,15 @@ def validate(
     _in_range("strength", strength, 0, 1)
 
     source = images.open_input_image(image) if image is not None else None
+    area = None  # what to repaint: the mask, or the transparent pixels of the image (outpainting)
+    if mask is not None:
+        if source is None:
+            raise InputError("mask needs an image: it marks the part of image to repaint (white) and to keep (black).")
+        area = images.as_mask(images.open_input_image(mask, "mask"), source.size)
+    elif source is not None:
+        area = images.transparent_area(source)
+    if source is not None:
+        source = images.flatten(source)
     width, height = _size(variant, width, height, source)
     if num_outputs * width * height > variant.max_batch_pixels:
         raise InputError(
@@ -190,23 +201,28 @@ def validate(
     else:
         steps = _whole_number("num_inference_steps", num_inference_steps)
         _in_range("num_inference_steps", steps, 1, variant.max_steps)
+    task = Task.TEXT_TO_IMAGE if source is None else Task.IMAGE_TO_IMAGE if area is None else Task.INPAINTING
     if source is not None and int(steps * strength) < 1:
         raise InputError(
-            f"strength x num_inference_steps must be at least 1 for image-to-image, got {strength:g} x {steps} "
+            f"strength x num_inference_steps must be at least 1 for {task}, got {strength:g} x {steps} "
             f"= {strength * steps:g}; raise strength to at least {1 / steps:.2g} or use more steps."
         )
 
     fitted = None if source is None else images.fit(source, width, height)
+    fitted_area = None if area is None else images.fit(area, width, height)
+    if mask is not None and fitted_area.getextrema()[1] == 0:
+        raise InputError("mask is all black: nothing to repaint; paint white where the image should change.")
     if source is not None and (source.width * source.height > LARGE_INPUT_PIXELS or Path(image).stat().st_size > 2**23):
         # The decoded original (up to 160 MB) and Cog's copy of the upload are garbage now: without
         # this, the allocator keeps them and the worker stays at its peak (measured: 1.3 GB).
         del source
         images.release_unused_memory()
     return GenerationRequest(
-        task=Task.TEXT_TO_IMAGE if fitted is None else Task.IMAGE_TO_IMAGE,
+        task=task,
         prompt=prompt,
         negative_prompt=negative_prompt,
         image=fitted,
+        mask=fitted_area,
         strength=strength,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,

@@ -22,13 +22,20 @@ from .errors import ConfigurationError
 from .layout import LORA, UNET, model_folder, repo_folder, weights_root
 from .provision import require_weights
 from .tasks import Task
-from .variants import ARCHITECTURE_NAMES, FULL_VAE, TINY_VAE, HubFile, Lora, Scheduler, Variant
+from .variants import ARCHITECTURE_NAMES, FULL_VAE, SD2, SD15, SDXL, TINY_VAE, HubFile, Lora, Scheduler, Variant
 
 log = logging.getLogger(__name__)
 
 
-# The diffusers pipeline family of each task; from_pipe picks the class for the model's pipeline.
-_PIPELINE_FOR_TASK = {Task.IMAGE_TO_IMAGE: "AutoPipelineForImage2Image"}
+# The diffusers pipeline class of each task, by architecture. Image-to-image goes through the auto
+# pipeline, which knows the LCM pipelines; inpainting takes the Stable Diffusion ones, which also
+# run LCM-distilled UNets (guidance embedding) and 4-channel UNets (the latents are masked each step).
+_PIPELINE_FOR_TASK = {
+    Task.IMAGE_TO_IMAGE: {SD15: "AutoPipelineForImage2Image", SD2: "AutoPipelineForImage2Image",
+                          SDXL: "AutoPipelineForImage2Image"},
+    Task.INPAINTING: {SD15: "StableDiffusionInpaintPipeline", SD2: "StableDiffusionInpaintPipeline",
+                      SDXL: "StableDiffusionXLInpaintPipeline"},
+}  # fmt: skip
 
 
 @dataclass
@@ -228,7 +235,7 @@ def _load_tiny_vae(variant: Variant, dtype: torch.dtype):
     return AutoencoderTiny.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
 
 
-def _task_pipeline(task: Task, text_to_image, dtype: torch.dtype, **components):
+def _task_pipeline(task: Task, architecture: str, text_to_image, dtype: torch.dtype, **components):
     """The task's pipeline over text_to_image's components (with the given ones swapped in).
 
     from_pipe shares the components; it also casts them all to its dtype argument, float32 unless
@@ -236,7 +243,10 @@ def _task_pipeline(task: Task, text_to_image, dtype: torch.dtype, **components):
     """
     import diffusers
 
-    family = getattr(diffusers, _PIPELINE_FOR_TASK[task]) if task in _PIPELINE_FOR_TASK else type(text_to_image)
+    if task in _PIPELINE_FOR_TASK:
+        family = getattr(diffusers, _PIPELINE_FOR_TASK[task][architecture])
+    else:
+        family = type(text_to_image)
     return family.from_pipe(text_to_image, dtype=dtype, **components)
 
 
@@ -275,13 +285,18 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
 
     by_mode = {(Task.TEXT_TO_IMAGE, FULL_VAE): text_to_image}
     by_mode |= {
-        (task, FULL_VAE): _task_pipeline(task, text_to_image, dtype) for task in Task if task in _PIPELINE_FOR_TASK
+        (task, FULL_VAE): _task_pipeline(task, variant.architecture, text_to_image, dtype)
+        for task in Task
+        if task in _PIPELINE_FOR_TASK
     }
     tiny_vae = _load_tiny_vae(variant, dtype)
     if tiny_vae is not None:
         tiny_vae.to(device)
         # The tiny VAE adds ~10 MB; everything else is shared, not a second model.
-        by_mode |= {(task, TINY_VAE): _task_pipeline(task, text_to_image, dtype, vae=tiny_vae) for task in Task}
+        by_mode |= {
+            (task, TINY_VAE): _task_pipeline(task, variant.architecture, text_to_image, dtype, vae=tiny_vae)
+            for task in Task
+        }
     for pipeline in by_mode.values():
         pipeline.set_progress_bar_config(disable=True)
     _use_channels_last([text_to_image.unet, text_to_image.vae, *([tiny_vae] if tiny_vae else [])], device)

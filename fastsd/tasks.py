@@ -9,3 +9,4 @@ from enum import StrEnum
 class Task(StrEnum):
     TEXT_TO_IMAGE = "text-to-image"
     IMAGE_TO_IMAGE = "image-to-image"
+    INPAINTING = "inpainting"  # image-to-image within a mask (or the image's transparent pixels)

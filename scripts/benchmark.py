@@ -24,6 +24,7 @@ import argparse
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import shutil
@@ -45,8 +46,29 @@ from fastsd_testing import random_models
 from fastsd_testing.cog_server import CogServer, declared_concurrency, decode_output
 from fastsd_testing.load import run_clients
 
-CASES = ("default", "vae_full", "vae_tiny", "batch")
+CASES = ("default", "vae_full", "vae_tiny", "batch", "inpaint")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
+
+
+def inpainting_inputs(width: int, height: int) -> tuple:
+    """A photo-like image and a mask whose middle third is white, as PIL images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[height // 3 : 2 * height // 3, width // 3 : 2 * width // 3] = 255
+    return image, Image.fromarray(mask)
+
+
+def png_data_uri(image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def summary(seconds: list[float], images_per_call: int = 1) -> dict:
@@ -154,7 +176,7 @@ def bench_server(variant, root: Path, cases: dict, args, log_dir: Path, results:
             durations = timed(call, args.warmup, args.runs, "cpu")
             results[name] = dict(
                 summary(durations, inputs.get("num_outputs", 1)),
-                inputs=inputs,
+                inputs={k: "a PNG data URI" if str(v).startswith("data:") else v for k, v in inputs.items()},
                 overhead_median_ms=round(statistics.median(overheads[args.warmup :]) * 1000, 2),
             )
             print(f"  server {name:>12}: {results[name]['median_ms']:9.1f} ms median", flush=True)
@@ -275,6 +297,22 @@ def bench_baseline(variant, root: Path, args, device: str, side: dict) -> dict:
         print(f"  baseline {name:>10}: {results[name]['median_ms']:9.1f} ms median", flush=True)
         if args.quick or device == "cpu":
             break  # a batch of full-size images on a CPU takes minutes and says nothing new
+    if "inpaint" in args.cases:
+        # Stock inpainting over the same components, with the step count fastsd runs for the
+        # default strength (0.8): int(steps x strength) of them denoise, as in fastsd.
+        inpaint = diffusers.AutoPipelineForInpainting.from_pipe(pipe)
+        width, height = side.get("width", variant.width), side.get("height", variant.height)
+        image, mask = inpainting_inputs(width, height)
+        steps = min(variant.max_steps, math.ceil(variant.num_inference_steps / 0.8 - 1e-9))
+
+        def inpaint_call(pipe=inpaint):
+            pipe(prompt=PROMPT, image=image, mask_image=mask, strength=0.8, num_inference_steps=steps,
+                 guidance_scale=variant.guidance_scale, width=width, height=height,
+                 generator=torch.Generator("cpu").manual_seed(1), **extra)  # fmt: skip
+
+        results["inpaint"] = summary(timed(inpaint_call, args.warmup, args.runs, device))
+        print(f"  baseline {'inpaint':>10}: {results['inpaint']['median_ms']:9.1f} ms median", flush=True)
+        del inpaint
     del pipe
     release(device)
     return results
@@ -371,11 +409,12 @@ def print_table(report: dict) -> None:
     print(f"\n{report['device']} | {report['dtype']} | {report['versions']}")
     print(f"{'variant':<16}{'case':<14}{'median ms':>11}{'min':>9}{'max':>9}{'img/s':>9}{'vs stock':>10}")
     for name, result in report["variants"].items():
-        stock = result.get("baseline", {}).get("default", {}).get("median_ms", float("nan"))
+        baseline = result.get("baseline", {})
         rows = [(case, r) for case, r in result["server"].items() if isinstance(r, dict)]
         rows += [(f"stock {case}", r) for case, r in result.get("baseline", {}).items() if isinstance(r, dict)]
         for case, r in rows:
             per_image = r["median_ms"] / r["inputs"].get("num_outputs", 1) if "inputs" in r else r["median_ms"]
+            stock = baseline.get(case if case in baseline else "default", {}).get("median_ms", float("nan"))
             ratio = "" if case.startswith("stock") else f"{stock / per_image:.2f}x"
             print(
                 f"{name:<16}{case:<14}{r['median_ms']:>11.1f}{r['min_ms']:>9.1f}{r['max_ms']:>9.1f}"
@@ -451,11 +490,13 @@ def main() -> int:
             report["variants"][name] = {"load": bench_load(variant, root, args, log_dir, side)}
             out.write_text(json.dumps(report, indent=2))
             continue
+        inpainting = inpainting_inputs(side.get("width", variant.width), side.get("height", variant.height))
         every_case = {
             "default": {**side},
             "vae_full": {"vae": "full", **side},
             "vae_tiny": {"vae": "tiny", **side},
             "batch": {"num_outputs": args.batch, "vae": "tiny", **side},
+            "inpaint": dict(zip(("image", "mask"), map(png_data_uri, inpainting), strict=True), **side),
         }
         if device == "cpu" and not args.quick:
             every_case.pop("batch")  # minutes per request on a CPU, and no new information

@@ -155,9 +155,10 @@ def test_a_decompression_bomb_is_refused_as_too_large_before_it_is_decoded(tmp_p
 
 
 def opened(tmp_path, image: Image.Image, suffix: str = ".png") -> Image.Image:
+    """What image-to-image starts from: the decoded input, flattened over white."""
     path = tmp_path / f"input{suffix}"
     image.save(path)
-    return images.open_input_image(path)
+    return images.flatten(images.open_input_image(path))
 
 
 def test_every_mode_pillow_opens_becomes_8_bit_rgb_without_clipping(tmp_path):

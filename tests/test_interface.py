@@ -17,6 +17,7 @@ def test_cog_reads_the_fixed_inputs_with_literal_defaults_and_choices():
         "prompt",
         "negative_prompt",
         "image",
+        "mask",
         "strength",
         "num_inference_steps",
         "guidance_scale",
@@ -35,7 +36,7 @@ def test_cog_reads_the_fixed_inputs_with_literal_defaults_and_choices():
         80,
         "",
     )
-    for name in ("num_inference_steps", "guidance_scale", "width", "height", "seed", "image"):
+    for name in ("num_inference_steps", "guidance_scale", "width", "height", "seed", "image", "mask"):
         assert inputs[name].default is None, name
 
 
@@ -43,7 +44,7 @@ def test_every_input_has_a_literal_description():
     """cog build reads the source without importing it: Input() arguments must be literals."""
     tree = ast.parse(PREDICT.read_text())
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Input"]
-    assert len(calls) == 13
+    assert len(calls) == 14
     for call in calls:
         keywords = {keyword.arg: keyword.value for keyword in call.keywords}
         assert "description" in keywords
