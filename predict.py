@@ -108,14 +108,39 @@ class Predictor(BaseRunner):
             le=100,
             description="Quality of webp and jpg outputs, from 1 to 100 (png is lossless and ignores it).",
         ),
+        control_image: Path | None = Input(
+            default=None,
+            description="ControlNet: the image to follow, with controlnet. For canny a photo or drawing (its edges "
+            "are found) or an edge map (control_preprocess false); for depth a depth map (near is white). Sets the "
+            "size when there is no image and no width and height.",
+        ),
+        controlnet: str | None = Input(
+            default=None,
+            choices=["canny", "depth"],
+            description="Which ControlNet follows control_image: canny (edges) or depth. The deployment serves those "
+            "FASTSD_CONTROLNETS names.",
+        ),
+        controlnet_conditioning_scale: float | None = Input(
+            default=None,
+            ge=0.0,
+            le=2.0,
+            description="How closely the image follows control_image, from 0 to 2. Leave empty for the models' "
+            "recommendation: 1 for SD1.5 and SD2.1 models, 0.5 for SDXL ones.",
+        ),
+        control_preprocess: bool = Input(
+            default=True,
+            description="canny only: find the edges of control_image (Canny, thresholds 100 and 200). False when "
+            "control_image already is an edge map. Depth maps are always used as they are.",
+        ),
     ) -> list[Path]:
-        for name, value in (("image", image), ("mask", mask)):
+        for name, value in (("image", image), ("mask", mask), ("control_image", control_image)):
             if value is not None and not isinstance(value, Path):
                 # Cog turns URLs and data URIs into downloaded files (Path); without a build schema it
                 # passes any other string through as is. A bare path would read this machine's files.
                 raise InputError(f"{name} must be an http(s) URL or a data URI of an image, not a file path.")
         # Decoding an input image takes a while: off the event loop, where other requests wait.
-        async with self.decoding if image is not None else contextlib.nullcontext():
+        has_images = any(value is not None for value in (image, mask, control_image))
+        async with self.decoding if has_images else contextlib.nullcontext():
             request = await asyncio.to_thread(
                 self.engine.validate,
                 prompt=prompt,
@@ -132,6 +157,10 @@ class Predictor(BaseRunner):
                 output_format=output_format,
                 output_quality=output_quality,
                 vae=vae,
+                control_image=control_image,
+                controlnet=controlnet,
+                controlnet_conditioning_scale=controlnet_conditioning_scale,
+                control_preprocess=control_preprocess,
             )
         for line in self.engine.describe(request):
             logging.info(line)

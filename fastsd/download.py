@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import manifest
 from .errors import ConfigurationError
-from .layout import LORA, MODEL, TINY_VAE, VAE, Source, model_folder, sources
+from .layout import CONTROLNET, LORA, MODEL, TINY_VAE, VAE, Source, model_folder, sources
 from .variants import LORA_WEIGHT_NAME, Variant, custom_variant
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,10 @@ WEIGHT_BASENAMES = {"diffusion_pytorch_model", "model"}
 _WEIGHT = re.compile(r"^(?P<base>[A-Za-z0-9_]+)(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.safetensors$")
 _WEIGHT_INDEX = re.compile(r"^(?P<base>[A-Za-z0-9_]+)\.safetensors\.index(?:\.(?P<variant>[A-Za-z0-9_]+))?\.json$")
 FP16, FULL = "fp16", "full"
+# Some ControlNets (the SD 2.1 ones) are published only as a pickle: fastsd never unpickles while
+# serving, so download_weights.py converts it to safetensors once, on the operator's machine.
+PICKLED_WEIGHTS = "diffusion_pytorch_model.bin"
+CONVERTED_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PRECISIONS = (FP16, FULL)
 
 # The first call to the hub: short, so that an unreachable hub is reported in seconds.
@@ -108,12 +112,17 @@ def select_files(
         folder, name = _split(path)
         by_folder.setdefault(folder, []).append(name)
 
-    if role in (VAE, TINY_VAE):
+    if role in (VAE, TINY_VAE, CONTROLNET):
         names = by_folder.get("", [])
         if "config.json" not in names:
-            raise WeightsDownloadError("the repo has no config.json at its root: it is not a diffusers autoencoder")
+            raise WeightsDownloadError("the repo has no config.json at its root: it is not a diffusers model")
         sets = _weight_sets(names)
-        weights = sets.get(None) or sets.get(FP16)
+        # The autoencoders load without a variant (full precision); ControlNets the way the
+        # pipeline's precision asks (fp16 files where published).
+        preferred = (FP16, None) if role == CONTROLNET and precision == FP16 else (None, FP16)
+        weights = sets.get(preferred[0]) or sets.get(preferred[1])
+        if not weights and role == CONTROLNET and PICKLED_WEIGHTS in names:
+            return ["config.json", PICKLED_WEIGHTS]  # converted to safetensors once fetched: fetch_source
         if not weights:
             raise WeightsDownloadError("the repo has no diffusion_pytorch_model.safetensors at its root")
         return sorted(["config.json", *weights])
@@ -226,6 +235,39 @@ def _expected_entries(info, selected: list[str]) -> dict[str, dict]:
     return entries
 
 
+def _converted_entry(listed: dict | None, pickled: dict) -> dict | None:
+    """The manifest entry of a conversion already made from this very pickle (same hub sha256)."""
+    entry = (listed or {}).get("files", {}).get(CONVERTED_WEIGHTS)
+    if entry and entry.get("converted_from", {}).get("sha256") == pickled.get("sha256"):
+        return {CONVERTED_WEIGHTS: entry}
+    return None
+
+
+def _convert_pickle(folder: Path, hub_id: str, pickled: dict) -> dict[str, dict]:
+    """The pickled weights as safetensors, once, here: torch.load with weights_only, which rebuilds
+    tensors and plain containers and refuses anything else (no code runs), then the pickle goes.
+    The manifest records the source file and its hub sha256 beside the converted file."""
+    try:
+        import torch
+        from safetensors.torch import save_file
+    except ImportError:
+        raise WeightsDownloadError(
+            f"{hub_id} publishes its weights only as a pickle ({PICKLED_WEIGHTS}): converting them to "
+            "safetensors once needs torch on this machine (pip install torch; the CPU build does), or leave "
+            "this ControlNet out."
+        ) from None
+    try:
+        state = torch.load(folder / PICKLED_WEIGHTS, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a refused or broken pickle is one sentence
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise WeightsDownloadError(f"{hub_id}: {PICKLED_WEIGHTS} is not plain tensors ({reason}).") from None
+    target = folder / CONVERTED_WEIGHTS
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, target)
+    (folder / PICKLED_WEIGHTS).unlink()
+    entry = {"size": target.stat().st_size, "sha256": manifest.sha256_of(target)}
+    return {CONVERTED_WEIGHTS: {**entry, "converted_from": {"file": PICKLED_WEIGHTS, **pickled}}}
+
+
 def _escape_glob(name: str) -> str:
     """allow_patterns are fnmatch patterns: make a file name match only itself."""
     return re.sub(r"([*?\[])", r"[\1]", name)
@@ -262,6 +304,10 @@ def fetch_source(
         previous = manifest.load(folder) if folder.is_dir() else None
         wanted = {"files": expected}
         already = previous and all(previous["files"].get(name) == entry for name, entry in expected.items())
+        if PICKLED_WEIGHTS in expected:
+            converted = _converted_entry(previous, expected[PICKLED_WEIGHTS])
+            already = converted is not None
+            wanted = {"files": {**{n: e for n, e in expected.items() if n != PICKLED_WEIGHTS}, **(converted or {})}}
         if already and not manifest.check(folder, wanted):
             return Fetched(
                 hub_id, folder, len(expected), manifest.total_size(wanted), True, time.perf_counter() - started
@@ -289,15 +335,19 @@ def fetch_source(
     except Exception as error:  # noqa: BLE001 - every failure becomes one sentence for a person
         raise explain(error, hub_id) from error
 
-    problems = (manifest.verify if verify else manifest.check)(folder, wanted)
+    problems = (manifest.verify if verify else manifest.check)(folder, {"files": expected})
     if problems:
         raise WeightsDownloadError(
             f"{hub_id} arrived damaged: {', '.join(map(str, problems))}; run the command again to fetch it again."
         )
+    if PICKLED_WEIGHTS in expected:
+        pickled = expected.pop(PICKLED_WEIGHTS)
+        expected |= _convert_pickle(folder, hub_id, pickled)
     # Other presets may have fetched other files of this repo into the folder: keep their entries.
     kept = previous["files"] if previous and previous.get("repo") == hub_id else {}
     manifest.write(folder, {**kept, **expected}, repo=hub_id, revision=info.sha, source=endpoint())
-    return Fetched(hub_id, folder, len(expected), manifest.total_size(wanted), False, time.perf_counter() - started)
+    size = manifest.total_size({"files": expected})
+    return Fetched(hub_id, folder, len(expected), size, False, time.perf_counter() - started)
 
 
 def fetch_variant(

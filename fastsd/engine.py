@@ -27,7 +27,7 @@ from .inputs import GenerationRequest
 from .layout import model_folder
 from .provision import ensure_model_folder, ensure_weights
 from .tasks import Task
-from .variants import FULL_VAE, Variant, variant_from_environment
+from .variants import CONTROLNETS, CONTROLNETS_ENV, FULL_VAE, Variant, variant_from_environment
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ def batch_key(request: GenerationRequest) -> tuple:
     """Requests with the same key can run as one pipeline call (prompts, seeds and output formats
     may differ: each image gets its own embeddings and generator)."""
     strength = None if request.task is Task.TEXT_TO_IMAGE else request.strength
-    return (request.task, request.vae, request.width, request.height, request.num_inference_steps,
-            request.guidance_scale, strength)  # fmt: skip
+    scale = request.conditioning_scale if request.controlnet else None
+    return (*request.mode, request.width, request.height, request.num_inference_steps, request.guidance_scale,
+            strength, scale)  # fmt: skip
 
 
 class PromptCache:
@@ -171,6 +172,13 @@ class Engine:
     def validate(self, **raw: Any) -> GenerationRequest:
         if raw.get("vae") is None:
             raw["vae"] = self._default_vae  # the variant's default, or full when TAESD is absent
+        wanted = raw.get("controlnet")
+        if wanted in CONTROLNETS and wanted not in self.pipelines.controlnets:  # before decoding anything
+            served = ", ".join(self.pipelines.controlnets) or "none"
+            raise InputError(
+                f"controlnet {wanted} is not served by this deployment (it serves: {served}); it is chosen when "
+                f"the container starts: {CONTROLNETS_ENV}={','.join((*self.pipelines.controlnets, wanted))}."
+            )
         request = inputs.validate(self.variant, **raw)
         if request.vae not in self.pipelines.vae_choices:
             raise InputError(
@@ -186,13 +194,14 @@ class Engine:
 
     def describe(self, request: GenerationRequest) -> list[str]:
         """The log lines for a request: what will run, and any input that will have no effect."""
-        recipe = self._recipe_arguments(request, self._accepted[(request.task, request.vae)])
+        recipe = self._recipe_arguments(request, self._accepted[request.mode])
         lines = [
             f"{request.task}: seed {request.seed}, {request.num_inference_steps} step(s), guidance "
             f"{request.guidance_scale:g}, {request.width}x{request.height}, {request.num_outputs} image(s), "
             f"vae {request.vae}"
             + (f", strength {request.strength:g}" if request.task is not Task.TEXT_TO_IMAGE else "")
             + (f", mask {_share(request.mask):.0%} of the image" if request.task is Task.INPAINTING else "")
+            + (f", controlnet {request.controlnet} at {request.conditioning_scale:g}" if request.controlnet else "")
             + "".join(f", {name} {value}" for name, value in recipe.items())
         ]
         if request.negative_prompt and not self.pipelines.accepts_negative_prompt:
@@ -230,8 +239,7 @@ class Engine:
         first = requests[0]
         if any(batch_key(request) != batch_key(first) for request in requests):
             raise ValueError("requests of one batch must share a batch_key")
-        mode = (first.task, first.vae)
-        pipeline, accepted = self.pipelines.get(*mode), self._accepted[mode]
+        pipeline, accepted = self.pipelines.get(*first.mode), self._accepted[first.mode]
         started = time.perf_counter()
         guidance = first.uses_guidance and self.pipelines.accepts_negative_prompt
         encoded = [self.prompts.get(r.prompt, self._negative_prompt(r), guidance) for r in requests]
@@ -257,6 +265,11 @@ class Engine:
         if first.task is Task.INPAINTING:
             masks = [r.mask for r in requests for _ in range(r.num_outputs)]
             arguments.update(mask_image=masks, width=first.width, height=first.height)
+        if first.controlnet:
+            controls = [r.control_image for r in requests for _ in range(r.num_outputs)]
+            # Text-to-image takes the map as `image`; image-to-image keeps `image` for the start.
+            arguments["image" if first.task is Task.TEXT_TO_IMAGE else "control_image"] = controls
+            arguments["controlnet_conditioning_scale"] = first.conditioning_scale
         if interrupted is not None and "callback_on_step_end" in accepted:
 
             def stop_when_asked(pipe, step, timestep, callback_kwargs):

@@ -142,6 +142,18 @@ def release_unused_memory() -> None:
             trim(0)
 
 
+# Canny thresholds: what the ControlNet cards pass to cv2.Canny (low 100, high 200).
+CANNY_LOW, CANNY_HIGH = 100, 200
+
+
+def canny_edges(image: Image.Image) -> Image.Image:
+    """A photo or drawing as the white-on-black edge map the canny ControlNets were trained on."""
+    import cv2
+
+    edges = cv2.Canny(np.asarray(image.convert("L")), CANNY_LOW, CANNY_HIGH)
+    return Image.fromarray(edges).convert("RGB")
+
+
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     """Scale and centre-crop to exactly width x height, keeping the aspect ratio (no stretching)."""
     if image.size == (width, height):

@@ -18,7 +18,7 @@ from PIL import Image
 from . import images
 from .errors import InputError
 from .tasks import Task
-from .variants import VAE_CHOICES, Variant
+from .variants import CANNY, CONDITIONING_SCALE, CONTROLNETS, VAE_CHOICES, Variant
 
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 MAX_OUTPUTS = 8
@@ -46,6 +46,14 @@ class GenerationRequest:
     output_format: str
     output_quality: int
     vae: str  # "full" or "tiny"
+    controlnet: str | None = None  # canny or depth, with control_image
+    control_image: Image.Image | None = None  # the map the ControlNet follows, at width x height
+    conditioning_scale: float = 1.0  # how strongly it follows it
+
+    @property
+    def mode(self) -> tuple[Task, str, str | None]:
+        """Which of the loaded pipelines runs it (fastsd.pipelines.Pipelines.get)."""
+        return (self.task, self.vae, self.controlnet)
 
     @property
     def uses_guidance(self) -> bool:
@@ -91,6 +99,29 @@ def _text(name: str, value: Any, required: bool) -> str:
     if len(value) > MAX_PROMPT_CHARACTERS:
         raise InputError(f"{name} must be at most {MAX_PROMPT_CHARACTERS} characters, got {len(value)}.")
     return value
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(f"{name} must be true or false, got {value!r}.")
+    return value
+
+
+def _control(variant: Variant, image: Any, controlnet: Any, scale: Any) -> tuple[Image.Image | None, str | None, float]:
+    """The control image (decoded, not yet fitted), the ControlNet and its conditioning scale."""
+    if controlnet is not None and controlnet not in CONTROLNETS:
+        raise InputError(f"controlnet must be one of {', '.join(CONTROLNETS)}, got {controlnet!r}.")
+    if image is None:
+        if controlnet is not None:
+            raise InputError(f"controlnet {controlnet} needs a control_image: the map the image should follow.")
+        return None, None, CONDITIONING_SCALE[variant.architecture]
+    if controlnet is None:
+        raise InputError(f"control_image needs controlnet: one of {', '.join(CONTROLNETS)}, the kind of map it is.")
+    if scale is None:
+        scale = CONDITIONING_SCALE[variant.architecture]
+    scale = _number("controlnet_conditioning_scale", scale)
+    _in_range("controlnet_conditioning_scale", scale, 0, 2)
+    return images.flatten(images.open_input_image(image, "control_image")), controlnet, scale
 
 
 def _side(name: str, value: Any) -> int:
@@ -153,6 +184,10 @@ def validate(
     output_format: Any = "webp",
     output_quality: Any = 80,
     vae: Any = None,
+    control_image: Path | str | None = None,
+    controlnet: Any = None,
+    controlnet_conditioning_scale: Any = None,
+    control_preprocess: Any = True,
 ) -> GenerationRequest:
     """Check every input against the variant's limits and fill in its defaults."""
     prompt = _text("prompt", prompt, required=True)
@@ -185,7 +220,10 @@ def validate(
         area = images.transparent_area(source)
     if source is not None:
         source = images.flatten(source)
-    width, height = _size(variant, width, height, source)
+    control, controlnet, scale = _control(variant, control_image, controlnet, controlnet_conditioning_scale)
+    if control is not None and area is not None:
+        raise InputError("control_image does not combine with mask or a transparent image (inpainting); send one.")
+    width, height = _size(variant, width, height, source if source is not None else control)
     if num_outputs * width * height > variant.max_batch_pixels:
         raise InputError(
             f"num_outputs x width x height must be at most {variant.max_batch_pixels} pixels for {variant.name}, "
@@ -217,6 +255,10 @@ def validate(
         # this, the allocator keeps them and the worker stays at its peak (measured: 1.3 GB).
         del source
         images.release_unused_memory()
+    if control is not None:
+        control = images.fit(control, width, height)
+        if controlnet == CANNY and _boolean("control_preprocess", control_preprocess):
+            control = images.canny_edges(control)
     return GenerationRequest(
         task=task,
         prompt=prompt,
@@ -233,4 +275,7 @@ def validate(
         output_format=output_format,
         output_quality=output_quality,
         vae=vae,
+        controlnet=controlnet,
+        control_image=control,
+        conditioning_scale=scale,
     )

@@ -21,7 +21,7 @@ from .variants import Variant
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Roles: what a source is to the pipeline.
-MODEL, VAE, TINY_VAE, UNET, LORA = "model", "vae", "tiny_vae", "unet", "lora"
+MODEL, VAE, TINY_VAE, UNET, LORA, CONTROLNET = "model", "vae", "tiny_vae", "unet", "lora", "controlnet"
 
 
 def weights_root() -> Path:
@@ -89,8 +89,8 @@ class Source:
 
 def sources(variant: Variant, tiny_vae: bool = True) -> list[Source]:
     """Everything the variant loads: its model (less the components it replaces), the replacement
-    VAE and UNet, the LoRAs it fuses, then its tiny autoencoder (optional: loaded when present;
-    fetched, packed and baked unless tiny_vae=False)."""
+    VAE and UNet, the LoRAs it fuses, the ControlNets it serves, then its tiny autoencoder
+    (optional: loaded when present; fetched, packed and baked unless tiny_vae=False)."""
     recipe = variant.recipe
     replaced = tuple(name for name, by in (("unet", recipe.unet), ("vae", variant.vae)) if by)
     found = [Source(MODEL, variant.model, skip=replaced)]
@@ -99,6 +99,7 @@ def sources(variant: Variant, tiny_vae: bool = True) -> list[Source]:
     if recipe.unet:
         found.append(Source(UNET, recipe.unet.repo, recipe.unet.filename))
     found += [Source(LORA, lora.file.repo, lora.file.filename) for lora in recipe.loras]
+    found += [Source(CONTROLNET, variant.controlnet_repo(name)) for name in variant.controlnets]
     if tiny_vae:
         found.append(Source(TINY_VAE, variant.tiny_vae, optional=True))
     return found
@@ -109,6 +110,10 @@ def required_sources(variant: Variant) -> list[Source]:
 
 
 def fetch_command(variant: Variant) -> str:
+    controlnets = f" --controlnet {','.join(variant.controlnets)}" if variant.controlnets else ""
     if variant.is_custom:
-        return f"python scripts/download_weights.py --model {variant.model} --acceleration {variant.recipe.name}"
-    return f"python scripts/download_weights.py {variant.name}"
+        return (
+            f"python scripts/download_weights.py --model {variant.model} --acceleration {variant.recipe.name}"
+            + controlnets
+        )
+    return f"python scripts/download_weights.py {variant.name}{controlnets}"

@@ -19,44 +19,52 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigurationError
-from .layout import LORA, UNET, model_folder, repo_folder, weights_root
+from .layout import CONTROLNET, LORA, UNET, model_folder, repo_folder, weights_root
 from .provision import require_weights
 from .tasks import Task
-from .variants import ARCHITECTURE_NAMES, FULL_VAE, SD2, SD15, SDXL, TINY_VAE, HubFile, Lora, Scheduler, Variant
+from .variants import ARCHITECTURE_NAMES, FULL_VAE, SDXL, TINY_VAE, HubFile, Lora, Scheduler, Variant
 
 log = logging.getLogger(__name__)
 
 
-# The diffusers pipeline class of each task, by architecture. Image-to-image goes through the auto
-# pipeline, which knows the LCM pipelines; inpainting takes the Stable Diffusion ones, which also
-# run LCM-distilled UNets (guidance embedding) and 4-channel UNets (the latents are masked each step).
-_PIPELINE_FOR_TASK = {
-    Task.IMAGE_TO_IMAGE: {SD15: "AutoPipelineForImage2Image", SD2: "AutoPipelineForImage2Image",
-                          SDXL: "AutoPipelineForImage2Image"},
-    Task.INPAINTING: {SD15: "StableDiffusionInpaintPipeline", SD2: "StableDiffusionInpaintPipeline",
-                      SDXL: "StableDiffusionXLInpaintPipeline"},
+# The diffusers pipeline class of each task, with and without a ControlNet, for SD 1.x/2.x and
+# for SDXL. Image-to-image goes through the auto pipeline, which knows the LCM pipelines; the others
+# take the Stable Diffusion ones, which also run LCM-distilled UNets (guidance embedding) and, for
+# inpainting, 4-channel UNets (the latents are masked each step). None: text-to-image's own class.
+_PIPELINE_CLASS = {
+    (Task.TEXT_TO_IMAGE, False): (None, None),
+    (Task.IMAGE_TO_IMAGE, False): ("AutoPipelineForImage2Image", "AutoPipelineForImage2Image"),
+    (Task.INPAINTING, False): ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline"),
+    (Task.TEXT_TO_IMAGE, True): ("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline"),
+    (Task.IMAGE_TO_IMAGE, True): ("StableDiffusionControlNetImg2ImgPipeline",
+                                  "StableDiffusionXLControlNetImg2ImgPipeline"),
 }  # fmt: skip
+CONTROLNET_TASKS = (Task.TEXT_TO_IMAGE, Task.IMAGE_TO_IMAGE)
 
 
 @dataclass
 class Pipelines:
-    """Pipelines by (task, vae): all share one UNet and text encoders."""
+    """Pipelines by (task, vae, ControlNet or None): all share one UNet and text encoders."""
 
-    by_mode: dict[tuple[Task, str], object]
+    by_mode: dict[tuple[Task, str, str | None], object]
     device: str
     dtype: torch.dtype
     accepts_negative_prompt: bool  # the distilled LCM pipeline embeds guidance and takes none
 
     @property
     def text_to_image(self):
-        return self.by_mode[(Task.TEXT_TO_IMAGE, FULL_VAE)]
+        return self.by_mode[(Task.TEXT_TO_IMAGE, FULL_VAE, None)]
 
     @property
     def vae_choices(self) -> tuple[str, ...]:
-        return tuple(sorted({vae for _, vae in self.by_mode}))
+        return tuple(sorted({vae for _, vae, _ in self.by_mode}))
 
-    def get(self, task: Task, vae: str):
-        return self.by_mode[(task, vae)]
+    @property
+    def controlnets(self) -> tuple[str, ...]:
+        return tuple(sorted({controlnet for _, _, controlnet in self.by_mode if controlnet}))
+
+    def get(self, task: Task, vae: str, controlnet: str | None = None):
+        return self.by_mode[(task, vae, controlnet)]
 
 
 def _cpu_supports_bf16() -> bool:
@@ -236,18 +244,31 @@ def _load_tiny_vae(variant: Variant, dtype: torch.dtype):
 
 
 def _task_pipeline(task: Task, architecture: str, text_to_image, dtype: torch.dtype, **components):
-    """The task's pipeline over text_to_image's components (with the given ones swapped in).
+    """The task's pipeline over text_to_image's components (with the given ones swapped in: a
+    ControlNet, the tiny VAE).
 
     from_pipe shares the components; it also casts them all to its dtype argument, float32 unless
     told otherwise, so the dtype is always passed.
     """
     import diffusers
 
-    if task in _PIPELINE_FOR_TASK:
-        family = getattr(diffusers, _PIPELINE_FOR_TASK[task][architecture])
-    else:
-        family = type(text_to_image)
+    name = _PIPELINE_CLASS[(task, "controlnet" in components)][architecture == SDXL]
+    family = getattr(diffusers, name) if name else type(text_to_image)
     return family.from_pipe(text_to_image, dtype=dtype, **components)
+
+
+def _load_controlnet(variant: Variant, name: str, dtype: torch.dtype):
+    """A ControlNet of the served architecture, in the precision the pipeline runs (its fp16 files
+    where published)."""
+    from diffusers import ControlNetModel
+
+    folder = repo_folder(CONTROLNET, variant.controlnet_repo(name))
+    half = dtype in (torch.float16, torch.bfloat16)
+    full = [path for path in folder.glob("*.safetensors") if not path.name.endswith(".fp16.safetensors")]
+    fp16 = any(folder.glob("*.fp16.safetensors")) and (half or not full)
+    return ControlNetModel.from_pretrained(
+        folder, dtype=dtype, use_safetensors=True, local_files_only=True, variant="fp16" if fp16 else None
+    )
 
 
 def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None = None) -> Pipelines:
@@ -283,23 +304,27 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
     # The tiny VAE's activations are small; it keeps whole batches, which is what makes them fast.
     text_to_image.vae.enable_slicing()
 
-    by_mode = {(Task.TEXT_TO_IMAGE, FULL_VAE): text_to_image}
-    by_mode |= {
-        (task, FULL_VAE): _task_pipeline(task, variant.architecture, text_to_image, dtype)
-        for task in Task
-        if task in _PIPELINE_FOR_TASK
-    }
     tiny_vae = _load_tiny_vae(variant, dtype)
     if tiny_vae is not None:
-        tiny_vae.to(device)
-        # The tiny VAE adds ~10 MB; everything else is shared, not a second model.
-        by_mode |= {
-            (task, TINY_VAE): _task_pipeline(task, variant.architecture, text_to_image, dtype, vae=tiny_vae)
-            for task in Task
-        }
+        tiny_vae.to(device)  # ~10 MB; everything else is shared, not a second model
+    controlnets = {name: _load_controlnet(variant, name, dtype).to(device) for name in variant.controlnets}
+    by_mode = {}
+    for vae, vae_module in ((FULL_VAE, None), (TINY_VAE, tiny_vae)):
+        if vae == TINY_VAE and tiny_vae is None:
+            continue
+        swapped = {"vae": vae_module} if vae_module is not None else {}
+        for task in Task:
+            for controlnet in (None, *(controlnets if task in CONTROLNET_TASKS else ())):
+                if task is Task.TEXT_TO_IMAGE and vae == FULL_VAE and controlnet is None:
+                    pipeline = text_to_image
+                else:
+                    extra = {**swapped, **({"controlnet": controlnets[controlnet]} if controlnet else {})}
+                    pipeline = _task_pipeline(task, variant.architecture, text_to_image, dtype, **extra)
+                by_mode[(task, vae, controlnet)] = pipeline
     for pipeline in by_mode.values():
         pipeline.set_progress_bar_config(disable=True)
-    _use_channels_last([text_to_image.unet, text_to_image.vae, *([tiny_vae] if tiny_vae else [])], device)
+    modules = [text_to_image.unet, text_to_image.vae, *([tiny_vae] if tiny_vae else []), *controlnets.values()]
+    _use_channels_last(modules, device)
     if compile_mode():
         _compile([text_to_image.unet, text_to_image.vae.decoder, *([tiny_vae.decoder] if tiny_vae else [])], device)
 
@@ -312,6 +337,7 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
     applied = [f"UNet {recipe.unet.repo}/{recipe.unet.filename}"] if recipe.unet else []
     applied += [f"LoRA {lora.file.repo}/{lora.file.filename} (fused)" for lora in recipe.loras]
     applied += [f"VAE {variant.vae}"] if variant.vae else []
+    applied += [f"ControlNet {name} ({variant.controlnet_repo(name)})" for name in controlnets]
     log.info(
         "loaded %s (%s, recipe %s%s) as %s on %s in %s, scheduler %s%s, vae choices %s, in %.1f s",
         variant.name,

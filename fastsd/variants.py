@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,26 @@ SDXL_VAE_FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"
 TINY_VAE_FOR = {SD15: "madebyollin/taesd", SD2: "madebyollin/taesd", SDXL: "madebyollin/taesdxl"}
 FULL_VAE, TINY_VAE = "full", "tiny"
 VAE_CHOICES = (FULL_VAE, TINY_VAE)
+
+# ControlNets by conditioning and architecture (diffusers format, under weights/<hub id>/). An
+# image serves those FASTSD_CONTROLNETS names; none by default, so that an image stays small.
+CANNY, DEPTH = "canny", "depth"
+CONTROLNETS: dict[str, dict[str, str]] = {
+    CANNY: {
+        SD15: "lllyasviel/control_v11p_sd15_canny",
+        SD2: "thibaud/controlnet-sd21-canny-diffusers",
+        SDXL: "diffusers/controlnet-canny-sdxl-1.0",
+    },
+    DEPTH: {
+        SD15: "lllyasviel/control_v11f1p_sd15_depth",
+        SD2: "thibaud/controlnet-sd21-depth-diffusers",
+        SDXL: "diffusers/controlnet-depth-sdxl-1.0",
+    },
+}
+# controlnet_conditioning_scale when a request leaves it out: what the models' cards use (the SDXL
+# cards recommend 0.5 "for good generalization"; the SD1.5 and SD2.1 ones run at diffusers' 1.0).
+CONDITIONING_SCALE = {SD15: 1.0, SD2: 1.0, SDXL: 0.5}
+CONTROLNETS_ENV = "FASTSD_CONTROLNETS"
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,7 @@ class Variant:
     max_pixels: int = 1024 * 1024  # per image
     max_batch_pixels: int = 8 * 512 * 512  # all images of one call: one request's, or a batch of requests'
     max_batch_images: int = 8  # images in one call when concurrent requests are batched
+    controlnets: tuple[str, ...] = ()  # the ControlNets this deployment serves (FASTSD_CONTROLNETS)
 
     @property
     def num_inference_steps(self) -> int:
@@ -113,6 +134,18 @@ class Variant:
     @property
     def is_custom(self) -> bool:
         return self.name.startswith("custom:")
+
+    def controlnet_repo(self, name: str) -> str:
+        return CONTROLNETS[name][self.architecture]
+
+    def with_controlnets(self, names: tuple[str, ...]) -> Variant:
+        unknown = [name for name in names if name not in CONTROLNETS]
+        if unknown:
+            raise ConfigurationError(
+                f"{CONTROLNETS_ENV} names {', '.join(unknown)}; choose among: {', '.join(CONTROLNETS)} "
+                "(comma-separated), or leave it empty."
+            )
+        return replace(self, controlnets=tuple(dict.fromkeys(names)))
 
 
 _TRAILING = (("timestep_spacing", "trailing"),)
@@ -265,8 +298,15 @@ def variant_from_environment(model_folder_of) -> Variant:
     """
     model = os.environ.get("FASTSD_MODEL", "").strip()
     if model:
-        return custom_variant(model, model_folder_of(model), custom_acceleration())
-    return get_variant(os.environ.get("FASTSD_VARIANT", DEFAULT_VARIANT).strip() or DEFAULT_VARIANT)
+        variant = custom_variant(model, model_folder_of(model), custom_acceleration())
+    else:
+        variant = get_variant(os.environ.get("FASTSD_VARIANT", DEFAULT_VARIANT).strip() or DEFAULT_VARIANT)
+    return variant.with_controlnets(controlnets_from(os.environ.get(CONTROLNETS_ENV, "")))
+
+
+def controlnets_from(text: str) -> tuple[str, ...]:
+    """FASTSD_CONTROLNETS (and --controlnet options): names separated by commas or spaces."""
+    return tuple(name for name in text.replace(",", " ").split() if name)
 
 
 def custom_acceleration() -> str:

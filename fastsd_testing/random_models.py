@@ -84,6 +84,11 @@ REPOS: dict[str, RepoLayout] = {
 }
 VAE_REPOS = {variants.SDXL_VAE_FP16_FIX}  # a bare AutoencoderKL at the repo root
 TINY_VAE_REPOS = set(variants.TINY_VAE_FOR.values())  # a bare AutoencoderTiny at the repo root
+# ControlNet repos by hub id -> architecture. The SD 2.1 ones publish only a pickle
+# (diffusion_pytorch_model.bin, fp16): build_controlnet_repo(hub_layout=True) writes that, and by
+# default what download_weights.py leaves once it has converted it (safetensors).
+CONTROLNET_REPOS = {repo: arch for by_arch in variants.CONTROLNETS.values() for arch, repo in by_arch.items()}
+PICKLED_CONTROLNETS = {repo for repo, arch in CONTROLNET_REPOS.items() if arch == variants.SD2}
 # The base each architecture's acceleration files are made for (LoRAs, replacement UNets).
 BASE_FOR = {
     variants.SD15: "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -465,12 +470,42 @@ def build(hub_id: str, root: Path, size: str = TINY, seed: int = 0, fp16_only: b
     return build_model_repo(hub_id, root / "weights" / hub_id, size, seed, fp16_only)
 
 
+def build_controlnet_repo(hub_id: str, root: Path, size: str = TINY, seed: int = 0, hub_layout: bool = False) -> Path:
+    """weights/<hub id>/: a ControlNet for the base of its architecture (from that base's UNet
+    config), config.json with full-precision and fp16 safetensors, or as its repo publishes it."""
+    import diffusers
+
+    _seeded(seed + 2)
+    base = diffusers.UNet2DConditionModel(**_unet_config(REPOS[BASE_FOR[CONTROLNET_REPOS[hub_id]]], size))
+    controlnet = diffusers.ControlNetModel.from_unet(
+        base, conditioning_embedding_out_channels=(8, 8, 8, 16) if size == TINY else (16, 32, 96, 256)
+    )
+    # A trained ControlNet's zero convolutions are no longer zero; random ones would leave the
+    # picture as it is, and no test could tell a ControlNet that is used from one that is not.
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(
+                ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+            ):
+                parameter.normal_(0.0, 0.05)
+    folder = root / "weights" / hub_id
+    if hub_id in PICKLED_CONTROLNETS:
+        # fp16 in one file: a pickle as the hub has it, or the safetensors download_weights.py makes of it.
+        controlnet.to(torch.float16).save_pretrained(folder, safe_serialization=not hub_layout)
+        return folder
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    controlnet.to(torch.float16).save_pretrained(folder, safe_serialization=True, variant="fp16")
+    return folder
+
+
 def build_source(source: Source, root: Path, size: str = TINY, fp16_only: bool = False) -> Path:
     """What a Source (fastsd.layout) loads, in its place under root."""
     if source.role == disk.LORA:
         return build_lora_file(variants.HubFile(source.repo, source.filename), root, size)
     if source.role == disk.UNET:
         return build_unet_file(variants.HubFile(source.repo, source.filename), root, size)
+    if source.role == disk.CONTROLNET:
+        return build_controlnet_repo(source.repo, root, size)
     return build(source.repo, root, size, fp16_only=fp16_only)
 
 

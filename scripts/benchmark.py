@@ -46,7 +46,7 @@ from fastsd_testing import random_models
 from fastsd_testing.cog_server import CogServer, declared_concurrency, decode_output
 from fastsd_testing.load import run_clients
 
-CASES = ("default", "vae_full", "vae_tiny", "batch", "inpaint")
+CASES = ("default", "vae_full", "vae_tiny", "batch", "inpaint", "controlnet")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
 
 
@@ -60,6 +60,17 @@ def inpainting_inputs(width: int, height: int) -> tuple:
     mask = np.zeros((height, width), dtype=np.uint8)
     mask[height // 3 : 2 * height // 3, width // 3 : 2 * width // 3] = 255
     return image, Image.fromarray(mask)
+
+
+def drawing(width: int, height: int):
+    """Shapes on white, for the canny ControlNet to find the edges of."""
+    import numpy as np
+    from PIL import Image
+
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    canvas[height // 5 : height // 2, width // 6 : width // 2] = (20, 40, 200)
+    canvas[height // 2 : 4 * height // 5, width // 2 : 5 * width // 6] = (200, 30, 30)
+    return Image.fromarray(canvas)
 
 
 def png_data_uri(image) -> str:
@@ -153,7 +164,8 @@ def bench_server(variant, root: Path, cases: dict, args, log_dir: Path, results:
     """Fills results as it goes, so a run stopped at a time limit still reports what it measured."""
     started = time.perf_counter()
     log_name = f"server-{variant.name}" + (f"-compile-{args.compile}" if args.compile else "") + ".log"
-    server = CogServer({"FASTSD_VARIANT": variant.name, "FASTSD_WEIGHTS_ROOT": str(root)}, log_dir / log_name)
+    environment = {"FASTSD_VARIANT": variant.name, "FASTSD_WEIGHTS_ROOT": str(root)}
+    server = CogServer({**environment, "FASTSD_CONTROLNETS": ",".join(variant.controlnets)}, log_dir / log_name)
     try:
         state = server.wait_for_setup()
         if state["status"] != "READY":
@@ -313,6 +325,26 @@ def bench_baseline(variant, root: Path, args, device: str, side: dict) -> dict:
         results["inpaint"] = summary(timed(inpaint_call, args.warmup, args.runs, device))
         print(f"  baseline {'inpaint':>10}: {results['inpaint']['median_ms']:9.1f} ms median", flush=True)
         del inpaint
+    if "controlnet" in args.cases:
+        # Stock ControlNet text-to-image over the same components and ControlNet weights: the card's
+        # code, with the edges found the way the cards find them (cv2.Canny 100/200).
+        repo = root / "weights" / variant.controlnet_repo(variants.CANNY)
+        controlnet = diffusers.ControlNetModel.from_pretrained(
+            repo, torch_dtype=dtype, variant="fp16" if any(repo.glob("*.fp16.safetensors")) and fp16 else None
+        ).to(device)
+        guided = diffusers.AutoPipelineForText2Image.from_pipe(pipe, controlnet=controlnet)
+        width, height = side.get("width", variant.width), side.get("height", variant.height)
+        edges = images.canny_edges(drawing(width, height))
+
+        def controlnet_call(pipe=guided):
+            pipe(prompt=PROMPT, image=edges, num_inference_steps=variant.num_inference_steps,
+                 guidance_scale=variant.guidance_scale, width=width, height=height,
+                 controlnet_conditioning_scale=variants.CONDITIONING_SCALE[variant.architecture],
+                 generator=torch.Generator("cpu").manual_seed(1), **extra)  # fmt: skip
+
+        results["controlnet"] = summary(timed(controlnet_call, args.warmup, args.runs, device))
+        print(f"  baseline {'controlnet':>10}: {results['controlnet']['median_ms']:9.1f} ms median", flush=True)
+        del guided, controlnet
     del pipe
     release(device)
     return results
@@ -483,6 +515,8 @@ def main() -> int:
 
     for name in args.variants:
         variant = variants.VARIANTS[name]
+        if "controlnet" in args.cases:
+            variant = variant.with_controlnets((variants.CANNY,))
         build_random_weights(variant, root, size, device)
         print(f"{name} on {report['device']} ({report['dtype']}, {size} weights)", flush=True)
         side = dict(width=64, height=64) if args.quick else {}
@@ -497,6 +531,12 @@ def main() -> int:
             "vae_tiny": {"vae": "tiny", **side},
             "batch": {"num_outputs": args.batch, "vae": "tiny", **side},
             "inpaint": dict(zip(("image", "mask"), map(png_data_uri, inpainting), strict=True), **side),
+            "controlnet": dict(
+                control_image=png_data_uri(
+                    drawing(side.get("width", variant.width), side.get("height", variant.height))
+                ),
+                controlnet=variants.CANNY,
+            ),
         }
         if device == "cpu" and not args.quick:
             every_case.pop("batch")  # minutes per request on a CPU, and no new information

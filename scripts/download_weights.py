@@ -6,6 +6,7 @@
     python scripts/download_weights.py --list                    # variants, repos, what is on disk
     python scripts/download_weights.py --model HUB_ID --acceleration tcd   # none, lcm-lora, lightning, hyper, tcd, dmd2
     python scripts/download_weights.py sd-turbo --precision full     # fp32 files, for a CPU server
+    python scripts/download_weights.py sdxl-lcm --controlnet canny,depth   # and the ControlNets it serves
 
 Each repo lands in weights/<hub id>/ (lora/<hub id>/ for LoRAs; a single file out of a repo of
 many keeps its own name there) under the project root, or under FASTSD_WEIGHTS_ROOT / --root,
@@ -52,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every variant")
     parser.add_argument("--list", action="store_true", help="list the variants, their repos and what is on disk")
     parser.add_argument("--model", metavar="HUB_ID", help="a custom SD1.5/SD2.x/SDXL base model, by hub id")
+    parser.add_argument(
+        "--controlnet",
+        default="",
+        metavar="NAMES",
+        help="ControlNets to serve too, comma-separated: canny, depth (as FASTSD_CONTROLNETS; default none)",
+    )
     parser.add_argument(
         "--acceleration",
         default="lcm-lora",
@@ -105,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             chosen += [v for v in variants.VARIANTS.values() if v not in chosen]
         if args.model:
             chosen.append(download.resolve_custom(args.model, args.acceleration))
+        controlnets = variants.controlnets_from(args.controlnet)
+        chosen = [variant.with_controlnets(controlnets) for variant in chosen]
         for variant in chosen:
             print(f"{variant.name}:")
             download.fetch_variant(

@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="leave out the tiny autoencoder (taesd / taesdxl), packed by default when present",
     )
+    parser.add_argument(
+        "--controlnet",
+        default="",
+        metavar="NAMES",
+        help="ControlNets to serve too, comma-separated: canny, depth (as FASTSD_CONTROLNETS; default none)",
+    )
     parser.add_argument("--root", type=Path, help="the folder that holds weights/ and lora/")
     args = parser.parse_args(argv)
     if args.root:
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             variant = variants.custom_variant(args.model, layout.model_folder(args.model), args.acceleration)
         else:
             variant = variants.get_variant(args.variant)
+        variant = variant.with_controlnets(variants.controlnets_from(args.controlnet))
         pack(variant, args.out, args.tiny_vae)
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)

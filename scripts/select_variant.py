@@ -7,8 +7,9 @@
 
 `cog build` sends the project folder to Docker, minus what .dockerignore names. This writes a
 .dockerignore that keeps out every weights folder but the variant's (and the tests, caches,
-.git, .venv), and sets the `- FASTSD_VARIANT=...` line of cog.yaml's environment: list, the
-variant the image serves. Nothing else in cog.yaml changes.
+.git, .venv), and sets the `- FASTSD_VARIANT=...` and `- FASTSD_CONTROLNETS=...` lines of
+cog.yaml's environment: list, the variant and the ControlNets the image serves (--controlnet
+canny,depth; none by default). Nothing else in cog.yaml changes.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ ALWAYS_EXCLUDED = [
     "*.tar.partial",
 ]
 _VARIANT_LINE = re.compile(r"^(?P<indent>[ \t]*-[ \t]*)FASTSD_VARIANT=[^\s#]*(?P<rest>.*)$", re.MULTILINE)
+_CONTROLNETS_LINE = re.compile(r"^(?P<indent>[ \t]*-[ \t]*)FASTSD_CONTROLNETS=[^\s#]*", re.MULTILINE)
 
 
 def kept_paths(sources) -> list[str]:
@@ -77,13 +79,19 @@ def dockerignore_text(variant_name: str, kept: list[str]) -> str:
     return "\n".join(lines)
 
 
-def set_cog_variant(cog_yaml: str, variant_name: str) -> str:
-    """cog.yaml with its `- FASTSD_VARIANT=...` environment line naming variant_name."""
+def set_cog_variant(cog_yaml: str, variant_name: str, controlnets: tuple[str, ...] = ()) -> str:
+    """cog.yaml with its `- FASTSD_VARIANT=...` environment line naming variant_name, and a
+    `- FASTSD_CONTROLNETS=...` line (after it, if there was none) naming the ControlNets served."""
     if not _VARIANT_LINE.search(cog_yaml):
         raise ValueError(
             "cog.yaml has no `  - FASTSD_VARIANT=...` line under environment:; add one "
             "(environment:\\n  - FASTSD_VARIANT=sd-turbo) and run this again."
         )
+    served = ",".join(controlnets)
+    if _CONTROLNETS_LINE.search(cog_yaml):
+        cog_yaml = _CONTROLNETS_LINE.sub(lambda m: f"{m['indent']}FASTSD_CONTROLNETS={served}", cog_yaml, count=1)
+    else:
+        cog_yaml = _VARIANT_LINE.sub(lambda m: f"{m[0]}\n{m['indent']}FASTSD_CONTROLNETS={served}", cog_yaml, count=1)
     return _VARIANT_LINE.sub(lambda m: f"{m['indent']}FASTSD_VARIANT={variant_name}{m['rest']}", cog_yaml, count=1)
 
 
@@ -96,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="leave the tiny autoencoder (taesd / taesdxl) out of the image",
     )
+    parser.add_argument(
+        "--controlnet",
+        default="",
+        metavar="NAMES",
+        help="ControlNets to serve too, comma-separated: canny, depth (as FASTSD_CONTROLNETS; default none)",
+    )
     parser.add_argument("--project", type=Path, default=PROJECT_ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -103,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     from fastsd.errors import ConfigurationError
 
     try:
-        variant = variants.get_variant(args.variant)
+        variant = variants.get_variant(args.variant).with_controlnets(variants.controlnets_from(args.controlnet))
         cog_path = args.project / "cog.yaml"
-        cog_yaml = set_cog_variant(cog_path.read_text(), variant.name)
+        cog_yaml = set_cog_variant(cog_path.read_text(), variant.name, variant.controlnets)
     except (ConfigurationError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -114,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.project / ".dockerignore").write_text(dockerignore_text(variant.name, kept_paths(sources)))
     cog_path.write_text(cog_yaml)
     shown = ", ".join((source.relative_folder / (source.filename or "")).as_posix() for source in sources)
-    print(f"selected {variant.name}: .dockerignore keeps {shown}; cog.yaml FASTSD_VARIANT={variant.name}")
+    print(
+        f"selected {variant.name}: .dockerignore keeps {shown}; cog.yaml FASTSD_VARIANT={variant.name}, "
+        f"FASTSD_CONTROLNETS={','.join(variant.controlnets)}"
+    )
     missing = [s for s in sources if not (args.project / s.relative_folder / s.marker_name).exists()]
     if missing:
         print(

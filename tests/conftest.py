@@ -15,8 +15,8 @@ from fastsd_testing import random_models
 
 @pytest.fixture(scope="session")
 def weights_root(tmp_path_factory) -> Path:
-    """A project root holding weights/ and lora/ for every preset, and the acceleration files of
-    every custom acceleration (for the fine-tune tests)."""
+    """A project root holding weights/ and lora/ for every preset, the acceleration files of every
+    custom acceleration (for the fine-tune tests), and every ControlNet."""
     root = tmp_path_factory.mktemp("fastsd-root")
     for variant in variants.VARIANTS.values():
         random_models.build_variant(variant, root)
@@ -24,6 +24,8 @@ def weights_root(tmp_path_factory) -> Path:
         for lora in recipe.loras:
             if not (root / "lora" / lora.file.repo / lora.file.filename).exists():
                 random_models.build_lora_file(lora.file, root)
+    for repo in random_models.CONTROLNET_REPOS:  # as download_weights.py leaves them
+        random_models.build_controlnet_repo(repo, root)
     return root
 
 

@@ -332,6 +332,31 @@ REPOS = {
     "h1t/TCD-SDXL-LoRA": dict(
         files=[".gitattributes", "README.md", "assets/teaser.jpeg", "pytorch_lora_weights.safetensors"]
     ),
+    # ControlNets: fp16 safetensors beside the full ones and the pickles; the SD 2.1 ones a pickle only.
+    **{
+        repo: dict(
+            files=[
+                ".gitattributes",
+                "README.md",
+                "config.json",
+                "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.fp16.bin",
+                "diffusion_pytorch_model.fp16.safetensors",
+                "diffusion_pytorch_model.safetensors",
+                "images/input.png",
+            ]
+        )
+        for repo in (
+            "lllyasviel/control_v11p_sd15_canny",
+            "lllyasviel/control_v11f1p_sd15_depth",
+            "diffusers/controlnet-canny-sdxl-1.0",
+            "diffusers/controlnet-depth-sdxl-1.0",
+        )
+    },
+    **{
+        repo: dict(files=[".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.bin"])
+        for repo in ("thibaud/controlnet-sd21-canny-diffusers", "thibaud/controlnet-sd21-depth-diffusers")
+    },
     "tianweiy/DMD2": dict(
         files=[
             ".gitattributes",
@@ -391,6 +416,20 @@ EXPECTED = {
     "madebyollin/taesdxl": ("tiny_vae", AUTOENCODER),
     "latent-consistency/lcm-lora-sdv1-5": ("lora", ["pytorch_lora_weights.safetensors"]),
     "latent-consistency/lcm-lora-sdxl": ("lora", ["pytorch_lora_weights.safetensors"]),
+    **{
+        repo: ("controlnet", ["config.json", "diffusion_pytorch_model.fp16.safetensors"])
+        for repo in (
+            "lllyasviel/control_v11p_sd15_canny",
+            "lllyasviel/control_v11f1p_sd15_depth",
+            "diffusers/controlnet-canny-sdxl-1.0",
+            "diffusers/controlnet-depth-sdxl-1.0",
+        )
+    },
+    # Published only as a pickle: fetched, then converted to safetensors (fetch_source).
+    **{
+        repo: ("controlnet", ["config.json", "diffusion_pytorch_model.bin"])
+        for repo in ("thibaud/controlnet-sd21-canny-diffusers", "thibaud/controlnet-sd21-depth-diffusers")
+    },
 }
 
 
@@ -409,7 +448,12 @@ def test_selection_is_exactly_what_the_pipeline_loads(hub_id):
 
 def every_source() -> set[layout.Source]:
     """Every source of every preset, and the acceleration files of every custom acceleration."""
-    found = {source for variant in variants.VARIANTS.values() for source in layout.sources(variant)}
+    every_controlnet = tuple(variants.CONTROLNETS)
+    found = {
+        source
+        for variant in variants.VARIANTS.values()
+        for source in layout.sources(variant.with_controlnets(every_controlnet))
+    }
     for recipe in variants.all_recipes():
         found |= {layout.Source(layout.LORA, lora.file.repo, lora.file.filename) for lora in recipe.loras}
     return found
@@ -803,5 +847,50 @@ def test_presets_sharing_a_repo_fetch_only_their_files_into_one_folder(weights_r
         assert (base / "vae" / "config.json").is_file() and not list((base / "vae").glob("*.safetensors"))
         for variant in chosen:  # both boot
             with_root(tmp_path, provision.require_weights, variant)
+    finally:
+        hub.close()
+
+
+def test_a_controlnet_published_as_a_pickle_is_converted_once_and_never_unpickled_when_serving(tmp_path, monkeypatch):
+    """The SD 2.1 ControlNets come as diffusion_pytorch_model.bin only: the download converts it
+    (torch.load with weights_only) to safetensors, records the source's hash, removes the pickle;
+    a second run converts nothing; setup loads the safetensors."""
+    from fastsd_testing import random_models
+
+    repo = "thibaud/controlnet-sd21-canny-diffusers"
+    published = tmp_path / "published"
+    random_models.build_controlnet_repo(repo, published, hub_layout=True)
+    assert (published / "weights" / repo / "diffusion_pytorch_model.bin").is_file()
+    sd_turbo = variants.VARIANTS["sd-turbo"].with_controlnets(("canny",))
+    hub = LocalHub({repo: published / "weights" / repo})
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        root = tmp_path / "root"
+        source = next(s for s in layout.sources(sd_turbo) if s.role == layout.CONTROLNET)
+        with_root(root, download.fetch_source, source)
+        folder = root / "weights" / repo
+        assert sorted(p.name for p in folder.iterdir() if p.is_file()) == [
+            ".fastsd-manifest.json",
+            "config.json",
+            "diffusion_pytorch_model.safetensors",
+        ]
+        listed = json.loads((folder / ".fastsd-manifest.json").read_text())
+        converted = listed["files"]["diffusion_pytorch_model.safetensors"]
+        pickled = hub.meta[repo]["diffusion_pytorch_model.bin"]["sha256"]
+        assert converted["converted_from"] == {
+            "file": "diffusion_pytorch_model.bin",
+            "size": len(hub.files[repo]["diffusion_pytorch_model.bin"]),
+            "sha256": pickled,
+        }
+        fetched = len(hub.gets)
+        assert with_root(root, download.fetch_source, source).already_there
+        assert len(hub.gets) == fetched
+        import torch
+
+        from fastsd import pipelines
+
+        controlnet = with_root(root, pipelines._load_controlnet, sd_turbo, "canny", torch.float32)
+        assert controlnet.dtype == torch.float32  # loaded from the safetensors: no pickle is left to read
     finally:
         hub.close()

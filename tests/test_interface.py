@@ -28,9 +28,15 @@ def test_cog_reads_the_fixed_inputs_with_literal_defaults_and_choices():
         "output_format",
         "vae",
         "output_quality",
+        "control_image",
+        "controlnet",
+        "controlnet_conditioning_scale",
+        "control_preprocess",
     ]
     assert (inputs["output_format"].choices, inputs["output_format"].default) == (["webp", "jpg", "png"], "webp")
     assert (inputs["vae"].choices, inputs["vae"].default) == (["full", "tiny"], None)
+    assert (inputs["controlnet"].choices, inputs["controlnet"].default) == (["canny", "depth"], None)
+    assert inputs["control_preprocess"].default is True
     assert (inputs["num_outputs"].default, inputs["output_quality"].default, inputs["negative_prompt"].default) == (
         1,
         80,
@@ -44,7 +50,7 @@ def test_every_input_has_a_literal_description():
     """cog build reads the source without importing it: Input() arguments must be literals."""
     tree = ast.parse(PREDICT.read_text())
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Input"]
-    assert len(calls) == 14
+    assert len(calls) == 18
     for call in calls:
         keywords = {keyword.arg: keyword.value for keyword in call.keywords}
         assert "description" in keywords
