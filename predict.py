@@ -132,6 +132,22 @@ class Predictor(BaseRunner):
             description="canny only: find the edges of control_image (Canny, thresholds 100 and 200). False when "
             "control_image already is an edge map. Depth maps are always used as they are.",
         ),
+        lora_weights: str | None = Input(
+            default=None,
+            description="A LoRA to apply for this request, on top of the model's own acceleration: an https URL of a "
+            ".safetensors file (Civitai, a Hugging Face resolve link), a Hugging Face repo id (owner/name or "
+            "owner/name/file.safetensors), or the URL of a Replicate LoRA training's .tar (its trigger tokens then "
+            "work in the prompt). It must be made for the model's base (SD 1.5, SD 2.x or SDXL). Pickles are refused.",
+        ),
+        lora_scale: float = Input(
+            default=1.0, ge=0.0, le=2.0, description="Strength of lora_weights, from 0 (off) to 2."
+        ),
+        extra_lora: str | None = Input(
+            default=None, description="A second LoRA applied together with lora_weights, named the same way."
+        ),
+        extra_lora_scale: float = Input(
+            default=1.0, ge=0.0, le=2.0, description="Strength of extra_lora, from 0 (off) to 2."
+        ),
     ) -> list[Path]:
         for name, value in (("image", image), ("mask", mask), ("control_image", control_image)):
             if value is not None and not isinstance(value, Path):
@@ -161,6 +177,10 @@ class Predictor(BaseRunner):
                 controlnet=controlnet,
                 controlnet_conditioning_scale=controlnet_conditioning_scale,
                 control_preprocess=control_preprocess,
+                lora_weights=lora_weights,
+                lora_scale=lora_scale,
+                extra_lora=extra_lora,
+                extra_lora_scale=extra_lora_scale,
             )
         for line in self.engine.describe(request):
             logging.info(line)

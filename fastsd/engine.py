@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from . import images, inputs, pipelines
+from .adapters import Adapters
 from .errors import InputError
 from .inputs import GenerationRequest
 from .layout import model_folder
@@ -57,7 +58,11 @@ def batch_key(request: GenerationRequest) -> tuple:
     strength = None if request.task is Task.TEXT_TO_IMAGE else request.strength
     scale = request.conditioning_scale if request.controlnet else None
     return (*request.mode, request.width, request.height, request.num_inference_steps, request.guidance_scale,
-            strength, scale)  # fmt: skip
+            strength, scale, lora_key(request))  # fmt: skip
+
+
+def lora_key(request: GenerationRequest) -> tuple:
+    return tuple((lora.adapter, scale) for lora, scale in request.loras)
 
 
 class PromptCache:
@@ -76,12 +81,16 @@ class PromptCache:
         self._entries: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()  # the batch worker and a direct caller may both ask
 
-    def get(self, prompt: str, negative_prompt: str | None, guidance: bool) -> dict[str, torch.Tensor]:
+    def get(
+        self, prompt: str, negative_prompt: str | None, guidance: bool, loras: tuple = ()
+    ) -> dict[str, torch.Tensor]:
+        """loras: the (adapter, scale) pairs active while encoding: a LoRA with text-encoder layers
+        or new tokens encodes the same prompt differently, so it is part of the key."""
         with self._lock:
-            return self._get(prompt, negative_prompt, guidance)
+            return self._get(prompt, negative_prompt, guidance, loras)
 
-    def _get(self, prompt: str, negative_prompt: str | None, guidance: bool) -> dict[str, torch.Tensor]:
-        key = (prompt, negative_prompt, guidance)
+    def _get(self, prompt: str, negative_prompt: str | None, guidance: bool, loras: tuple) -> dict[str, torch.Tensor]:
+        key = (prompt, negative_prompt, guidance, loras)
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
@@ -109,6 +118,7 @@ class Engine:
         self.variant = variant
         self.pipelines = loaded
         self.prompts = PromptCache(loaded.text_to_image, loaded.device)
+        self.adapters = Adapters(loaded.text_to_image, variant)
         # Each request's files get a folder of their own: Cog reads them after run() returns, while
         # other requests go on. The oldest folders go once there are more than a few slots' worth,
         # the whole tree at exit.
@@ -120,6 +130,7 @@ class Engine:
         self._accepted = {
             mode: set(inspect.signature(pipeline.__call__).parameters) for mode, pipeline in loaded.by_mode.items()
         }
+        self._compiled = pipelines.compile_mode() is not None
         self._default_vae = variant.default_vae
         if self._default_vae not in loaded.vae_choices:
             log.info(
@@ -179,6 +190,11 @@ class Engine:
                 f"controlnet {wanted} is not served by this deployment (it serves: {served}); it is chosen when "
                 f"the container starts: {CONTROLNETS_ENV}={','.join((*self.pipelines.controlnets, wanted))}."
             )
+        if self._compiled and (raw.get("lora_weights") or raw.get("extra_lora")):  # before any download
+            raise InputError(
+                "lora_weights and extra_lora are not served by this deployment: it compiles its UNet "
+                "(FASTSD_COMPILE), and a LoRA would change the compiled graph."
+            )
         request = inputs.validate(self.variant, **raw)
         if request.vae not in self.pipelines.vae_choices:
             raise InputError(
@@ -202,6 +218,7 @@ class Engine:
             + (f", strength {request.strength:g}" if request.task is not Task.TEXT_TO_IMAGE else "")
             + (f", mask {_share(request.mask):.0%} of the image" if request.task is Task.INPAINTING else "")
             + (f", controlnet {request.controlnet} at {request.conditioning_scale:g}" if request.controlnet else "")
+            + "".join(f", LoRA {lora.reference} at {scale:g}" for lora, scale in request.loras)
             + "".join(f", {name} {value}" for name, value in recipe.items())
         ]
         if request.negative_prompt and not self.pipelines.accepts_negative_prompt:
@@ -242,7 +259,10 @@ class Engine:
         pipeline, accepted = self.pipelines.get(*first.mode), self._accepted[first.mode]
         started = time.perf_counter()
         guidance = first.uses_guidance and self.pipelines.accepts_negative_prompt
-        encoded = [self.prompts.get(r.prompt, self._negative_prompt(r), guidance) for r in requests]
+        self.adapters.apply(first.loras)
+        # LoRAs that change the text encoders encode the same prompt differently.
+        encoding = tuple((lora.adapter, scale) for lora, scale in first.loras if lora.text_encoder)
+        encoded = [self.prompts.get(r.prompt, self._negative_prompt(r), guidance, encoding) for r in requests]
         counts = [request.num_outputs for request in requests]
         embeddings = {
             name: torch.cat([e[name].repeat_interleave(n, dim=0) for e, n in zip(encoded, counts, strict=True)])

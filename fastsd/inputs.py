@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import images
+from . import images, loras
 from .errors import InputError
 from .tasks import Task
 from .variants import CANNY, CONDITIONING_SCALE, CONTROLNETS, VAE_CHOICES, Variant
@@ -46,6 +46,7 @@ class GenerationRequest:
     output_format: str
     output_quality: int
     vae: str  # "full" or "tiny"
+    loras: tuple = ()  # (fastsd.loras.LoraFile, scale) pairs applied for this request only
     controlnet: str | None = None  # canny or depth, with control_image
     control_image: Image.Image | None = None  # the map the ControlNet follows, at width x height
     conditioning_scale: float = 1.0  # how strongly it follows it
@@ -99,6 +100,26 @@ def _text(name: str, value: Any, required: bool) -> str:
     if len(value) > MAX_PROMPT_CHARACTERS:
         raise InputError(f"{name} must be at most {MAX_PROMPT_CHARACTERS} characters, got {len(value)}.")
     return value
+
+
+def _loras(variant: Variant, given) -> tuple:
+    """(LoraFile, scale) for each LoRA named, fetched and checked (fastsd.loras)."""
+    chosen = []
+    for name, reference, scale in given:
+        if reference is None or reference == "":
+            continue
+        if not isinstance(reference, str):
+            raise InputError(f"{name} must be text: an https URL or a Hugging Face repo id.")
+        scale_name = "lora_scale" if name == "lora_weights" else f"{name}_scale"
+        scale = _number(scale_name, scale)
+        _in_range(scale_name, scale, 0, 2)
+        lora = loras.resolve(name, reference)
+        served = variant.model if variant.is_custom else variant.name
+        loras.require_architecture(name, lora, variant.architecture, served)
+        chosen.append((lora, scale))
+    if len(chosen) == 2 and chosen[0][0].digest == chosen[1][0].digest:
+        raise InputError("extra_lora is the same file as lora_weights; raise lora_scale instead.")
+    return tuple(chosen)
 
 
 def _boolean(name: str, value: Any) -> bool:
@@ -188,10 +209,18 @@ def validate(
     controlnet: Any = None,
     controlnet_conditioning_scale: Any = None,
     control_preprocess: Any = True,
+    lora_weights: Any = None,
+    lora_scale: Any = 1.0,
+    extra_lora: Any = None,
+    extra_lora_scale: Any = 1.0,
 ) -> GenerationRequest:
     """Check every input against the variant's limits and fill in its defaults."""
     prompt = _text("prompt", prompt, required=True)
     negative_prompt = _text("negative_prompt", negative_prompt, required=False)
+    chosen = _loras(variant, (("lora_weights", lora_weights, lora_scale), ("extra_lora", extra_lora, extra_lora_scale)))
+    for lora, _ in chosen:  # a Replicate training's placeholder ("TOK") stands for its new tokens
+        for placeholder, tokens in lora.placeholders.items():
+            prompt, negative_prompt = prompt.replace(placeholder, tokens), negative_prompt.replace(placeholder, tokens)
 
     num_outputs = _whole_number("num_outputs", num_outputs)
     _in_range("num_outputs", num_outputs, 1, MAX_OUTPUTS)
@@ -275,6 +304,7 @@ def validate(
         output_format=output_format,
         output_quality=output_quality,
         vae=vae,
+        loras=chosen,
         controlnet=controlnet,
         control_image=control,
         conditioning_scale=scale,

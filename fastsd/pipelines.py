@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import load_adapter
 from .errors import ConfigurationError
 from .layout import CONTROLNET, LORA, UNET, model_folder, repo_folder, weights_root
 from .provision import require_weights
@@ -155,16 +156,12 @@ def _fuse_loras(pipeline, loras: tuple[Lora, ...], variant: Variant) -> None:
     for index, lora in enumerate(loras):
         path = repo_folder(LORA, lora.file.repo) / lora.file.filename
         adapter = f"acceleration_{index}"
-        wrong_base = ConfigurationError(
-            f"{path} is not a LoRA for {variant.model}, an {ARCHITECTURE_NAMES[variant.architecture]} model: "
-            "none of its layers fits that UNet."
-        )
-        try:
-            pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise ConfigurationError(f"{wrong_base} ({str(error).splitlines()[0]})") from None
-        if adapter not in pipeline.get_list_adapters().get("unet", []):
-            raise wrong_base
+        problem = load_adapter(pipeline, path, adapter)
+        if problem is not None:
+            raise ConfigurationError(
+                f"{path} is not a LoRA for {variant.model}, an {ARCHITECTURE_NAMES[variant.architecture]} model: "
+                f"{problem}."
+            )
         pipeline.fuse_lora(adapter_names=[adapter], lora_scale=lora.scale)
     if loras:
         pipeline.unload_lora_weights()

@@ -35,6 +35,17 @@ def use_weights(weights_root, monkeypatch) -> Path:
     return weights_root
 
 
+def load_engine(weights_root: Path, name: str):
+    """A preset's engine on the tiny weights, in fp32 on the CPU."""
+    import torch
+
+    from fastsd.engine import Engine
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
+        return Engine.load(variants.VARIANTS[name], "cpu", torch.float32)
+
+
 def png_bytes(width: int, height: int, color=(200, 40, 40), mode: str = "RGB") -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, (width, height), color).save(buffer, format="PNG")

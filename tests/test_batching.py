@@ -8,18 +8,14 @@ import time
 
 import numpy as np
 import pytest
-import torch
+from conftest import load_engine
 
-from fastsd import variants
 from fastsd.batching import Batcher, Canceled
-from fastsd.engine import Engine
 
 
 @pytest.fixture(scope="module")
 def engine(weights_root):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
-        yield Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
+    return load_engine(weights_root, "sd-turbo")
 
 
 @pytest.fixture

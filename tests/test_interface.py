@@ -32,17 +32,32 @@ def test_cog_reads_the_fixed_inputs_with_literal_defaults_and_choices():
         "controlnet",
         "controlnet_conditioning_scale",
         "control_preprocess",
+        "lora_weights",
+        "lora_scale",
+        "extra_lora",
+        "extra_lora_scale",
     ]
     assert (inputs["output_format"].choices, inputs["output_format"].default) == (["webp", "jpg", "png"], "webp")
     assert (inputs["vae"].choices, inputs["vae"].default) == (["full", "tiny"], None)
     assert (inputs["controlnet"].choices, inputs["controlnet"].default) == (["canny", "depth"], None)
     assert inputs["control_preprocess"].default is True
+    assert (inputs["lora_scale"].default, inputs["extra_lora_scale"].default) == (1.0, 1.0)
     assert (inputs["num_outputs"].default, inputs["output_quality"].default, inputs["negative_prompt"].default) == (
         1,
         80,
         "",
     )
-    for name in ("num_inference_steps", "guidance_scale", "width", "height", "seed", "image", "mask"):
+    for name in (
+        "num_inference_steps",
+        "guidance_scale",
+        "width",
+        "height",
+        "seed",
+        "image",
+        "mask",
+        "lora_weights",
+        "extra_lora",
+    ):
         assert inputs[name].default is None, name
 
 
@@ -50,7 +65,7 @@ def test_every_input_has_a_literal_description():
     """cog build reads the source without importing it: Input() arguments must be literals."""
     tree = ast.parse(PREDICT.read_text())
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Input"]
-    assert len(calls) == 18
+    assert len(calls) == 22
     for call in calls:
         keywords = {keyword.arg: keyword.value for keyword in call.keywords}
         assert "description" in keywords

@@ -7,7 +7,6 @@ can honour or ignore Range requests, drop connections midway, or serve damaged a
 from __future__ import annotations
 
 import fnmatch
-import http.server
 import io
 import json
 import logging
@@ -23,6 +22,7 @@ from conftest import PROJECT_ROOT, script_module
 from fastsd import fetch, layout, manifest, provision, variants
 from fastsd.engine import Engine
 from fastsd.errors import ConfigurationError
+from fastsd_testing.loopback import LoopbackServer, reply
 
 pack_weights = script_module("scripts/pack_weights.py")
 select_variant = script_module("scripts/select_variant.py")
@@ -178,7 +178,7 @@ def test_hub_not_asked_when_offline(tmp_path, monkeypatch):
 # --- a local HTTP server for the weights tar ----------------------------------------------------
 
 
-class TarServer:
+class TarServer(LoopbackServer):
     """Serves one payload at /weights.tar on 127.0.0.1, with single-range Range support.
 
     drop: how many responses cut off after half their body (then the connection closes);
@@ -189,59 +189,36 @@ class TarServer:
         self.payload, self.ranges, self.drop, self.status = payload, ranges, drop, status
         self.requests: list[str | None] = []  # the Range header of each GET
         self.lock = threading.Lock()
-        server = self
+        super().__init__()
+        self.url = f"{self.root}/weights.tar?signature=secret"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                requested = self.headers.get("Range")
-                with server.lock:
-                    server.requests.append(requested)
-                    cut = server.drop > 0
-                    server.drop -= cut
-                if server.status != 200 or self.path.split("?")[0] != "/weights.tar":
-                    self.send_response(server.status if server.status != 200 else 404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                data, start = server.payload, 0
-                match = re.fullmatch(r"bytes=(\d+)-(\d*)", requested or "")
-                if server.ranges and match:
-                    start = int(match[1])
-                    end = min(int(match[2]) if match[2] else len(data) - 1, len(data) - 1)
-                    body = data[start : end + 1]
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-                else:
-                    body = data
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Accept-Ranges", "bytes" if server.ranges else "none")
-                self.end_headers()
-                if cut:
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/weights.tar?signature=secret"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def respond(self, handler, send_body: bool) -> None:
+        requested = handler.headers.get("Range")
+        with self.lock:
+            self.requests.append(requested)
+            cut = self.drop > 0
+            self.drop -= cut
+        if self.status != 200 or handler.path.split("?")[0] != "/weights.tar":
+            reply(handler, self.status if self.status != 200 else 404)
+            return
+        data = self.payload
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", requested or "")
+        if self.ranges and match:
+            start = int(match[1])
+            end = min(int(match[2]) if match[2] else len(data) - 1, len(data) - 1)
+            status, body = 206, data[start : end + 1]
+            headers = {"Content-Range": f"bytes {start}-{end}/{len(data)}"}
+        else:
+            status, body, headers = 200, data, {}
+        headers["Accept-Ranges"] = "bytes" if self.ranges else "none"
+        if not cut:
+            reply(handler, status, body, headers)
+            return
+        reply(handler, status, body, headers, send_body=False)
+        handler.wfile.write(body[: len(body) // 2])
+        handler.wfile.flush()
+        handler.close_connection = True
+        handler.connection.shutdown(2)
 
 
 @pytest.fixture

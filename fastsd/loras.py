@@ -1,0 +1,319 @@
+"""Per-request LoRAs: what a lora_weights reference points to, the files on disk, and their checks.
+
+A reference is one of
+- an https URL of a .safetensors file (Civitai, a Hugging Face `resolve` link, object storage);
+- a Hugging Face repo id, `owner/name` (its one .safetensors file) or `owner/name/file.safetensors`;
+- an https URL of a Replicate LoRA training output: a .tar holding lora.safetensors, and, where the
+  training made new tokens, embeddings.pti with special_params.json (the tokens then work in the
+  prompt, as on Replicate).
+
+Files are fetched with fastsd.remote (public https only, size cap, timeouts) into a size-capped
+cache keyed by the reference, so a repeated request pays no download. Only safetensors are taken:
+a pickle is refused by its first bytes, whatever its name, and never opened; a safetensors header
+is checked before anything loads it. The LoRA's base architecture is read from its shapes (the
+width of its cross-attention keys), so a LoRA for another base fails with one sentence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tarfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from . import remote
+from .errors import InputError
+from .layout import weights_root
+from .variants import ARCHITECTURE_NAMES, SD2, SD15, SDXL
+
+MAX_BYTES = int(float(os.environ.get("FASTSD_LORA_MAX_MB", "2048")) * 2**20)
+CACHE_BYTES = int(float(os.environ.get("FASTSD_LORA_CACHE_GB", "20")) * 2**30)
+DOWNLOAD_DEADLINE_S = float(os.environ.get("FASTSD_LORA_TIMEOUT_S", "300"))
+# The width of cross-attention keys (attn2.to_k's input) says which base a LoRA was made for.
+_ARCHITECTURE_OF_WIDTH = {768: SD15, 1024: SD2, 2048: SDXL}
+_PICKLE_STARTS = (b"PK\x03\x04", b"\x80")  # torch's zip format, a raw pickle
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    name: str  # the input that named it: lora_weights or extra_lora
+    reference: str  # what the request named
+    path: Path  # the safetensors file in the cache
+    digest: str  # sha256 of its content: one adapter per content, whatever the URL
+    architecture: str | None  # None when its keys do not say
+    text_encoder: bool  # it changes the text encoders too (so prompts encode differently)
+    # Replicate trainings that made new tokens: the placeholder in prompts and the tokens it stands
+    # for, renamed for this file ("TOK" -> "<s0><s1>" -> "<user_1a2b..._s0><user_1a2b..._s1>") so
+    # that no other prompt or LoRA shares them; and the embeddings of those tokens.
+    placeholders: dict[str, str] = field(default_factory=dict)
+    embeddings: Path | None = None
+
+    @property
+    def adapter(self) -> str:
+        return _adapter_name(self.digest)
+
+
+def _adapter_name(digest: str) -> str:
+    return f"user_{digest[:16]}"
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("FASTSD_LORA_CACHE", weights_root() / ".lora-cache"))
+
+
+_cache_lock = threading.Lock()
+_fetching: dict[str, threading.Lock] = {}  # one download per reference; a second request waits for it
+# Two downloads at a time: 16 requests naming 16 new LoRAs must not stage 16 x FASTSD_LORA_MAX_MB at once.
+_downloads = threading.Semaphore(2)
+
+
+def resolve(name: str, reference: str) -> LoraFile:
+    """The LoRA a request names, fetched (or found in the cache) and checked."""
+    reference = reference.strip()
+    if not reference:
+        raise InputError(f"{name} is empty: give an https URL of a .safetensors file or a Hugging Face repo id.")
+    folder = cache_folder() / hashlib.sha256(reference.encode()).hexdigest()[:32]
+    with _cache_lock:
+        fetching = _fetching.setdefault(folder.name, threading.Lock())
+    try:
+        with fetching:
+            if not (folder / "ready.json").is_file():
+                with _downloads:
+                    _fetch_to_cache(name, reference, folder)
+            os.utime(folder)  # most recently used: the last to go when the cache is over its size
+            return _describe(name, reference, folder)
+    finally:
+        with _cache_lock:  # strangers' references are endless: keep no lock nobody holds
+            if not fetching.locked():
+                _fetching.pop(folder.name, None)
+
+
+def _fetch_to_cache(name: str, reference: str, folder: Path) -> None:
+    # A staging folder of its own: a partial download is never where a reader looks.
+    staging = folder.with_name(f"{folder.name}.{uuid.uuid4().hex[:8]}.incoming")
+    staging.mkdir(parents=True)
+    try:
+        _fetch_into(name, reference, staging)
+        with _cache_lock:
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _trim_cache(keep=folder)
+
+
+def _fetch_into(name: str, reference: str, folder: Path) -> None:
+    if "://" in reference:
+        # Civitai's download links name no file: what arrived decides (a tar or a safetensors file).
+        download = remote.fetch(name, reference, folder / "download", MAX_BYTES, deadline_s=DOWNLOAD_DEADLINE_S)
+        if tarfile.is_tarfile(download):
+            _unpack_training(name, download, folder)
+        else:
+            download.rename(folder / "lora.safetensors")
+    elif _is_repo_reference(reference):
+        _fetch_from_hub(name, reference, folder)
+    else:
+        raise InputError(
+            f"{name} must be an https URL of a .safetensors file or a Hugging Face repo id (owner/name), "
+            f"got {reference[:100]!r}."
+        )
+    lora = folder / "lora.safetensors"
+    check_safetensors(name, lora)
+    (folder / "ready.json").write_text(json.dumps({"reference": reference, "sha256": _sha256(lora)}))
+
+
+def _is_repo_reference(reference: str) -> bool:
+    """owner/name or owner/name/path/file.safetensors, as the hub spells repo ids and paths."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    parts = reference.split("/")
+    if len(parts) < 2 or any(part in ("", ".", "..") for part in parts):
+        return False
+    try:
+        validate_repo_id("/".join(parts[:2]))
+    except HFValidationError:
+        return False
+    return all(re.fullmatch(r"[\w.\- ]+", part) for part in parts[2:])
+
+
+def _fetch_from_hub(name: str, reference: str, folder: Path) -> None:
+    """owner/name (its one .safetensors file) or owner/name/path/to/file.safetensors.
+
+    Through fastsd.remote rather than huggingface_hub's downloader: the same size cap, deadline and
+    address checks on every redirect (the hub sends files from its CDN), and no token is sent, so a
+    stranger's request can never read the deployment's private or gated repos."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    parts = reference.split("/")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    if not filename:
+        missing = f"{name}: {repo} is not a public Hugging Face model repo."
+        listing = remote.fetch(
+            name, f"{endpoint}/api/models/{repo}", folder / "listing.json", 16 * 2**20, not_found=missing
+        )
+        try:
+            files = [s["rfilename"] for s in json.loads(listing.read_text()).get("siblings", [])]
+        except (ValueError, AttributeError, KeyError, TypeError):
+            raise InputError(f"{name}: the hub's answer for {repo} could not be read.") from None
+        candidates = [f for f in files if f.endswith(".safetensors")]
+        if len(candidates) != 1:
+            found = ", ".join(candidates[:5]) or "none"
+            raise InputError(
+                f"{name}: {repo} holds {len(candidates)} .safetensors files ({found}); name one: {repo}/FILE."
+            )
+        filename = candidates[0]
+    if not filename.endswith(".safetensors"):
+        raise InputError(f"{name} must name a .safetensors file; pickles (.bin, .pt, .ckpt) are never loaded.")
+    url = f"{endpoint}/{repo}/resolve/main/{quote(filename)}"
+    missing = f"{name}: {repo} is not a public Hugging Face model repo with a file {filename}."
+    remote.fetch(name, url, folder / "lora.safetensors", MAX_BYTES, deadline_s=DOWNLOAD_DEADLINE_S, not_found=missing)
+
+
+def _unpack_training(name: str, archive: Path, folder: Path) -> None:
+    """A Replicate training output: lora.safetensors, and embeddings.pti with special_params.json."""
+    wanted = {"lora.safetensors", "embeddings.pti", "special_params.json"}
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                base = Path(member.name).name
+                if base in wanted and member.isfile() and member.size <= MAX_BYTES:
+                    source = tar.extractfile(member)
+                    with open(folder / base, "wb") as out:
+                        shutil.copyfileobj(source, out)
+    except (tarfile.TarError, OSError):
+        raise InputError(f"{name} is not a readable tar of a LoRA training.") from None
+    finally:
+        archive.unlink(missing_ok=True)
+    if not (folder / "lora.safetensors").is_file():
+        raise InputError(f"{name}: the tar holds no lora.safetensors.")
+    if (folder / "embeddings.pti").is_file():
+        check_safetensors(name, folder / "embeddings.pti")
+    _rename_attention_processor_keys(name, folder / "lora.safetensors")
+
+
+def _rename_attention_processor_keys(name: str, path: Path) -> None:
+    """Replicate's SDXL trainer saves its UNet LoRA under attention-processor names
+    (down_blocks...attn1.processor.to_q_lora.down.weight), which diffusers no longer loads as they
+    are: renamed once, with diffusers' own mapping, to the peft names it loads (unet.<path>.to_q.lora_A)."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file, save_file
+
+    tensors = check_safetensors(name, path)
+    if not any(".processor." in key and not key.startswith(("unet.", "text_encoder")) for key in tensors):
+        return
+    renamed = {f"unet.{key}": value for key, value in convert_unet_state_dict_to_peft(load_file(path)).items()}
+    save_file(renamed, path)
+
+
+def check_safetensors(name: str, path: Path) -> dict:
+    """The file's safetensors header (name -> dtype, shape), after checking it is one: a pickle
+    is refused by its first bytes and never opened further; a header must describe the file."""
+    not_safetensors = InputError(f"{name} is not a safetensors file.")
+    try:
+        with open(path, "rb") as file:
+            start = file.read(8)
+            if start.startswith(_PICKLE_STARTS):
+                raise InputError(f"{name} is a pickle (a .bin, .pt or .ckpt file); only safetensors are loaded.")
+            if len(start) < 8:
+                raise not_safetensors
+            (length,) = struct.unpack("<Q", start)
+            if length > 100 * 2**20:
+                raise not_safetensors
+            header = json.loads(file.read(length))
+        size = path.stat().st_size
+    except InputError:
+        raise
+    except (OSError, ValueError):
+        raise not_safetensors from None
+    if not isinstance(header, dict):
+        raise not_safetensors
+    tensors = {key: value for key, value in header.items() if key != "__metadata__"}
+    try:
+        end = max(int(value["data_offsets"][1]) for value in tensors.values()) if tensors else 0
+        shapes_are_lists = all(isinstance(value["shape"], list) for value in tensors.values())
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise not_safetensors from None
+    if not tensors or not shapes_are_lists or 8 + length + end != size:
+        raise InputError(f"{name} is not a complete safetensors file.")
+    return tensors
+
+
+def architecture_of(tensors: dict) -> str | None:
+    """SD15, SD2 or SDXL from a LoRA's cross-attention key width, in any key format."""
+    for key, value in tensors.items():
+        flat = key.replace(".", "_")
+        if "attn2_to_k" in flat and ("lora_down" in flat or "lora_A" in flat) and len(value["shape"]) == 2:
+            return _ARCHITECTURE_OF_WIDTH.get(value["shape"][1])
+    return None
+
+
+def _describe(name: str, reference: str, folder: Path) -> LoraFile:
+    lora = folder / "lora.safetensors"
+    tensors = check_safetensors(name, lora)
+    ready = json.loads((folder / "ready.json").read_text())
+    placeholders = {}
+    if (folder / "special_params.json").is_file():
+        try:
+            special = json.loads((folder / "special_params.json").read_text())
+            placeholders = {str(k): str(v) for k, v in special.items()}
+        except (ValueError, AttributeError):
+            raise InputError(f"{name}: special_params.json in the tar could not be read.") from None
+    adapter = _adapter_name(ready["sha256"])
+    placeholders = {k: re.sub(r"<s(\d+)>", rf"<{adapter}_s\1>", v) for k, v in placeholders.items() if k}
+    text_encoder = any(key.startswith(("lora_te", "text_encoder", "te_")) for key in tensors)
+    embeddings = folder / "embeddings.pti"
+    return LoraFile(
+        name,
+        reference,
+        lora,
+        ready["sha256"],
+        architecture_of(tensors),
+        text_encoder,
+        placeholders,
+        embeddings if embeddings.is_file() else None,
+    )
+
+
+def require_architecture(name: str, lora: LoraFile, architecture: str, served: str) -> None:
+    if lora.architecture is not None and lora.architecture != architecture:
+        raise InputError(
+            f"{name} is a LoRA for {ARCHITECTURE_NAMES[lora.architecture]} models; {served} is an "
+            f"{ARCHITECTURE_NAMES[architecture]} model."
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _trim_cache(keep: Path) -> None:
+    """Remove the least recently used entries until the cache is within its size, and downloads
+    a stopped worker left half done."""
+    root = cache_folder()
+    with _cache_lock:
+        entries = [entry for entry in root.iterdir() if entry.is_dir()]
+        for entry in [e for e in entries if e.name.endswith(".incoming")]:
+            entries.remove(entry)
+            if entry.stat().st_mtime < time.time() - 2 * DOWNLOAD_DEADLINE_S:
+                shutil.rmtree(entry, ignore_errors=True)
+        sizes = {entry: sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) for entry in entries}
+        total = sum(sizes.values())
+        recent = time.time() - 600  # in use by a request now, or about to be
+        for entry in sorted(entries, key=lambda e: e.stat().st_mtime):
+            if total <= CACHE_BYTES:
+                break
+            if entry != keep and entry.stat().st_mtime < recent:
+                shutil.rmtree(entry, ignore_errors=True)
+                total -= sizes[entry]

@@ -1,0 +1,127 @@
+"""Time to first image with a per-request LoRA, new and cached, through the real Cog server.
+
+    python scripts/lora_benchmark.py                 # full-size sd-turbo, rank-64 kohya LoRAs with text-encoder layers
+    python scripts/lora_benchmark.py --quick         # tiny models: a smoke run
+
+Each run serves a LoRA the server has never seen (random weights in kohya's published format, as
+Civitai files are) from a loopback server, with FASTSD_ALLOW_PRIVATE_URLS=1 so the model may fetch
+from it, then asks for:
+1. new: the first image with that LoRA (download, safetensors check, load as an adapter, generate);
+2. cached: a second image with it (different seed): no download, no load;
+3. without: an image without any LoRA, after it (adapters disabled).
+Default inputs otherwise (sd-turbo: 512x512, 1 step, TAESD). Prints medians and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchmark import build_random_weights, device_name, versions  # noqa: E402
+
+from fastsd import variants  # noqa: E402
+from fastsd.pipelines import select_device  # noqa: E402
+from fastsd_testing import random_models  # noqa: E402
+from fastsd_testing.cog_server import CogServer  # noqa: E402
+from fastsd_testing.user_loras import FileServer, write_user_lora  # noqa: E402
+
+PROMPT = "a watercolour of a harbour town at sunrise"
+
+
+def timed_prediction(server: CogServer, **inputs) -> float:
+    started = time.perf_counter()
+    response = server.predict(prompt=PROMPT, **inputs)
+    elapsed = time.perf_counter() - started
+    if response["status"] != "succeeded":
+        raise RuntimeError(f"prediction failed: {response.get('error')}")
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="sd-turbo", choices=list(variants.VARIANTS))
+    parser.add_argument("--quick", action="store_true", help="tiny models: a smoke run")
+    parser.add_argument("--runs", type=int, default=5, help="LoRAs to try, each new then cached")
+    parser.add_argument("--rank", type=int, help="LoRA rank (default 64; 4 with --quick)")
+    parser.add_argument("--root", type=Path, help="where the random weights are built and kept")
+    parser.add_argument("--json", type=Path, help="where to write the results")
+    args = parser.parse_args()
+    size = random_models.TINY if args.quick else random_models.FULL
+    rank = args.rank or (4 if args.quick else 64)
+    root = args.root or Path.home() / ".cache" / "fastsd-benchmark" / f"{size}-fp16"
+    variant = variants.VARIANTS[args.variant]
+    device, dtype = select_device()
+    build_random_weights(variant, root, size, device)
+
+    scratch = Path(tempfile.mkdtemp(prefix="fastsd-lora-bench-"))
+    files, sizes = {}, []
+    for index in range(args.runs):
+        path = write_user_lora(
+            root / "weights" / variant.model, scratch / f"{index}.safetensors", rank, text_encoder=True, seed=index
+        )
+        files[f"/style-{index}.safetensors"] = path.read_bytes()
+        sizes.append(path.stat().st_size)
+    print(f"{args.runs} LoRAs of rank {rank}, {statistics.median(sizes) / 2**20:.0f} MiB each", flush=True)
+
+    timings = {"new": [], "cached": [], "without": []}
+    with FileServer(files) as lora_server:
+        environment = {
+            "FASTSD_VARIANT": variant.name,
+            "FASTSD_WEIGHTS_ROOT": str(root),
+            "FASTSD_ALLOW_PRIVATE_URLS": "1",
+            "FASTSD_LORA_CACHE": str(scratch / "cache"),
+        }
+        log_path = scratch / "server.log"
+        server = CogServer(environment, log_path)
+        try:
+            if server.wait_for_setup()["status"] != "READY":
+                print(log_path.read_text()[-3000:])
+                return 1
+            timed_prediction(server, seed=0)  # the first request's one-off costs belong to no case
+            for index in range(args.runs):
+                url = lora_server.url(f"/style-{index}.safetensors")
+                timings["new"].append(timed_prediction(server, lora_weights=url, seed=index))
+                timings["cached"].append(timed_prediction(server, lora_weights=url, seed=index + 100))
+                timings["without"].append(timed_prediction(server, seed=index))
+                print({case: round(values[-1], 2) for case, values in timings.items()}, flush=True)
+        finally:
+            server.stop()
+
+    medians = {case: round(statistics.median(values), 3) for case, values in timings.items()}
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "variant": variant.name,
+        "weights": size,
+        "lora": {
+            "format": "kohya",
+            "rank": rank,
+            "text_encoder": True,
+            "mib": round(statistics.median(sizes) / 2**20, 1),
+        },
+        "runs": args.runs,
+        "median_s": medians,
+        "all_s": {case: [round(v, 3) for v in values] for case, values in timings.items()},
+        "versions": versions(),
+    }
+    print(json.dumps(report["median_s"]))
+    out = args.json or Path("benchmarks") / f"lora-{device}-{variant.name}-{size}-{datetime.now():%Y%m%d-%H%M}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

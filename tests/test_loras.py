@@ -1,0 +1,308 @@
+"""Per-request LoRAs through the real Cog server (sd15-lcm: the LCM-LoRA fused, a user's LoRA on top),
+served from a loopback server with FASTSD_ALLOW_PRIVATE_URLS=1; a Replicate SDXL training tar and the
+architecture checks in-process; and the URL rules with the setting off."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import struct
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_engine
+
+from fastsd import loras, remote, variants
+from fastsd.engine import Engine
+from fastsd.errors import InputError
+from fastsd_testing.cog_server import CogServer, decode_output
+from fastsd_testing.user_loras import KOHYA, PEFT, FileServer, replicate_training_tar, write_user_lora
+
+SMALL = dict(width=64, height=64, num_inference_steps=2)
+MAX_MB = 0.5  # the server's FASTSD_LORA_MAX_MB: the "oversized" file is just past it
+
+
+def _read(path) -> bytes:
+    return path.read_bytes()
+
+
+def _pickle() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1)}, buffer)
+    return buffer.getvalue()
+
+
+def _oversized() -> bytes:
+    """A valid safetensors file of just over MAX_MB."""
+    from safetensors.torch import save
+
+    return save({"lora_unet_big.lora_down.weight": torch.zeros(int(MAX_MB * 2**20) // 4 + 1024)})
+
+
+def _unrelated() -> bytes:
+    """A valid LoRA file whose layers exist in no Stable Diffusion UNet (its base cannot be read)."""
+    from safetensors.torch import save
+
+    name = "lora_unet_no_such_block_proj"
+    return save({f"{name}.lora_down.weight": torch.ones(4, 8), f"{name}.lora_up.weight": torch.ones(8, 4)})
+
+
+@pytest.fixture(scope="module")
+def files(weights_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("user-loras")
+    sd15 = weights_root / "weights" / variants.VARIANTS["sd15-lcm"].model
+    sdxl = weights_root / "weights" / variants.VARIANTS["sdxl-turbo"].model
+    return {
+        "/style.safetensors": _read(write_user_lora(sd15, folder / "a.safetensors", text_encoder=True, seed=1)),
+        "/style-unet-only.safetensors": _read(write_user_lora(sd15, folder / "b.safetensors", seed=1)),
+        "/second.safetensors": _read(write_user_lora(sd15, folder / "c.safetensors", key_format=PEFT, seed=2)),
+        "/someone/style-lora/resolve/main/pytorch_lora_weights.safetensors": _read(folder / "a.safetensors"),
+        "/sdxl.safetensors": _read(write_user_lora(sdxl, folder / "d.safetensors", key_format=KOHYA, seed=3)),
+        "/model.ckpt": _pickle(),
+        "/renamed-pickle.safetensors": _pickle(),
+        "/big.safetensors": _oversized(),
+        "/truncated.safetensors": _read(folder / "c.safetensors")[:-100],
+        "/unrelated.safetensors": _unrelated(),
+    }
+
+
+@pytest.fixture(scope="module")
+def lora_server(files):
+    with FileServer(files, redirects={"/moved": "/style.safetensors"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cog(weights_root, lora_server, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("logs") / "loras.log"
+    environment = {
+        "FASTSD_VARIANT": "sd15-lcm",
+        "FASTSD_WEIGHTS_ROOT": str(weights_root),
+        "FASTSD_ALLOW_PRIVATE_URLS": "1",
+        "FASTSD_LORA_CACHE": str(tmp_path_factory.mktemp("lora-cache")),
+        "FASTSD_LORA_MAX_MB": str(MAX_MB),
+        "FASTSD_LORAS_LOADED": "3",
+        "HF_ENDPOINT": lora_server.root,
+    }
+    server = CogServer(environment, log_path)
+    try:
+        assert server.wait_for_setup()["status"] == "READY", log_path.read_text()[-3000:]
+        server.log_path = log_path
+        yield server
+    finally:
+        server.stop()
+
+
+def image(cog: CogServer, **inputs) -> np.ndarray:
+    response = cog.predict(**{"prompt": "a lighthouse at dusk", "seed": 7, **SMALL, **inputs})
+    assert response["status"] == "succeeded", response.get("error")
+    return np.asarray(decode_output(response["output"][0])[1].convert("RGB"), dtype=int)
+
+
+def failure(cog: CogServer, **inputs) -> str:
+    response = cog.predict(prompt="a lighthouse at dusk", seed=7, **SMALL, **inputs)
+    assert response["status"] == "failed", "expected the prediction to fail"
+    assert cog.is_ready_again(), "the server must stay ready after a refused LoRA"
+    return response["error"]
+
+
+def differs(a: np.ndarray, b: np.ndarray) -> bool:
+    return np.abs(a - b).mean() > 1.0
+
+
+def test_a_lora_changes_the_image_and_the_next_request_without_it_gets_the_original(cog, lora_server):
+    original = image(cog)
+    styled = image(cog, lora_weights=lora_server.url("/style.safetensors"))
+    assert differs(styled, original)
+    assert np.array_equal(image(cog), original)  # adapters disabled, prompt cache not shared
+    assert np.array_equal(image(cog, lora_weights=lora_server.url("/style.safetensors")), styled)
+
+
+def test_lora_scale_zero_is_the_original_and_the_scale_matters(cog, lora_server):
+    url = lora_server.url("/style.safetensors")
+    original, full = image(cog), image(cog, lora_weights=url)
+    assert np.array_equal(image(cog, lora_weights=url, lora_scale=0.0), original)
+    half = image(cog, lora_weights=url, lora_scale=0.5)
+    assert differs(half, original) and differs(half, full)
+
+
+def test_the_text_encoder_part_applies_too(cog, lora_server):
+    """The same UNet layers with and without text-encoder layers: different images."""
+    with_text = image(cog, lora_weights=lora_server.url("/style.safetensors"))
+    unet_only = image(cog, lora_weights=lora_server.url("/style-unet-only.safetensors"))
+    assert differs(with_text, unet_only)
+
+
+def test_two_loras_together(cog, lora_server):
+    first = lora_server.url("/style.safetensors")
+    second = lora_server.url("/second.safetensors")
+    both = image(cog, lora_weights=first, extra_lora=second)
+    assert differs(both, image(cog, lora_weights=first))
+    assert differs(both, image(cog, lora_weights=second))
+    assert differs(image(cog, lora_weights=second), image(cog))
+    assert np.array_equal(
+        image(cog, lora_weights=first, extra_lora=second, extra_lora_scale=0.0), image(cog, lora_weights=first)
+    )
+    error = failure(cog, lora_weights=first, extra_lora=first)
+    assert "extra_lora is the same file as lora_weights" in error
+
+
+def test_a_repeated_lora_is_neither_downloaded_nor_loaded_again(cog, lora_server):
+    url = lora_server.url("/second.safetensors")
+    image(cog, lora_weights=url)
+    downloads = lora_server.requests["/second.safetensors"]
+    loads = cog.log_path.read_text().count(f"loaded LoRA {url} ")
+    image(cog, lora_weights=url, seed=8)
+    assert lora_server.requests["/second.safetensors"] == downloads
+    assert cog.log_path.read_text().count(f"loaded LoRA {url} ") == loads
+
+
+def test_a_hugging_face_repo_id_and_a_redirect_reach_the_same_file(cog, lora_server):
+    by_url = image(cog, lora_weights=lora_server.url("/style.safetensors"))
+    assert np.array_equal(image(cog, lora_weights="someone/style-lora"), by_url)
+    assert np.array_equal(image(cog, lora_weights="someone/style-lora/pytorch_lora_weights.safetensors"), by_url)
+    assert np.array_equal(image(cog, lora_weights=lora_server.url("/moved")), by_url)
+
+
+@pytest.mark.parametrize(
+    "field, reference, expected",
+    [
+        ("lora_weights", "/model.ckpt", r"lora_weights is a pickle \(a \.bin, \.pt or \.ckpt file\); only safetensors"),
+        ("lora_weights", "/renamed-pickle.safetensors", r"lora_weights is a pickle"),
+        ("lora_weights", "/big.safetensors", r"lora_weights must be at most 0\.5 MiB; the file is"),
+        ("lora_weights", "/truncated.safetensors", r"lora_weights is not a complete safetensors file"),
+        ("extra_lora", "/sdxl.safetensors", r"extra_lora is a LoRA for SDXL models; sd15-lcm is an SD 1\.5 model"),
+        ("lora_weights", "/unrelated.safetensors", r"lora_weights http\S+ does not fit [\w/.-]+: "),
+        ("lora_weights", "/missing.safetensors", r"lora_weights could not be fetched: 127\.0\.0\.1 answered HTTP 404"),
+        ("lora_weights", "nobody/no-such-lora", r"lora_weights: nobody/no-such-lora is not a public Hugging Face"),
+        ("lora_weights", "/etc/passwd", r"lora_weights must be an https URL of a \.safetensors file or a Hugging"),
+        ("extra_lora", "../../etc/passwd", r"extra_lora must be an https URL of a \.safetensors file or a Hugging"),
+        ("lora_weights", "file:///etc/passwd", r"lora_weights must be an https URL"),
+    ],
+)
+def test_bad_loras_fail_with_one_sentence_and_change_nothing(cog, lora_server, field, reference, expected):
+    original = image(cog)
+    served = reference.startswith("/") and reference.endswith((".ckpt", ".safetensors")) and "etc" not in reference
+    error = failure(cog, **{field: lora_server.url(reference) if served else reference})
+    assert re.search(expected, error), error
+    assert "Traceback" not in error and "\n" not in error.strip()
+    assert np.array_equal(image(cog), original)
+
+
+def test_lora_scale_out_of_range_is_refused_by_name(cog, lora_server):
+    error = failure(cog, lora_weights=lora_server.url("/style.safetensors"), lora_scale=2.5)
+    assert "lora_scale" in error
+
+
+# --- in-process: a Replicate SDXL training, architectures, the cache ------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl(weights_root):
+    return load_engine(weights_root, "sdxl-turbo")
+
+
+@pytest.fixture
+def private_urls(monkeypatch, tmp_path):
+    monkeypatch.setenv(remote.ALLOW_PRIVATE_ENV, "1")
+    monkeypatch.setenv("FASTSD_LORA_CACHE", str(tmp_path / "cache"))
+
+
+def generate(engine: Engine, **inputs) -> np.ndarray:
+    request = engine.validate(seed=3, **SMALL, **inputs)
+    return np.asarray(engine.generate(request).images[0], dtype=int)
+
+
+def test_a_replicate_training_tar_brings_its_tokens(sdxl, weights_root, private_urls):
+    tar = replicate_training_tar(weights_root / "weights" / variants.VARIANTS["sdxl-turbo"].model)
+    with FileServer({"/trained_model.tar": tar}) as server:
+        url = server.url("/trained_model.tar")
+        original = generate(sdxl, prompt="a photo of TOK")
+        with_tokens = generate(sdxl, prompt="a photo of TOK", lora_weights=url)
+        request = sdxl.validate(prompt="a photo of TOK on a beach", lora_weights=url)
+    adapter = request.loras[0][0].adapter
+    assert request.prompt == f"a photo of <{adapter}_s0><{adapter}_s1> on a beach"
+    assert differs(with_tokens, original)
+    tokenizer = sdxl.pipelines.text_to_image.tokenizer_2
+    assert tokenizer.convert_tokens_to_ids(f"<{adapter}_s1>") != tokenizer.unk_token_id
+    assert np.array_equal(generate(sdxl, prompt="a photo of TOK"), original)
+
+
+def test_a_lora_for_another_base_is_refused_before_loading(sdxl, lora_server, private_urls):
+    loaded = sdxl.adapters.loaded
+    with pytest.raises(InputError, match="lora_weights is a LoRA for SD 1.5 models; sdxl-turbo is an SDXL model"):
+        sdxl.validate(prompt="x", lora_weights=lora_server.url("/style.safetensors"))
+    assert sdxl.adapters.loaded == loaded
+
+
+def test_the_architecture_is_read_from_the_shapes(files):
+    for path, expected in (("/style.safetensors", variants.SD15), ("/second.safetensors", variants.SD15),
+                           ("/sdxl.safetensors", variants.SDXL)):  # fmt: skip
+        data = files[path]
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+        assert loras.architecture_of(header) == expected, path
+
+
+def test_the_cache_keeps_within_its_size(lora_server, private_urls, monkeypatch):
+    monkeypatch.setattr(loras, "CACHE_BYTES", 1)  # room for the newest only
+    first = loras.resolve("lora_weights", lora_server.url("/style.safetensors"))
+    loras.resolve("lora_weights", lora_server.url("/second.safetensors"))
+    assert first.path.exists()  # used in the last ten minutes: kept for the request using it
+    os.utime(first.path.parent, (0, 0))  # as if last used long ago
+    loras.resolve("lora_weights", lora_server.url("/sdxl.safetensors"))
+    assert not first.path.exists()
+
+
+# --- the URL rules, with FASTSD_ALLOW_PRIVATE_URLS off -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.1.2.3", "192.168.0.10", "169.254.169.254", "100.64.0.1", "::1", "fd00::1",
+     "::ffff:127.0.0.1", "64:ff9b::a9fe:a9fe", "0.0.0.0", "224.0.0.1"],
+)  # fmt: skip
+def test_non_public_addresses_are_refused(address):
+    assert not remote.is_public(address)
+
+
+def test_public_addresses_are_allowed():
+    assert remote.is_public("8.8.8.8") and remote.is_public("2606:4700:4700::1111")
+
+
+def test_loopback_and_http_urls_are_refused_without_the_setting(lora_server, monkeypatch, tmp_path):
+    monkeypatch.delenv(remote.ALLOW_PRIVATE_ENV, raising=False)
+    before = dict(lora_server.requests)
+    https_loopback = lora_server.url("/style.safetensors").replace("http://", "https://")
+    with pytest.raises(InputError, match=r"lora_weights: 127\.0\.0\.1 resolves to a non-public address"):
+        remote.fetch("lora_weights", https_loopback, tmp_path / "x", 1 << 20)
+    with pytest.raises(InputError, match="lora_weights must be an https URL"):
+        remote.fetch("lora_weights", lora_server.url("/style.safetensors"), tmp_path / "x", 1 << 20)
+    with pytest.raises(InputError, match="resolves to a non-public address"):
+        remote.fetch("lora_weights", "https://localhost/x.safetensors", tmp_path / "x", 1 << 20)
+    assert lora_server.requests == before  # nothing reached the server
+    assert not (tmp_path / "x").exists()
+
+
+def test_every_redirect_is_checked_again(lora_server, monkeypatch, tmp_path):
+    """The first hop is allowed (as a public host would be); its redirect to a private address is not."""
+    answers = iter([True, True])  # the scheme and the address of the first hop
+    monkeypatch.setattr(remote, "private_urls_allowed", lambda: next(answers, False))
+    before = lora_server.requests.get("/moved", 0)
+    with pytest.raises(InputError, match="lora_weights must be an https URL"):
+        remote.fetch("lora_weights", lora_server.url("/moved"), tmp_path / "x", 1 << 20)
+    assert lora_server.requests["/moved"] == before + 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_compiled_deployment_refuses_loras_before_fetching(sdxl, lora_server, monkeypatch):
+    monkeypatch.setattr(sdxl, "_compiled", True)  # as FASTSD_COMPILE sets it at load
+    before = dict(lora_server.requests)
+    with pytest.raises(
+        InputError, match=r"lora_weights and extra_lora are not served by this deployment: .*FASTSD_COMPILE"
+    ):
+        sdxl.validate(prompt="x", lora_weights=lora_server.url("/sdxl.safetensors"))
+    assert lora_server.requests == before
