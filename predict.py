@@ -148,6 +148,11 @@ class Predictor(BaseRunner):
         extra_lora_scale: float = Input(
             default=1.0, ge=0.0, le=2.0, description="Strength of extra_lora, from 0 (off) to 2."
         ),
+        disable_safety_checker: bool = Input(
+            default=False,
+            description="Return images without safety checking. By default an image that both the Stable Diffusion "
+            "safety checker and an NSFW classifier flag is left out (metrics: withheld).",
+        ),
     ) -> list[Path]:
         for name, value in (("image", image), ("mask", mask), ("control_image", control_image)):
             if value is not None and not isinstance(value, Path):
@@ -181,16 +186,22 @@ class Predictor(BaseRunner):
                 lora_scale=lora_scale,
                 extra_lora=extra_lora,
                 extra_lora_scale=extra_lora_scale,
+                disable_safety_checker=disable_safety_checker,
             )
         for line in self.engine.describe(request):
             logging.info(line)
         result = await self.batcher.run(request)
-        paths = await asyncio.to_thread(self.engine.save, result, request)
-        if result.batch_size > request.num_outputs:
-            logging.info("ran in a batch of %d images with other requests", result.batch_size)
+        # Recorded before saving: a request whose every image was withheld fails there.
         self.record_metric("seed", result.seed)
         self.record_metric("batch_size", result.batch_size)
+        self.record_metric("withheld", result.withheld)
         self.record_metric("queue_time", round(result.timings["queue_time"], 4))
         self.record_metric("inference_time", round(result.inference_time, 4))
+        self.record_metric("safety_time", round(result.timings["safety_time"], 4))
+        if result.withheld:
+            logging.info("the safety checker withheld %d of %d image(s)", result.withheld, request.num_outputs)
+        if result.batch_size > request.num_outputs:
+            logging.info("ran in a batch of %d images with other requests", result.batch_size)
+        paths = await asyncio.to_thread(self.engine.save, result, request)
         self.record_metric("encode_time", round(result.timings["encode_time"], 4))
         return [Path(path) for path in paths]

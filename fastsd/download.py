@@ -25,7 +25,18 @@ from pathlib import Path
 
 from . import manifest
 from .errors import ConfigurationError
-from .layout import CONTROLNET, LORA, MODEL, TINY_VAE, VAE, Source, model_folder, sources
+from .layout import (
+    CONTROLNET,
+    LORA,
+    MODEL,
+    NSFW_CLASSIFIER,
+    SAFETY_CHECKER,
+    TINY_VAE,
+    VAE,
+    Source,
+    model_folder,
+    sources,
+)
 from .variants import LORA_WEIGHT_NAME, Variant, custom_variant
 
 log = logging.getLogger(__name__)
@@ -99,6 +110,10 @@ def select_files(
     vae, tiny_vae: a bare autoencoder at the repo root: config.json and its full-precision
       safetensors (the loader asks for no variant), fp16 only if that is all there is.
     lora: pytorch_lora_weights.safetensors, unless filename names another.
+    safety_checker: out of a pipeline repo, safety_checker/ (config and weights, fp16 where
+      published unless precision="full") and feature_extractor/preprocessor_config.json.
+    nsfw_classifier: a transformers image classifier: config.json, preprocessor_config.json and
+      its full-precision safetensors weights.
     """
     files = sorted(set(repo_files))
     if role == LORA and filename is None:
@@ -126,6 +141,27 @@ def select_files(
         if not weights:
             raise WeightsDownloadError("the repo has no diffusion_pytorch_model.safetensors at its root")
         return sorted(["config.json", *weights])
+
+    if role == SAFETY_CHECKER:
+        checker, extractor = by_folder.get("safety_checker", []), by_folder.get("feature_extractor", [])
+        if "config.json" not in checker or "preprocessor_config.json" not in extractor:
+            raise WeightsDownloadError("the repo has no safety_checker/config.json and feature_extractor/")
+        sets = _weight_sets(checker)
+        preferred = (FP16, None) if precision == FP16 else (None, FP16)
+        weights = sets.get(preferred[0]) or sets.get(preferred[1])
+        if not weights:
+            raise WeightsDownloadError("the repo has no safety_checker/model.safetensors")
+        chosen = ["config.json", *weights]
+        return sorted([*(f"safety_checker/{name}" for name in chosen), "feature_extractor/preprocessor_config.json"])
+    if role == NSFW_CLASSIFIER:
+        names = by_folder.get("", [])
+        if "config.json" not in names or "preprocessor_config.json" not in names:
+            raise WeightsDownloadError("the repo has no config.json and preprocessor_config.json at its root")
+        sets = _weight_sets(names)
+        weights = sets.get(None) or sets.get(FP16)
+        if not weights:
+            raise WeightsDownloadError("the repo has no model.safetensors at its root")
+        return sorted(["config.json", "preprocessor_config.json", *weights])
 
     if role != MODEL:
         raise ValueError(f"unknown role {role!r} without a filename")

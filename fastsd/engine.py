@@ -23,7 +23,7 @@ from PIL import Image
 
 from . import images, inputs, pipelines
 from .adapters import Adapters
-from .errors import InputError
+from .errors import ContentWithheld, InputError
 from .inputs import GenerationRequest
 from .layout import model_folder
 from .provision import ensure_model_folder, ensure_weights
@@ -39,7 +39,8 @@ class Result:
     seed: int
     inference_time: float  # seconds in the diffusers call: prompt encoding, steps, decoding
     batch_size: int = 1  # images in the pipeline call this request ran in (its own and others')
-    timings: dict[str, float] = field(default_factory=dict)  # encode_time, queue_time
+    withheld: int = 0  # images the safety checker left out (images holds the others)
+    timings: dict[str, float] = field(default_factory=dict)  # encode_time, queue_time, safety_time
 
 
 def _share(mask: Image.Image) -> float:
@@ -310,14 +311,36 @@ class Engine:
                 "ask for fewer or smaller images."
             ) from None
         seconds = time.perf_counter() - started
-        results, offset = [], 0
+        by_request, offset = [], 0
         for request in requests:
             mine = generated[offset : offset + request.num_outputs]
             if request.task is Task.INPAINTING:
                 mine = [images.keep_unmasked(request.image, image, request.mask) for image in mine]
-            results.append(Result(mine, request.seed, seconds, batch_size=images_in_call))
+            by_request.append(mine)
             offset += request.num_outputs
+        started = time.perf_counter()
+        withheld = self._withheld(requests, by_request)
+        safety_time = time.perf_counter() - started
+        results = []
+        for request, mine, flags in zip(requests, by_request, withheld, strict=True):
+            kept = [image for image, flag in zip(mine, flags, strict=True) if not flag]
+            result = Result(kept, request.seed, seconds, batch_size=images_in_call, withheld=len(mine) - len(kept))
+            result.timings["safety_time"] = safety_time
+            results.append(result)
         return results
+
+    def _withheld(self, requests: Sequence[GenerationRequest], by_request: list[list]) -> list[list[bool]]:
+        """Per request, per image: withheld by the safety checker. One batched check for the call."""
+        checked = [
+            image for request, mine in zip(requests, by_request, strict=True) if request.check_safety for image in mine
+        ]
+        if checked and self.pipelines.safety is None:
+            log.warning("safety checking is off on this deployment: %d image(s) returned unchecked", len(checked))
+        flags = iter(self.pipelines.safety.withheld(checked) if checked and self.pipelines.safety else [])
+        return [
+            [next(flags) if request.check_safety and self.pipelines.safety else False for _ in mine]
+            for request, mine in zip(requests, by_request, strict=True)
+        ]
 
     KEPT_OUTPUT_FOLDERS = 64  # several times the slots: Cog has read a request's files long before
 
@@ -331,7 +354,13 @@ class Engine:
         return folder
 
     def save(self, result: Result, request: GenerationRequest) -> list[Path]:
-        """Encode the images into a folder of this request's own (Cog reads them after run())."""
+        """Encode the images into a folder of this request's own (Cog reads them after run()).
+        A request whose every image the safety checker withheld fails here, saying so."""
+        if result.withheld and not result.images:
+            count = "the image" if result.withheld == 1 else f"all {result.withheld} images"
+            raise ContentWithheld(
+                f"The safety checker withheld {count} of this request as NSFW; try another prompt or seed."
+            )
         started = time.perf_counter()
         folder = self._output_folder()
         targets = [folder / f"output-{i}.{request.output_format}" for i in range(len(result.images))]

@@ -1,4 +1,4 @@
-"""The two kinds of error a person can cause, each shown to them as one sentence."""
+"""The errors a request or a deployment can meet, each shown as one sentence."""
 
 
 class InputError(ValueError):
@@ -7,3 +7,7 @@ class InputError(ValueError):
 
 class ConfigurationError(ValueError):
     """The deployment is wrong (environment variables, weights on disk): setup cannot go on."""
+
+
+class ContentWithheld(ValueError):
+    """The safety checker withheld every image of a request."""

@@ -47,6 +47,7 @@ class GenerationRequest:
     output_quality: int
     vae: str  # "full" or "tiny"
     loras: tuple = ()  # (fastsd.loras.LoraFile, scale) pairs applied for this request only
+    check_safety: bool = True  # false: disable_safety_checker
     controlnet: str | None = None  # canny or depth, with control_image
     control_image: Image.Image | None = None  # the map the ControlNet follows, at width x height
     conditioning_scale: float = 1.0  # how strongly it follows it
@@ -213,6 +214,7 @@ def validate(
     lora_scale: Any = 1.0,
     extra_lora: Any = None,
     extra_lora_scale: Any = 1.0,
+    disable_safety_checker: Any = False,
 ) -> GenerationRequest:
     """Check every input against the variant's limits and fill in its defaults."""
     prompt = _text("prompt", prompt, required=True)
@@ -305,6 +307,7 @@ def validate(
         output_quality=output_quality,
         vae=vae,
         loras=chosen,
+        check_safety=not _boolean("disable_safety_checker", disable_safety_checker),
         controlnet=controlnet,
         control_image=control,
         conditioning_scale=scale,

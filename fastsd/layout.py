@@ -16,12 +16,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .variants import Variant
+from .variants import NSFW_CLASSIFIER_REPO, SAFETY_CHECKER_REPO, Variant
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Roles: what a source is to the pipeline.
 MODEL, VAE, TINY_VAE, UNET, LORA, CONTROLNET = "model", "vae", "tiny_vae", "unet", "lora", "controlnet"
+SAFETY_CHECKER, NSFW_CLASSIFIER = "safety_checker", "nsfw_classifier"
+# The SD1.5 repo's folders that the safety checker is: the rest of that repo is a model.
+SAFETY_CHECKER_FOLDERS = ("safety_checker/", "feature_extractor/")
 
 
 def weights_root() -> Path:
@@ -63,8 +66,18 @@ class Source:
         return Path("lora" if self.role == LORA else "weights") / self.repo
 
     @property
+    def parts(self) -> tuple[str, ...]:
+        """What the source is of a folder that holds more: its file, or its subfolders (ending in
+        /); empty when it is the whole folder."""
+        if self.filename:
+            return (self.filename,)
+        return SAFETY_CHECKER_FOLDERS if self.role == SAFETY_CHECKER else ()
+
+    @property
     def marker_name(self) -> str:
         """The file whose presence says the source is there at all."""
+        if self.role == SAFETY_CHECKER:
+            return "safety_checker/config.json"
         return self.filename or ("model_index.json" if self.role == MODEL else "config.json")
 
     @property
@@ -78,8 +91,8 @@ class Source:
 
     def covers(self, name: str) -> bool:
         """Whether a file of the folder (its path relative to the folder) is one this source loads."""
-        if self.filename:
-            return name == self.filename
+        if self.parts:
+            return any(name == part or (part.endswith("/") and name.startswith(part)) for part in self.parts)
         # A replaced component keeps its configs (the Lightning UNet is built from the base's).
         return not (name.split("/", 1)[0] in self.skip and name.endswith(".safetensors"))
 
@@ -89,8 +102,9 @@ class Source:
 
 def sources(variant: Variant, tiny_vae: bool = True) -> list[Source]:
     """Everything the variant loads: its model (less the components it replaces), the replacement
-    VAE and UNet, the LoRAs it fuses, the ControlNets it serves, then its tiny autoencoder
-    (optional: loaded when present; fetched, packed and baked unless tiny_vae=False)."""
+    VAE and UNet, the LoRAs it fuses, the ControlNets it serves, the two safety checkers (unless
+    switched off), then its tiny autoencoder (optional: loaded when present; fetched, packed and
+    baked unless tiny_vae=False)."""
     recipe = variant.recipe
     replaced = tuple(name for name, by in (("unet", recipe.unet), ("vae", variant.vae)) if by)
     found = [Source(MODEL, variant.model, skip=replaced)]
@@ -100,6 +114,8 @@ def sources(variant: Variant, tiny_vae: bool = True) -> list[Source]:
         found.append(Source(UNET, recipe.unet.repo, recipe.unet.filename))
     found += [Source(LORA, lora.file.repo, lora.file.filename) for lora in recipe.loras]
     found += [Source(CONTROLNET, variant.controlnet_repo(name)) for name in variant.controlnets]
+    if variant.safety_checker:
+        found += [Source(SAFETY_CHECKER, SAFETY_CHECKER_REPO), Source(NSFW_CLASSIFIER, NSFW_CLASSIFIER_REPO)]
     if tiny_vae:
         found.append(Source(TINY_VAE, variant.tiny_vae, optional=True))
     return found
@@ -111,6 +127,7 @@ def required_sources(variant: Variant) -> list[Source]:
 
 def fetch_command(variant: Variant) -> str:
     controlnets = f" --controlnet {','.join(variant.controlnets)}" if variant.controlnets else ""
+    controlnets += "" if variant.safety_checker else " --no-safety-checker"
     if variant.is_custom:
         return (
             f"python scripts/download_weights.py --model {variant.model} --acceleration {variant.recipe.name}"

@@ -22,6 +22,7 @@ from .adapters import load_adapter
 from .errors import ConfigurationError
 from .layout import CONTROLNET, LORA, UNET, model_folder, repo_folder, weights_root
 from .provision import require_weights
+from .safety import SafetyChecker
 from .tasks import Task
 from .variants import ARCHITECTURE_NAMES, FULL_VAE, SDXL, TINY_VAE, HubFile, Lora, Scheduler, Variant
 
@@ -51,6 +52,7 @@ class Pipelines:
     device: str
     dtype: torch.dtype
     accepts_negative_prompt: bool  # the distilled LCM pipeline embeds guidance and takes none
+    safety: SafetyChecker | None = None  # None: FASTSD_SAFETY_CHECKER=off
 
     @property
     def text_to_image(self):
@@ -330,6 +332,7 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
         device,
         dtype,
         accepts_negative_prompt="negative_prompt" in inspect.signature(text_to_image.__call__).parameters,
+        safety=SafetyChecker.load(variant, device, dtype),
     )
     applied = [f"UNet {recipe.unet.repo}/{recipe.unet.filename}"] if recipe.unet else []
     applied += [f"LoRA {lora.file.repo}/{lora.file.filename} (fused)" for lora in recipe.loras]

@@ -53,6 +53,14 @@ CONTROLNETS: dict[str, dict[str, str]] = {
 CONDITIONING_SCALE = {SD15: 1.0, SD2: 1.0, SDXL: 0.5}
 CONTROLNETS_ENV = "FASTSD_CONTROLNETS"
 
+# Safety checking (fastsd.safety), for every variant: the classic Stable Diffusion checker (the
+# safety_checker/ and feature_extractor/ folders of the SD1.5 repo, the same model as
+# CompVis/stable-diffusion-safety-checker) flags candidates, and a dedicated NSFW classifier
+# decides. FASTSD_SAFETY_CHECKER=off leaves both out (a private deployment).
+SAFETY_CHECKER_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+NSFW_CLASSIFIER_REPO = "Falconsai/nsfw_image_detection"
+SAFETY_ENV = "FASTSD_SAFETY_CHECKER"
+
 
 @dataclass(frozen=True)
 class HubFile:
@@ -109,6 +117,7 @@ class Variant:
     max_batch_pixels: int = 8 * 512 * 512  # all images of one call: one request's, or a batch of requests'
     max_batch_images: int = 8  # images in one call when concurrent requests are batched
     controlnets: tuple[str, ...] = ()  # the ControlNets this deployment serves (FASTSD_CONTROLNETS)
+    safety_checker: bool = True  # the two checkers are loaded (FASTSD_SAFETY_CHECKER=off: not)
 
     @property
     def num_inference_steps(self) -> int:
@@ -146,6 +155,9 @@ class Variant:
                 "(comma-separated), or leave it empty."
             )
         return replace(self, controlnets=tuple(dict.fromkeys(names)))
+
+    def with_safety_checker(self, on: bool) -> Variant:
+        return replace(self, safety_checker=on)
 
 
 _TRAILING = (("timestep_spacing", "trailing"),)
@@ -301,7 +313,18 @@ def variant_from_environment(model_folder_of) -> Variant:
         variant = custom_variant(model, model_folder_of(model), custom_acceleration())
     else:
         variant = get_variant(os.environ.get("FASTSD_VARIANT", DEFAULT_VARIANT).strip() or DEFAULT_VARIANT)
-    return variant.with_controlnets(controlnets_from(os.environ.get(CONTROLNETS_ENV, "")))
+    variant = variant.with_controlnets(controlnets_from(os.environ.get(CONTROLNETS_ENV, "")))
+    return variant.with_safety_checker(safety_checker_from(os.environ.get(SAFETY_ENV, "")))
+
+
+def safety_checker_from(text: str) -> bool:
+    """FASTSD_SAFETY_CHECKER: on unless it says off."""
+    value = text.strip().lower()
+    if value in ("", "1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ConfigurationError(f"{SAFETY_ENV} must be on or off, got {text!r}.")
 
 
 def controlnets_from(text: str) -> tuple[str, ...]:

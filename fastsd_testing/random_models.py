@@ -293,6 +293,63 @@ def _safety_components(size: str) -> dict:
     return {"safety_checker": StableDiffusionSafetyChecker(config).eval(), "feature_extractor": processor}
 
 
+FLAG_NOTHING, FLAG_EVERYTHING = "nothing", "everything"
+SAFE, UNSAFE = "safe", "unsafe"
+
+
+def build_safety_checker(
+    folder: Path, size: str = TINY, flags: str = FLAG_NOTHING, seed: int = 0, fp16_only: bool = False
+) -> Path:
+    """safety_checker/ and feature_extractor/ as the SD1.5 repo holds them (fp32 and fp16 weights).
+
+    The checker flags an image when the cosine of its embedding with a concept's, less that
+    concept's threshold, is above 0: thresholds of 1 (the initial ones) flag nothing, thresholds
+    of -2 flag everything."""
+    _seeded(seed)
+    components = _safety_components(size)
+    checker = components["safety_checker"]
+    if flags == FLAG_EVERYTHING:
+        with torch.no_grad():
+            checker.concept_embeds_weights.fill_(-2.0)
+            checker.special_care_embeds_weights.fill_(-2.0)
+    if not fp16_only:
+        checker.save_pretrained(folder / "safety_checker", safe_serialization=True)
+    checker.to(torch.float16).save_pretrained(folder / "safety_checker", safe_serialization=True, variant="fp16")
+    components["feature_extractor"].save_pretrained(folder / "feature_extractor")
+    return folder
+
+
+def build_nsfw_classifier(folder: Path, size: str = TINY, verdict: str = SAFE, seed: int = 0) -> Path:
+    """Falconsai/nsfw_image_detection's layout: a ViT image classifier (labels normal, nsfw) with its
+    preprocessor_config.json. Its head is set to call every image safe or unsafe."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    _seeded(seed)
+    shape = (
+        dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        )
+        if size == TINY
+        else dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    )
+    config = ViTConfig(**shape, id2label={0: "normal", 1: "nsfw"}, label2id={"normal": 0, "nsfw": 1})
+    model = ViTForImageClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([10.0, -10.0] if verdict == SAFE else [-10.0, 10.0]))
+    model.save_pretrained(folder, safe_serialization=True)
+    side = config.image_size
+    ViTImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        folder
+    )
+    return folder
+
+
 def build_model_repo(hub_id: str, folder: Path, size: str = TINY, seed: int = 0, fp16_only: bool = False) -> Path:
     import diffusers
 
@@ -506,6 +563,10 @@ def build_source(source: Source, root: Path, size: str = TINY, fp16_only: bool =
         return build_unet_file(variants.HubFile(source.repo, source.filename), root, size)
     if source.role == disk.CONTROLNET:
         return build_controlnet_repo(source.repo, root, size)
+    if source.role == disk.SAFETY_CHECKER:
+        return build_safety_checker(root / source.relative_folder, size, fp16_only=fp16_only)
+    if source.role == disk.NSFW_CLASSIFIER:
+        return build_nsfw_classifier(root / source.relative_folder, size)
     return build(source.repo, root, size, fp16_only=fp16_only)
 
 

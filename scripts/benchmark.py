@@ -106,6 +106,16 @@ def timed(call, warmup: int, runs: int, device: str) -> list[float]:
     return durations
 
 
+def timed_prediction(server: CogServer, **inputs) -> tuple[float, dict]:
+    """One prediction through the server, end to end: (seconds, its metrics). Fails unless it succeeded."""
+    started = time.perf_counter()
+    response = server.predict(**inputs)
+    elapsed = time.perf_counter() - started
+    if response["status"] != "succeeded":
+        raise RuntimeError(f"prediction failed: {response.get('error')}")
+    return elapsed, response["metrics"]
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -138,10 +148,12 @@ def build_random_weights(variant: variants.Variant, root: Path, size: str, devic
         with torch.device(device if device == "cuda" and source.role != layout.LORA else "cpu"):
             random_models.build_source(source, staging, size, fp16_only=True)
         # Moved into place once complete: a build stopped halfway never passes for a finished one.
-        built = staging / source.relative_folder / (source.filename or "")
-        target = root / source.relative_folder / (source.filename or "")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        built.rename(target)
+        # A source that is part of a folder (a file, the SD1.5 repo's checker folders) moves alone.
+        for part in source.parts or ("",):
+            built = staging / source.relative_folder / part
+            target = root / source.relative_folder / part
+            target.parent.mkdir(parents=True, exist_ok=True)
+            built.rename(target)
         print(f"  built in {time.perf_counter() - started:.1f} s", flush=True)
 
 
@@ -423,6 +435,17 @@ def release(device: str) -> None:
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def report_header(device: str, dtype, variant, size: str) -> dict:
+    """What every benchmark's JSON starts with: when, on what, which model."""
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "variant": variant.name,
+        "weights": size,
+    }
 
 
 def versions() -> dict:

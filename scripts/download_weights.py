@@ -7,6 +7,7 @@
     python scripts/download_weights.py --model HUB_ID --acceleration tcd   # none, lcm-lora, lightning, hyper, tcd, dmd2
     python scripts/download_weights.py sd-turbo --precision full     # fp32 files, for a CPU server
     python scripts/download_weights.py sdxl-lcm --controlnet canny,depth   # and the ControlNets it serves
+    python scripts/download_weights.py sd-turbo --no-safety-checker  # a private deployment: no checkers
 
 Each repo lands in weights/<hub id>/ (lora/<hub id>/ for LoRAs; a single file out of a repo of
 many keeps its own name there) under the project root, or under FASTSD_WEIGHTS_ROOT / --root,
@@ -66,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         help="with --model: the acceleration recipe whose files to fetch too (default lcm-lora)",
     )
     parser.add_argument(
+        "--no-safety-checker",
+        dest="safety_checker",
+        action="store_false",
+        help="skip the two safety checkers (serve with FASTSD_SAFETY_CHECKER=off: images go out unchecked)",
+    )
+    parser.add_argument(
         "--no-tiny-vae",
         dest="tiny_vae",
         action="store_false",
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model:
             chosen.append(download.resolve_custom(args.model, args.acceleration))
         controlnets = variants.controlnets_from(args.controlnet)
-        chosen = [variant.with_controlnets(controlnets) for variant in chosen]
+        chosen = [variant.with_controlnets(controlnets).with_safety_checker(args.safety_checker) for variant in chosen]
         for variant in chosen:
             print(f"{variant.name}:")
             download.fetch_variant(

@@ -20,13 +20,12 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import build_random_weights, device_name, versions  # noqa: E402
+from benchmark import build_random_weights, report_header, timed_prediction, versions  # noqa: E402
 
 from fastsd import variants  # noqa: E402
 from fastsd.pipelines import select_device  # noqa: E402
@@ -37,13 +36,8 @@ from fastsd_testing.user_loras import FileServer, write_user_lora  # noqa: E402
 PROMPT = "a watercolour of a harbour town at sunrise"
 
 
-def timed_prediction(server: CogServer, **inputs) -> float:
-    started = time.perf_counter()
-    response = server.predict(prompt=PROMPT, **inputs)
-    elapsed = time.perf_counter() - started
-    if response["status"] != "succeeded":
-        raise RuntimeError(f"prediction failed: {response.get('error')}")
-    return elapsed
+def timed(server: CogServer, **inputs) -> float:
+    return timed_prediction(server, prompt=PROMPT, **inputs)[0]
 
 
 def main() -> int:
@@ -86,23 +80,19 @@ def main() -> int:
             if server.wait_for_setup()["status"] != "READY":
                 print(log_path.read_text()[-3000:])
                 return 1
-            timed_prediction(server, seed=0)  # the first request's one-off costs belong to no case
+            timed(server, seed=0)  # the first request's one-off costs belong to no case
             for index in range(args.runs):
                 url = lora_server.url(f"/style-{index}.safetensors")
-                timings["new"].append(timed_prediction(server, lora_weights=url, seed=index))
-                timings["cached"].append(timed_prediction(server, lora_weights=url, seed=index + 100))
-                timings["without"].append(timed_prediction(server, seed=index))
+                timings["new"].append(timed(server, lora_weights=url, seed=index))
+                timings["cached"].append(timed(server, lora_weights=url, seed=index + 100))
+                timings["without"].append(timed(server, seed=index))
                 print({case: round(values[-1], 2) for case, values in timings.items()}, flush=True)
         finally:
             server.stop()
 
     medians = {case: round(statistics.median(values), 3) for case, values in timings.items()}
     report = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": device_name(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "variant": variant.name,
-        "weights": size,
+        **report_header(device, dtype, variant, size),
         "lora": {
             "format": "kohya",
             "rank": rank,

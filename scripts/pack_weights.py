@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAMES",
         help="ControlNets to serve too, comma-separated: canny, depth (as FASTSD_CONTROLNETS; default none)",
     )
+    parser.add_argument(
+        "--no-safety-checker",
+        dest="safety_checker",
+        action="store_false",
+        help="leave out the two safety checkers (for a deployment with FASTSD_SAFETY_CHECKER=off)",
+    )
     parser.add_argument("--root", type=Path, help="the folder that holds weights/ and lora/")
     args = parser.parse_args(argv)
     if args.root:
@@ -126,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             variant = variants.get_variant(args.variant)
         variant = variant.with_controlnets(variants.controlnets_from(args.controlnet))
+        variant = variant.with_safety_checker(args.safety_checker)
         pack(variant, args.out, args.tiny_vae)
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)

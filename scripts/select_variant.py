@@ -7,9 +7,10 @@
 
 `cog build` sends the project folder to Docker, minus what .dockerignore names. This writes a
 .dockerignore that keeps out every weights folder but the variant's (and the tests, caches,
-.git, .venv), and sets the `- FASTSD_VARIANT=...` and `- FASTSD_CONTROLNETS=...` lines of
-cog.yaml's environment: list, the variant and the ControlNets the image serves (--controlnet
-canny,depth; none by default). Nothing else in cog.yaml changes.
+.git, .venv), and sets the `- FASTSD_VARIANT=...`, `- FASTSD_CONTROLNETS=...` and
+`- FASTSD_SAFETY_CHECKER=...` lines of cog.yaml's environment: list, the variant, the ControlNets
+the image serves (--controlnet canny,depth; none by default) and whether it checks images (on;
+--no-safety-checker for a private deployment). Nothing else in cog.yaml changes.
 """
 
 from __future__ import annotations
@@ -43,18 +44,18 @@ ALWAYS_EXCLUDED = [
     "*.tar.partial",
 ]
 _VARIANT_LINE = re.compile(r"^(?P<indent>[ \t]*-[ \t]*)FASTSD_VARIANT=[^\s#]*(?P<rest>.*)$", re.MULTILINE)
-_CONTROLNETS_LINE = re.compile(r"^(?P<indent>[ \t]*-[ \t]*)FASTSD_CONTROLNETS=[^\s#]*", re.MULTILINE)
 
 
 def kept_paths(sources) -> list[str]:
     """The .dockerignore lines that let a variant's weights back in, from its sources (fastsd.layout):
-    a whole folder, or one file of a shared folder with the folder's manifest; then, for a base
+    a whole folder, or one file or subfolders of a shared folder with the folder's manifest; then, for a base
     whose UNet or VAE the preset replaces, those weights out again (later lines win)."""
     lines = []
     for source in sources:
         folder = source.relative_folder.as_posix()
-        if source.filename:
-            lines += [f"!{folder}/{source.filename}", f"!{folder}/.fastsd-manifest.json"]
+        if source.parts:  # a file or subfolders of a shared folder
+            lines += [f"!{folder}/{part}" + ("**" if part.endswith("/") else "") for part in source.parts]
+            lines.append(f"!{folder}/.fastsd-manifest.json")
         else:
             lines.append(f"!{folder}/**")
             lines += [f"{folder}/{component}/*.safetensors" for component in source.skip]
@@ -79,19 +80,26 @@ def dockerignore_text(variant_name: str, kept: list[str]) -> str:
     return "\n".join(lines)
 
 
-def set_cog_variant(cog_yaml: str, variant_name: str, controlnets: tuple[str, ...] = ()) -> str:
-    """cog.yaml with its `- FASTSD_VARIANT=...` environment line naming variant_name, and a
-    `- FASTSD_CONTROLNETS=...` line (after it, if there was none) naming the ControlNets served."""
+def set_cog_variant(
+    cog_yaml: str, variant_name: str, controlnets: tuple[str, ...] = (), safety_checker: bool = True
+) -> str:
+    """cog.yaml with its `- FASTSD_VARIANT=...` environment line naming variant_name, and the
+    `- FASTSD_CONTROLNETS=...` and `- FASTSD_SAFETY_CHECKER=...` lines (added after it where there
+    were none) naming the ControlNets served and whether images are checked."""
     if not _VARIANT_LINE.search(cog_yaml):
         raise ValueError(
             "cog.yaml has no `  - FASTSD_VARIANT=...` line under environment:; add one "
             "(environment:\\n  - FASTSD_VARIANT=sd-turbo) and run this again."
         )
-    served = ",".join(controlnets)
-    if _CONTROLNETS_LINE.search(cog_yaml):
-        cog_yaml = _CONTROLNETS_LINE.sub(lambda m: f"{m['indent']}FASTSD_CONTROLNETS={served}", cog_yaml, count=1)
-    else:
-        cog_yaml = _VARIANT_LINE.sub(lambda m: f"{m[0]}\n{m['indent']}FASTSD_CONTROLNETS={served}", cog_yaml, count=1)
+    settings = {"FASTSD_SAFETY_CHECKER": "on" if safety_checker else "off", "FASTSD_CONTROLNETS": ",".join(controlnets)}
+    for name, value in settings.items():
+        line = re.compile(rf"^(?P<indent>[ \t]*-[ \t]*){name}=[^\s#]*", re.MULTILINE)
+        if line.search(cog_yaml):
+            cog_yaml = line.sub(lambda m, name=name, value=value: f"{m['indent']}{name}={value}", cog_yaml, count=1)
+        else:
+            cog_yaml = _VARIANT_LINE.sub(
+                lambda m, name=name, value=value: f"{m[0]}\n{m['indent']}{name}={value}", cog_yaml, count=1
+            )
     return _VARIANT_LINE.sub(lambda m: f"{m['indent']}FASTSD_VARIANT={variant_name}{m['rest']}", cog_yaml, count=1)
 
 
@@ -110,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAMES",
         help="ControlNets to serve too, comma-separated: canny, depth (as FASTSD_CONTROLNETS; default none)",
     )
+    parser.add_argument(
+        "--no-safety-checker",
+        dest="safety_checker",
+        action="store_false",
+        help="leave the safety checkers out and serve unchecked (FASTSD_SAFETY_CHECKER=off): private deployments",
+    )
     parser.add_argument("--project", type=Path, default=PROJECT_ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -118,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         variant = variants.get_variant(args.variant).with_controlnets(variants.controlnets_from(args.controlnet))
+        variant = variant.with_safety_checker(args.safety_checker)
         cog_path = args.project / "cog.yaml"
-        cog_yaml = set_cog_variant(cog_path.read_text(), variant.name, variant.controlnets)
+        cog_yaml = set_cog_variant(cog_path.read_text(), variant.name, variant.controlnets, variant.safety_checker)
     except (ConfigurationError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -130,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = ", ".join((source.relative_folder / (source.filename or "")).as_posix() for source in sources)
     print(
         f"selected {variant.name}: .dockerignore keeps {shown}; cog.yaml FASTSD_VARIANT={variant.name}, "
-        f"FASTSD_CONTROLNETS={','.join(variant.controlnets)}"
+        f"FASTSD_CONTROLNETS={','.join(variant.controlnets)}, "
+        f"FASTSD_SAFETY_CHECKER={'on' if variant.safety_checker else 'off'}"
     )
     missing = [s for s in sources if not (args.project / s.relative_folder / s.marker_name).exists()]
     if missing:

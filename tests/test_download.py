@@ -370,6 +370,21 @@ REPOS = {
     ),
 }
 
+# The second-stage safety classifier: a transformers ViT (its pickled copy and the card's optional
+# YOLOv9 ONNX export beside it are never fetched).
+REPOS["Falconsai/nsfw_image_detection"] = dict(
+    files=[
+        ".gitattributes",
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "pytorch_model.bin",
+        "falconsai_yolov9_nsfw_model_quantized.pt",
+        "labels.json",
+    ]
+)
+
 SD_FP16 = [
     "model_index.json",
     "scheduler/scheduler_config.json",
@@ -433,6 +448,21 @@ EXPECTED = {
 }
 
 
+# Roles of a repo that is also a model (the SD1.5 repo holds the classic checker): by (role, repo).
+CHECKERS = {
+    (layout.SAFETY_CHECKER, variants.SAFETY_CHECKER_REPO): [
+        "feature_extractor/preprocessor_config.json",
+        "safety_checker/config.json",
+        "safety_checker/model.fp16.safetensors",
+    ],
+    (layout.NSFW_CLASSIFIER, variants.NSFW_CLASSIFIER_REPO): [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ],
+}
+
+
 def selected(source: layout.Source) -> list[str]:
     repo = REPOS[source.repo]
     return download.select_files(
@@ -444,6 +474,22 @@ def selected(source: layout.Source) -> list[str]:
 def test_selection_is_exactly_what_the_pipeline_loads(hub_id):
     role, expected = EXPECTED[hub_id]
     assert selected(layout.Source(role, hub_id)) == sorted(expected)
+
+
+@pytest.mark.parametrize("role, repo", sorted(CHECKERS))
+def test_the_checkers_are_fetched_without_pickles_or_exports(role, repo):
+    assert selected(layout.Source(role, repo)) == CHECKERS[role, repo]
+
+
+def test_a_full_precision_deployment_fetches_the_full_precision_checker():
+    files = REPOS[variants.SAFETY_CHECKER_REPO]["files"]
+    chosen = download.select_files(layout.SAFETY_CHECKER, files, precision="full")
+    assert "safety_checker/model.safetensors" in chosen and "safety_checker/model.fp16.safetensors" not in chosen
+
+
+def test_a_repo_that_is_not_the_classifier_is_named():
+    with pytest.raises(download.WeightsDownloadError, match="preprocessor_config.json"):
+        download.select_files(layout.NSFW_CLASSIFIER, ["config.json", "model.safetensors"])
 
 
 def every_source() -> set[layout.Source]:
@@ -462,7 +508,9 @@ def every_source() -> set[layout.Source]:
 def test_every_source_is_covered_by_the_recorded_repos():
     for source in every_source():
         assert source.repo in REPOS, source
-        if source.filename:  # one file of a repo of many: that file, nothing else
+        if (source.role, source.repo) in CHECKERS:
+            assert selected(source) == CHECKERS[source.role, source.repo]
+        elif source.filename:  # one file of a repo of many: that file, nothing else
             assert selected(source) == [source.filename]
         else:
             assert EXPECTED[source.repo][0] == source.role
@@ -780,7 +828,9 @@ def test_download_fetches_exactly_the_selection_writes_manifests_and_repairs(wei
         on_disk = {p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file() and ".cache" not in p.parts}
         assert on_disk == {*expected, ".fastsd-manifest.json"}
         assert (tmp_path / "weights" / variant.tiny_vae / ".fastsd-manifest.json").is_file()
-        assert "2 sources," in done.stdout, done.stdout
+        for checker in (variants.SAFETY_CHECKER_REPO, variants.NSFW_CLASSIFIER_REPO):  # fetched for every variant
+            assert (tmp_path / "weights" / checker / ".fastsd-manifest.json").is_file()
+        assert "4 sources," in done.stdout, done.stdout
 
         # A second run checks and fetches nothing.
         fetched = len(hub.gets)

@@ -36,11 +36,13 @@ def test_cog_reads_the_fixed_inputs_with_literal_defaults_and_choices():
         "lora_scale",
         "extra_lora",
         "extra_lora_scale",
+        "disable_safety_checker",
     ]
     assert (inputs["output_format"].choices, inputs["output_format"].default) == (["webp", "jpg", "png"], "webp")
     assert (inputs["vae"].choices, inputs["vae"].default) == (["full", "tiny"], None)
     assert (inputs["controlnet"].choices, inputs["controlnet"].default) == (["canny", "depth"], None)
     assert inputs["control_preprocess"].default is True
+    assert inputs["disable_safety_checker"].default is False
     assert (inputs["lora_scale"].default, inputs["extra_lora_scale"].default) == (1.0, 1.0)
     assert (inputs["num_outputs"].default, inputs["output_quality"].default, inputs["negative_prompt"].default) == (
         1,
@@ -65,7 +67,7 @@ def test_every_input_has_a_literal_description():
     """cog build reads the source without importing it: Input() arguments must be literals."""
     tree = ast.parse(PREDICT.read_text())
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Input"]
-    assert len(calls) == 22
+    assert len(calls) == 23
     for call in calls:
         keywords = {keyword.arg: keyword.value for keyword in call.keywords}
         assert "description" in keywords

@@ -170,7 +170,9 @@ def test_a_truncated_weight_file_fails_setup_naming_it(weights_root, tmp_path):
     unet = model / "unet" / "diffusion_pytorch_model.fp16.safetensors"
     with open(unet, "r+b") as file:
         file.truncate(1000)
-    cog = CogServer({"FASTSD_VARIANT": "sd-turbo", "FASTSD_WEIGHTS_ROOT": str(tmp_path)}, tmp_path / "server.log")
+    # No safety checkers copied either: FASTSD_SAFETY_CHECKER=off, so that the UNet is what is missing.
+    environment = {"FASTSD_VARIANT": "sd-turbo", "FASTSD_WEIGHTS_ROOT": str(tmp_path), "FASTSD_SAFETY_CHECKER": "off"}
+    cog = CogServer(environment, tmp_path / "server.log")
     try:
         state = cog.wait_for_setup()
         assert state["status"] == "SETUP_FAILED"
