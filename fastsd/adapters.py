@@ -4,7 +4,8 @@ The acceleration (LCM-LoRA, Hyper-SD, ...) is fused into the weights at setup an
 step. A request's own LoRAs (fastsd.loras resolves and checks the files) are loaded as peft
 adapters through diffusers, which reads the key formats people publish (kohya, diffusers, peft),
 text-encoder layers included. The most recent few stay loaded; a call without LoRAs runs with
-every adapter disabled, which is the base model exactly as it was.
+every adapter disabled, which is the base model exactly as it was. On a compiled UNet the UNet
+parts go into fixed slots instead (fastsd.hotswap), so that switching never recompiles.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .hotswap import UnetSlots
 from .variants import Variant
 
 log = logging.getLogger(__name__)
@@ -28,11 +30,7 @@ def load_adapter(pipeline, path: Path, adapter: str) -> str | None:
     """Load a LoRA file as the named adapter. None when it loaded, else why it does not fit
     (the pipeline then holds no part of it)."""
     try:
-        renamed = _for_flattened_text_encoders(pipeline, path)
-        if renamed is not None:
-            pipeline.load_lora_weights(renamed, adapter_name=adapter)
-        else:
-            pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+        pipeline.load_lora_weights(_readable(pipeline, path), adapter_name=adapter)
     except (RuntimeError, ValueError, KeyError) as error:
         _forget(pipeline, adapter)
         return str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -40,6 +38,42 @@ def load_adapter(pipeline, path: Path, adapter: str) -> str | None:
         _forget(pipeline, adapter)
         return "none of its layers fits that UNet"
     return None
+
+
+def load_split(pipeline, path: Path, adapter: str) -> tuple[tuple | None, list[str]]:
+    """For a compiled UNet: the LoRA's UNet part, peft-keyed with its alphas (for UnetSlots), and
+    its text-encoder parts loaded as the named adapter. Returns (UNet part or None, the text
+    encoders holding it). Raises ValueError when none of it fits."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    tensors, alphas = pipeline.lora_state_dict(_readable(pipeline, path))
+    unet_part = {key: value for key, value in tensors.items() if key.startswith("unet.")}
+    encoders = []
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipeline, name, None)
+        if encoder is None or not any(key.startswith(f"{name}.") for key in tensors):
+            continue
+        try:
+            pipeline.load_lora_into_text_encoder(
+                tensors, network_alphas=alphas, text_encoder=encoder, prefix=name, adapter_name=adapter
+            )
+        except (RuntimeError, ValueError, KeyError, IndexError):
+            for loaded in encoders:
+                getattr(pipeline, loaded).delete_adapter(adapter)
+            raise
+        encoders.append(name)
+    if not unet_part:
+        for loaded in encoders:
+            getattr(pipeline, loaded).delete_adapter(adapter)
+        raise ValueError("none of its layers fits that UNet")
+    unet_alphas = {key: value for key, value in (alphas or {}).items() if key.startswith("unet.")} or None
+    return (convert_unet_state_dict_to_peft(unet_part), unet_alphas), encoders
+
+
+def _readable(pipeline, path: Path):
+    """What load_lora_weights and lora_state_dict read: the file, or its renamed tensors."""
+    renamed = _for_flattened_text_encoders(pipeline, path)
+    return renamed if renamed is not None else str(path)
 
 
 def _for_flattened_text_encoders(pipeline, path: Path) -> dict | None:
@@ -78,9 +112,12 @@ class Adapters:
     Only the batch worker calls apply(), so nothing here is shared between threads.
     """
 
-    def __init__(self, pipeline, variant: Variant):
+    def __init__(self, pipeline, variant: Variant, slots: UnetSlots | None = None):
         self._pipeline = pipeline
         self._variant = variant
+        self._slots = slots  # a compiled UNet's: its LoRA parts go there, not into adapters
+        self._unet_parts: dict[str, tuple] = {}  # with slots: adapter -> its UNet part
+        self._encoders: dict[str, list[str]] = {}  # with slots: adapter -> text encoders holding it
         self._loaded: OrderedDict[str, object] = OrderedDict()  # adapter name -> LoraFile
         self._capacity = max(1, int(os.environ.get(LOADED_ENV, "4")))
         self._active: tuple = ()
@@ -96,7 +133,9 @@ class Adapters:
             return
         for lora, _ in loras:
             self._load(lora, keep={name for name, _ in wanted})
-        if not loras:
+        if self._slots is not None:
+            self._apply_to_slots(loras)
+        elif not loras:
             if self._loaded:
                 self._pipeline.disable_lora()
         else:
@@ -113,16 +152,65 @@ class Adapters:
             if oldest is None:
                 break
             del self._loaded[oldest]
-            self._pipeline.delete_adapters(oldest)
+            self._delete(oldest)
             self._active = ()  # what was active may be gone: set it again
         if lora.embeddings is not None:
             self._add_tokens(lora)
-        problem = load_adapter(self._pipeline, lora.path, lora.adapter)
+        problem = self._load_adapter(lora)
         if problem is not None:
             self._active = ()
             raise InputError(f"{lora.name} {lora.reference} does not fit {self._variant.model}: {problem.rstrip('.')}.")
         self._loaded[lora.adapter] = lora
         log.info("loaded LoRA %s as %s (%d loaded)", lora.reference, lora.adapter, len(self._loaded))
+
+    def _load_adapter(self, lora) -> str | None:
+        if self._slots is None:
+            return load_adapter(self._pipeline, lora.path, lora.adapter)
+        try:
+            part, encoders = load_split(self._pipeline, lora.path, lora.adapter)
+        except (RuntimeError, ValueError, KeyError, IndexError) as error:
+            return str(error).splitlines()[0] if str(error) else type(error).__name__
+        self._unet_parts[lora.adapter], self._encoders[lora.adapter] = part, encoders
+        refusal = self._slots.refusal(part)
+        if refusal is not None:
+            self._delete(lora.adapter)
+        return refusal
+
+    def _delete(self, adapter: str) -> None:
+        if self._slots is None:
+            self._pipeline.delete_adapters(adapter)
+            return
+        self._unet_parts.pop(adapter, None)
+        for name in self._encoders.pop(adapter, []):
+            getattr(self._pipeline, name).delete_adapter(adapter)
+
+    def _apply_to_slots(self, loras: tuple) -> None:
+        """UNet parts into the slots (lora_weights, extra_lora; the rest emptied), text-encoder
+        parts as adapters, set on each text encoder that holds any."""
+        from diffusers.loaders.lora_base import (
+            disable_lora_for_text_encoder,
+            enable_lora_for_text_encoder,
+            set_adapters_for_text_encoder,
+        )
+
+        for index in range(len(self._slots.holding)):
+            lora, scale = loras[index] if index < len(loras) else (None, 0.0)
+            adapter = lora.adapter if lora else None
+            try:
+                self._slots.hold(index, adapter, self._unet_parts.get(adapter), scale)
+            except ValueError as error:
+                self._active = ()
+                raise InputError(
+                    f"{lora.name} {lora.reference} does not fit this compiled deployment's LoRA slot: {error}."
+                ) from None
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(self._pipeline, name, None)
+            chosen = [(lora.adapter, scale) for lora, scale in loras if name in self._encoders.get(lora.adapter, [])]
+            if chosen:
+                enable_lora_for_text_encoder(encoder)
+                set_adapters_for_text_encoder([a for a, _ in chosen], encoder, [s for _, s in chosen])
+            elif any(name in names for names in self._encoders.values()):
+                disable_lora_for_text_encoder(encoder)
 
     def _add_tokens(self, lora) -> None:
         """A Replicate training's new tokens, named for this LoRA (<user_..._s0>, see fastsd.loras):

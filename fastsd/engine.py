@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import images, inputs, pipelines
+from . import hotswap, images, inputs, pipelines
 from .adapters import Adapters
 from .errors import ContentWithheld, InputError
 from .inputs import GenerationRequest
@@ -119,7 +119,7 @@ class Engine:
         self.variant = variant
         self.pipelines = loaded
         self.prompts = PromptCache(loaded.text_to_image, loaded.device)
-        self.adapters = Adapters(loaded.text_to_image, variant)
+        self.adapters = Adapters(loaded.text_to_image, variant, loaded.lora_slots)
         # Each request's files get a folder of their own: Cog reads them after run() returns, while
         # other requests go on. The oldest folders go once there are more than a few slots' worth,
         # the whole tree at exit.
@@ -131,7 +131,8 @@ class Engine:
         self._accepted = {
             mode: set(inspect.signature(pipeline.__call__).parameters) for mode, pipeline in loaded.by_mode.items()
         }
-        self._compiled = pipelines.compile_mode() is not None
+        # A compiled UNet serves LoRAs only through its slots (fastsd.hotswap).
+        self._refuses_loras = pipelines.compile_mode() is not None and loaded.lora_slots is None
         self._default_vae = variant.default_vae
         if self._default_vae not in loaded.vae_choices:
             log.info(
@@ -191,10 +192,10 @@ class Engine:
                 f"controlnet {wanted} is not served by this deployment (it serves: {served}); it is chosen when "
                 f"the container starts: {CONTROLNETS_ENV}={','.join((*self.pipelines.controlnets, wanted))}."
             )
-        if self._compiled and (raw.get("lora_weights") or raw.get("extra_lora")):  # before any download
+        if self._refuses_loras and (raw.get("lora_weights") or raw.get("extra_lora")):  # before any download
             raise InputError(
                 "lora_weights and extra_lora are not served by this deployment: it compiles its UNet "
-                "(FASTSD_COMPILE), and a LoRA would change the compiled graph."
+                f"(FASTSD_COMPILE) without LoRA slots ({hotswap.MAX_RANK_ENV}=0)."
             )
         request = inputs.validate(self.variant, **raw)
         if request.vae not in self.pipelines.vae_choices:

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from . import hotswap
 from .adapters import load_adapter
 from .errors import ConfigurationError
+from .hotswap import UnetSlots
 from .layout import CONTROLNET, LORA, UNET, model_folder, repo_folder, weights_root
 from .provision import require_weights
 from .safety import SafetyChecker
@@ -53,6 +55,7 @@ class Pipelines:
     dtype: torch.dtype
     accepts_negative_prompt: bool  # the distilled LCM pipeline embeds guidance and takes none
     safety: SafetyChecker | None = None  # None: FASTSD_SAFETY_CHECKER=off
+    lora_slots: UnetSlots | None = None  # a compiled UNet's slots for users' LoRAs (fastsd.hotswap)
 
     @property
     def text_to_image(self):
@@ -211,7 +214,7 @@ def _use_channels_last(modules, device: str) -> None:
         module.to(memory_format=torch.channels_last)
 
 
-def _compile(modules, device: str) -> None:
+def _compile(modules, device: str, frozen: bool = True) -> None:
     """Compile in place (Module.compile), so every pipeline sharing a module gets the compiled one.
 
     Compilation happens at the first call of each shape: Engine.warm_up runs the served default in
@@ -221,10 +224,9 @@ def _compile(modules, device: str) -> None:
     import torch._inductor.config as inductor_config
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(weights_root() / ".torch-compile-cache"))
-    if device == "cpu":
-        # The weights never change after setup: freezing folds them into the graph as constants
-        # and prepacks them for oneDNN once, rather than reordering them at every call.
-        inductor_config.freezing = True
+    # Where the weights never change after setup (no LoRA slots), freezing folds them into the
+    # graph as constants and prepacks them for oneDNN once, rather than at every call (CPU only).
+    inductor_config.freezing = device == "cpu" and frozen
     mode = compile_mode()
     for module in modules:
         module.compile(mode=mode)
@@ -324,8 +326,12 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
         pipeline.set_progress_bar_config(disable=True)
     modules = [text_to_image.unet, text_to_image.vae, *([tiny_vae] if tiny_vae else []), *controlnets.values()]
     _use_channels_last(modules, device)
+    lora_slots = None
     if compile_mode():
-        _compile([text_to_image.unet, text_to_image.vae.decoder, *([tiny_vae.decoder] if tiny_vae else [])], device)
+        if hotswap.max_rank():  # before compiling: the slots are part of the graph
+            lora_slots = UnetSlots(text_to_image.unet, hotswap.max_rank())
+        compiled = [text_to_image.unet, text_to_image.vae.decoder, *([tiny_vae.decoder] if tiny_vae else [])]
+        _compile(compiled, device, frozen=lora_slots is None)
 
     loaded = Pipelines(
         by_mode,
@@ -333,6 +339,7 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
         dtype,
         accepts_negative_prompt="negative_prompt" in inspect.signature(text_to_image.__call__).parameters,
         safety=SafetyChecker.load(variant, device, dtype),
+        lora_slots=lora_slots,
     )
     applied = [f"UNet {recipe.unet.repo}/{recipe.unet.filename}"] if recipe.unet else []
     applied += [f"LoRA {lora.file.repo}/{lora.file.filename} (fused)" for lora in recipe.loras]

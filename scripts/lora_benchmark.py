@@ -2,6 +2,7 @@
 
     python scripts/lora_benchmark.py                 # full-size sd-turbo, rank-64 kohya LoRAs with text-encoder layers
     python scripts/lora_benchmark.py --quick         # tiny models: a smoke run
+    python scripts/lora_benchmark.py --compile 1     # a compiled UNet: LoRAs hot-swapped into its slots
 
 Each run serves a LoRA the server has never seen (random weights in kohya's published format, as
 Civitai files are) from a loopback server, with FASTSD_ALLOW_PRIVATE_URLS=1 so the model may fetch
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark import build_random_weights, report_header, timed_prediction, versions  # noqa: E402
 
-from fastsd import variants  # noqa: E402
+from fastsd import hotswap, variants  # noqa: E402
 from fastsd.pipelines import select_device  # noqa: E402
 from fastsd_testing import random_models  # noqa: E402
 from fastsd_testing.cog_server import CogServer  # noqa: E402
@@ -46,6 +47,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models: a smoke run")
     parser.add_argument("--runs", type=int, default=5, help="LoRAs to try, each new then cached")
     parser.add_argument("--rank", type=int, help="LoRA rank (default 64; 4 with --quick)")
+    parser.add_argument("--compile", help="FASTSD_COMPILE for the server (1, or a torch.compile mode)")
     parser.add_argument("--root", type=Path, help="where the random weights are built and kept")
     parser.add_argument("--json", type=Path, help="where to write the results")
     args = parser.parse_args()
@@ -73,6 +75,7 @@ def main() -> int:
             "FASTSD_WEIGHTS_ROOT": str(root),
             "FASTSD_ALLOW_PRIVATE_URLS": "1",
             "FASTSD_LORA_CACHE": str(scratch / "cache"),
+            **({"FASTSD_COMPILE": args.compile} if args.compile else {}),
         }
         log_path = scratch / "server.log"
         server = CogServer(environment, log_path)
@@ -99,6 +102,8 @@ def main() -> int:
             "text_encoder": True,
             "mib": round(statistics.median(sizes) / 2**20, 1),
         },
+        "compile": args.compile,
+        "lora_slots_rank": hotswap.max_rank() if args.compile else None,
         "runs": args.runs,
         "median_s": medians,
         "all_s": {case: [round(v, 3) for v in values] for case, values in timings.items()},

@@ -299,10 +299,11 @@ def test_every_redirect_is_checked_again(lora_server, monkeypatch, tmp_path):
 
 
 def test_a_compiled_deployment_refuses_loras_before_fetching(sdxl, lora_server, monkeypatch):
-    monkeypatch.setattr(sdxl, "_compiled", True)  # as FASTSD_COMPILE sets it at load
+    monkeypatch.setattr(sdxl, "_refuses_loras", True)  # as FASTSD_COMPILE with FASTSD_LORA_MAX_RANK=0 sets it
     before = dict(lora_server.requests)
     with pytest.raises(
-        InputError, match=r"lora_weights and extra_lora are not served by this deployment: .*FASTSD_COMPILE"
+        InputError,
+        match=r"not served by this deployment: .*FASTSD_COMPILE.*FASTSD_LORA_MAX_RANK=0",
     ):
         sdxl.validate(prompt="x", lora_weights=lora_server.url("/sdxl.safetensors"))
     assert lora_server.requests == before

@@ -1,0 +1,106 @@
+"""Users' LoRAs on a compiled UNet: fixed slots whose weights are swapped in place (peft hot-swap).
+
+A compiled UNet (FASTSD_COMPILE) must keep the graph it was compiled with: loading, deleting or
+switching adapters changes the graph, and compiling again takes minutes. So before compiling, a
+deployment that serves LoRAs gives its UNet one slot per LoRA input (lora_weights, extra_lora): a
+zero adapter of rank FASTSD_LORA_MAX_RANK on every layer LoRAs are published for. A request's LoRA
+is copied into its slot by diffusers' hot-swap (peft pads it to the slot's rank and zeroes the
+layers it does not train), with its scale folded into its up-projections; a slot a request leaves
+empty gets zeros. The slots' scalings are tensors (peft's prepare_model_for_compiled_hotswap) and
+the copies are in place, so the compiled graph never sees a change. The text encoders are not
+compiled: there a LoRA stays an ordinary adapter (fastsd.adapters).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+MAX_RANK_ENV = "FASTSD_LORA_MAX_RANK"
+DEFAULT_MAX_RANK = 64
+SLOTS = ("fastsd_slot_0", "fastsd_slot_1")  # lora_weights, extra_lora
+# The UNet layers LoRAs are published for: kohya's set (attention, feed-forward, ResNet and
+# resampling convolutions, time-embedding projections) holds diffusers' and peft's.
+TARGETS = (
+    r".*\.(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2"
+    r"|conv1|conv2|conv_shortcut|time_emb_proj|downsamplers\.0\.conv|upsamplers\.0\.conv)"
+)
+
+
+def max_rank() -> int:
+    """FASTSD_LORA_MAX_RANK: the slots' rank on a compiled deployment; 0 serves no LoRAs there."""
+    text = os.environ.get(MAX_RANK_ENV, "").strip() or str(DEFAULT_MAX_RANK)
+    if not text.isdigit() or int(text) > 1024:
+        raise ConfigurationError(f"{MAX_RANK_ENV} must be a whole number from 0 to 1024, got {text!r}.")
+    return int(text)
+
+
+class UnetSlots:
+    """The compiled UNet's LoRA slots, and what each holds (only the batch worker calls hold())."""
+
+    def __init__(self, unet, rank: int):
+        from peft import LoraConfig
+        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+        for slot in SLOTS:  # lora_B starts at zero: an empty slot changes nothing
+            unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS), adapter_name=slot)
+        unet.set_adapters(list(SLOTS), [1.0] * len(SLOTS))
+        prepare_model_for_compiled_hotswap(unet, target_rank=rank)
+        self._unet, self.rank = unet, rank
+        self.holding: list[tuple | None] = [None] * len(SLOTS)  # (adapter, scale), or None: empty
+        self._empty = self._zeros()
+        log.info("%d LoRA slots of rank %d in the UNet, for hot-swapping (%s)", len(SLOTS), rank, MAX_RANK_ENV)
+
+    def refusal(self, part: tuple) -> str | None:
+        """Why a LoRA's UNet part cannot go into a slot, or None."""
+        rank = max((t.shape[1] for key, t in part[0].items() if ".lora_B." in key and t.ndim > 1), default=0)
+        if rank > self.rank:
+            return f"its rank is {rank}, and this deployment's LoRA slots hold up to {self.rank} ({MAX_RANK_ENV})"
+        return None
+
+    def _zeros(self) -> dict[str, torch.Tensor]:
+        """The smallest adapter: rank 1, zero, on one layer. Swapped in, it zeroes the whole slot."""
+        name, layer = next(
+            (name, module)
+            for name, module in self._unet.named_modules()
+            if name.endswith("to_q") and hasattr(module, "base_layer")
+        )
+        base = layer.base_layer
+        return {
+            f"unet.{name}.lora_A.weight": torch.zeros(1, base.in_features),
+            f"unet.{name}.lora_B.weight": torch.zeros(base.out_features, 1),
+        }
+
+    def hold(self, index: int, adapter: str | None, part: tuple | None, scale: float) -> None:
+        """Put one LoRA's UNet part (its peft-keyed tensors and alphas) into slot index at this
+        scale; adapter None empties the slot. Raises ValueError, leaving the slot empty, when it
+        does not fit."""
+        wanted = None if adapter is None or part is None else (adapter, scale)
+        if self.holding[index] == wanted:
+            return
+        if wanted is None:
+            self._swap(index, self._empty, None)
+            self.holding[index] = None
+            return
+        tensors, alphas = part
+        # In fp32: a published fp16 factor times 1.5 would round, where an adapter's scaling does not.
+        scaled = {key: t.float() * scale if ".lora_B." in key else t for key, t in tensors.items()}
+        try:
+            self._swap(index, scaled, alphas)
+        except (ValueError, RuntimeError, KeyError) as error:
+            self._swap(index, self._empty, None)
+            self.holding[index] = None
+            raise ValueError(str(error).splitlines()[0] or type(error).__name__) from None
+        self.holding[index] = wanted
+
+    def _swap(self, index: int, tensors: dict, alphas: dict | None) -> None:
+        self.holding[index] = None  # until the copy is complete
+        self._unet.load_lora_adapter(
+            tensors, prefix="unet", network_alphas=alphas, adapter_name=SLOTS[index], hotswap=True
+        )

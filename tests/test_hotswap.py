@@ -1,0 +1,96 @@
+"""Per-request LoRAs on a compiled UNet (FASTSD_COMPILE): swapped into fixed slots, never recompiling.
+
+In process, on sd15-lcm (the LCM-LoRA fused, users' LoRAs on top): the compiled engine's images
+against an uncompiled engine's with the same LoRAs, with torch._dynamo set to raise on any
+recompilation once the first call has compiled. About two minutes on a 2-core CPU (Inductor).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_engine
+
+from fastsd import hotswap, remote, variants
+from fastsd.errors import ConfigurationError, InputError
+from fastsd_testing.random_models import KOHYA, PEFT
+from fastsd_testing.user_loras import FileServer, write_user_lora
+
+SMALL = dict(prompt="a lighthouse at dusk", seed=5, width=64, height=64, num_inference_steps=2)
+
+
+@pytest.fixture(scope="module")
+def lora_server(weights_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hotswap-loras")
+    model = weights_root / "weights" / variants.VARIANTS["sd15-lcm"].model
+    files = {
+        "/style.safetensors": write_user_lora(model, folder / "a.safetensors", 4, KOHYA, text_encoder=True, seed=1),
+        "/second.safetensors": write_user_lora(model, folder / "b.safetensors", 8, PEFT, seed=2),
+        "/wide.safetensors": write_user_lora(model, folder / "c.safetensors", 16, KOHYA, seed=3),
+    }
+    with FileServer({path: file.read_bytes() for path, file in files.items()}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def engines(weights_root, lora_server, tmp_path_factory):
+    """(compiled with slots of rank 8, uncompiled), both fetching from the loopback server."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(remote.ALLOW_PRIVATE_ENV, "1")
+        patch.setenv("FASTSD_LORA_CACHE", str(tmp_path_factory.mktemp("lora-cache")))
+        plain = load_engine(weights_root, "sd15-lcm")
+        patch.setenv("FASTSD_COMPILE", "default")
+        patch.setenv(hotswap.MAX_RANK_ENV, "8")
+        compiled = load_engine(weights_root, "sd15-lcm")
+        yield compiled, plain
+
+
+def image(engine, **inputs) -> np.ndarray:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(remote.ALLOW_PRIVATE_ENV, "1")
+        request = engine.validate(**SMALL, **inputs)
+    return np.asarray(engine.generate(request).images[0], dtype=int)
+
+
+def test_switching_loras_on_a_compiled_unet_never_recompiles_and_matches_the_uncompiled_images(
+    engines, lora_server, monkeypatch
+):
+    compiled, plain = engines
+    assert compiled.pipelines.lora_slots is not None and compiled.pipelines.lora_slots.rank == 8
+    original = image(compiled)  # compiles
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    style, second = lora_server.url("/style.safetensors"), lora_server.url("/second.safetensors")
+    cases = [
+        dict(lora_weights=style),
+        dict(lora_weights=second, lora_scale=1.5),
+        dict(extra_lora=second),
+        dict(lora_weights=style, lora_scale=0.5),
+        dict(lora_weights=style, extra_lora=second, extra_lora_scale=1.5),
+        dict(lora_weights=second),
+        {},
+    ]
+    for inputs in cases:
+        expected = image(plain, **inputs)
+        got = image(compiled, **inputs)
+        assert np.abs(got - expected).max() <= 2, inputs
+    assert np.abs(image(compiled, lora_weights=style) - original).mean() > 1.0  # the LoRA changes it
+    assert np.array_equal(image(compiled), original)  # and the slots empty again give the original
+    assert np.array_equal(image(compiled, lora_weights=style, lora_scale=0.0), original)
+
+
+def test_a_lora_above_the_slot_rank_fails_cleanly_and_the_next_request_is_served(engines, lora_server):
+    compiled, plain = engines
+    with pytest.raises(InputError, match=r"its rank is 16, and this deployment's LoRA slots hold up to 8"):
+        image(compiled, lora_weights=lora_server.url("/wide.safetensors"))
+    style = lora_server.url("/style.safetensors")
+    assert np.abs(image(compiled, lora_weights=style) - image(plain, lora_weights=style)).max() <= 2
+    assert np.abs(image(compiled) - image(plain)).max() <= 2
+
+
+def test_max_rank_zero_refuses_loras_on_a_compiled_deployment(monkeypatch):
+    monkeypatch.setenv(hotswap.MAX_RANK_ENV, "0")
+    assert hotswap.max_rank() == 0
+    monkeypatch.setenv(hotswap.MAX_RANK_ENV, "lots")
+    with pytest.raises(ConfigurationError, match="FASTSD_LORA_MAX_RANK must be a whole number"):
+        hotswap.max_rank()
