@@ -411,7 +411,7 @@ def build_tiny_vae_repo(hub_id: str, folder: Path, size: str = TINY, seed: int =
     return folder
 
 
-_LORA_TARGETS = (
+LORA_TARGETS = (
     "to_q",
     "to_k",
     "to_v",
@@ -446,17 +446,24 @@ def _lora_factors(module, rank: int, generator) -> tuple[torch.Tensor, torch.Ten
 _ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def lora_state_dict(unet, rank: int, key_format: str = KOHYA, seed: int = 0) -> dict[str, torch.Tensor]:
+# kohya's default network (LierLa): no 3x3 convolutions; what most published style LoRAs train.
+LINEAR_LORA_TARGETS = tuple(name for name in LORA_TARGETS if name not in ("conv1", "conv2", "conv_shortcut", "conv"))
+
+
+def lora_state_dict(
+    unet, rank: int, key_format: str = KOHYA, seed: int = 0, targets: tuple[str, ...] = LORA_TARGETS
+) -> dict[str, torch.Tensor]:
     """Random LoRA factors for a UNet, keyed the way a publisher's files are (key_format).
 
     kohya (the LCM-LoRA, Lightning and Hyper-SD files) covers attention, feed-forward and ResNet
-    layers, with an alpha per layer; the diffusers-trained files (TCD: peft keys; DMD2: the older
-    diffusers keys) cover the attention projections.
+    layers (targets=LINEAR_LORA_TARGETS leaves the convolutions out), with an alpha per layer; the
+    diffusers-trained files (TCD: peft keys; DMD2: the older diffusers keys) cover the attention
+    projections.
     """
     generator = torch.Generator().manual_seed(seed)
     state = {}
     if key_format == KOHYA:
-        for name, module in _lora_modules(unet, _LORA_TARGETS):
+        for name, module in _lora_modules(unet, targets):
             key = "lora_unet_" + name.replace(".", "_")
             state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = _lora_factors(module, rank, generator)
             state[f"{key}.alpha"] = torch.tensor(float(rank) / 2)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import random_models
 from .loopback import LoopbackServer, reply
 from .random_models import KOHYA, PEFT, lora_state_dict
 
@@ -63,12 +64,15 @@ def write_user_lora(
     key_format: str = KOHYA,
     text_encoder: bool = False,
     seed: int = 1,
+    convolutions: bool = True,
 ) -> Path:
-    """A style LoRA for the model in model_folder, in a publisher's format; fp16, as published."""
+    """A style LoRA for the model in model_folder, in a publisher's format; fp16, as published.
+    convolutions=False: a kohya LoRA without the ResNet convolutions (kohya's default network)."""
     from safetensors.torch import save_file
 
     modules = _meta_modules(model_folder)
-    state = lora_state_dict(modules["unet"], rank, key_format=key_format, seed=seed)
+    targets = random_models.LORA_TARGETS if convolutions else random_models.LINEAR_LORA_TARGETS
+    state = lora_state_dict(modules["unet"], rank, key_format=key_format, seed=seed, targets=targets)
     state = {key: value * 3 for key, value in state.items() if not key.endswith(".alpha")} | {
         key: value for key, value in state.items() if key.endswith(".alpha")
     }  # strong enough to change a tiny model's image visibly

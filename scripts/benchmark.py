@@ -466,7 +466,7 @@ def print_table(report: dict) -> None:
     for name, result in report["variants"].items():
         baseline = result.get("baseline", {})
         rows = [(case, r) for case, r in result["server"].items() if isinstance(r, dict)]
-        rows += [(f"stock {case}", r) for case, r in result.get("baseline", {}).items() if isinstance(r, dict)]
+        rows += [(f"stock {case}", r) for case, r in baseline.items() if isinstance(r, dict) and "min_ms" in r]
         for case, r in rows:
             per_image = r["median_ms"] / r["inputs"].get("num_outputs", 1) if "inputs" in r else r["median_ms"]
             stock = baseline.get(case if case in baseline else "default", {}).get("median_ms", float("nan"))

@@ -62,7 +62,12 @@ def main() -> int:
     files, sizes = {}, []
     for index in range(args.runs):
         path = write_user_lora(
-            root / "weights" / variant.model, scratch / f"{index}.safetensors", rank, text_encoder=True, seed=index
+            root / "weights" / variant.model,
+            scratch / f"{index}.safetensors",
+            rank,
+            text_encoder=True,
+            seed=index,
+            convolutions=not args.compile,  # a compiled UNet's slots hold kohya's default layers only
         )
         files[f"/style-{index}.safetensors"] = path.read_bytes()
         sizes.append(path.stat().st_size)
@@ -100,6 +105,7 @@ def main() -> int:
             "format": "kohya",
             "rank": rank,
             "text_encoder": True,
+            "convolutions": not args.compile,
             "mib": round(statistics.median(sizes) / 2**20, 1),
         },
         "compile": args.compile,

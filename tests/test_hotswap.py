@@ -25,9 +25,12 @@ def lora_server(weights_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hotswap-loras")
     model = weights_root / "weights" / variants.VARIANTS["sd15-lcm"].model
     files = {
-        "/style.safetensors": write_user_lora(model, folder / "a.safetensors", 4, KOHYA, text_encoder=True, seed=1),
+        "/style.safetensors": write_user_lora(
+            model, folder / "a.safetensors", 4, KOHYA, text_encoder=True, seed=1, convolutions=False
+        ),
         "/second.safetensors": write_user_lora(model, folder / "b.safetensors", 8, PEFT, seed=2),
-        "/wide.safetensors": write_user_lora(model, folder / "c.safetensors", 16, KOHYA, seed=3),
+        "/wide.safetensors": write_user_lora(model, folder / "c.safetensors", 16, PEFT, seed=3),
+        "/locon.safetensors": write_user_lora(model, folder / "d.safetensors", 4, KOHYA, seed=4),
     }
     with FileServer({path: file.read_bytes() for path, file in files.items()}) as server:
         yield server
@@ -79,10 +82,14 @@ def test_switching_loras_on_a_compiled_unet_never_recompiles_and_matches_the_unc
     assert np.array_equal(image(compiled, lora_weights=style, lora_scale=0.0), original)
 
 
-def test_a_lora_above_the_slot_rank_fails_cleanly_and_the_next_request_is_served(engines, lora_server):
+def test_a_lora_the_slots_cannot_hold_fails_cleanly_and_the_next_request_is_served(engines, lora_server):
     compiled, plain = engines
     with pytest.raises(InputError, match=r"its rank is 16, and this deployment's LoRA slots hold up to 8"):
         image(compiled, lora_weights=lora_server.url("/wide.safetensors"))
+    with pytest.raises(
+        InputError, match=r"extra_lora .* trains layers .* not ResNet convolutions.*without FASTSD_COMPILE"
+    ):
+        image(compiled, extra_lora=lora_server.url("/locon.safetensors"))
     style = lora_server.url("/style.safetensors")
     assert np.abs(image(compiled, lora_weights=style) - image(plain, lora_weights=style)).max() <= 2
     assert np.abs(image(compiled) - image(plain)).max() <= 2
