@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+from fastsd import cli
 from fastsd.variants import ACCELERATIONS
 
 # Xet's high-performance mode uses every core and more memory for the transfer: right for a
@@ -50,27 +51,16 @@ def _status(variant) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_deployment_options(parser)
     parser.add_argument("variants", nargs="*", metavar="VARIANT", help="variant names (see --list)")
     parser.add_argument("--all", action="store_true", help="every variant")
     parser.add_argument("--list", action="store_true", help="list the variants, their repos and what is on disk")
     parser.add_argument("--model", metavar="HUB_ID", help="a custom SD1.5/SD2.x/SDXL base model, by hub id")
     parser.add_argument(
-        "--controlnet",
-        default="",
-        metavar="NAMES",
-        help="ControlNets to serve too, comma-separated: canny, depth (as FASTSD_CONTROLNETS; default none)",
-    )
-    parser.add_argument(
         "--acceleration",
         default="lcm-lora",
         choices=list(ACCELERATIONS),
         help="with --model: the acceleration recipe whose files to fetch too (default lcm-lora)",
-    )
-    parser.add_argument(
-        "--no-safety-checker",
-        dest="safety_checker",
-        action="store_false",
-        help="skip the two safety checkers (serve with FASTSD_SAFETY_CHECKER=off: images go out unchecked)",
     )
     parser.add_argument(
         "--no-tiny-vae",
@@ -119,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen += [v for v in variants.VARIANTS.values() if v not in chosen]
         if args.model:
             chosen.append(download.resolve_custom(args.model, args.acceleration))
-        controlnets = variants.controlnets_from(args.controlnet)
-        chosen = [variant.with_controlnets(controlnets).with_safety_checker(args.safety_checker) for variant in chosen]
+        chosen = [cli.deployment(variant, args) for variant in chosen]
         for variant in chosen:
             print(f"{variant.name}:")
             download.fetch_variant(

@@ -92,7 +92,10 @@ def pack(variant, out: Path, tiny_vae: bool = True, report=print) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastsd import cli
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_deployment_options(parser)
     parser.add_argument("variant", help="a variant name, or custom with --model")
     parser.add_argument("out", type=Path, help="the tar to write")
     parser.add_argument("--model", metavar="HUB_ID", help="a custom base model under weights/ (variant: custom)")
@@ -107,18 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="leave out the tiny autoencoder (taesd / taesdxl), packed by default when present",
     )
-    parser.add_argument(
-        "--controlnet",
-        default="",
-        metavar="NAMES",
-        help="ControlNets to serve too, comma-separated: canny, depth (as FASTSD_CONTROLNETS; default none)",
-    )
-    parser.add_argument(
-        "--no-safety-checker",
-        dest="safety_checker",
-        action="store_false",
-        help="leave out the two safety checkers (for a deployment with FASTSD_SAFETY_CHECKER=off)",
-    )
     parser.add_argument("--root", type=Path, help="the folder that holds weights/ and lora/")
     args = parser.parse_args(argv)
     if args.root:
@@ -131,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             variant = variants.custom_variant(args.model, layout.model_folder(args.model), args.acceleration)
         else:
             variant = variants.get_variant(args.variant)
-        variant = variant.with_controlnets(variants.controlnets_from(args.controlnet))
-        variant = variant.with_safety_checker(args.safety_checker)
+        variant = cli.deployment(variant, args)
         pack(variant, args.out, args.tiny_vae)
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)

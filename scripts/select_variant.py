@@ -104,25 +104,16 @@ def set_cog_variant(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastsd import cli
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_deployment_options(parser)
     parser.add_argument("variant")
     parser.add_argument(
         "--no-tiny-vae",
         dest="tiny_vae",
         action="store_false",
         help="leave the tiny autoencoder (taesd / taesdxl) out of the image",
-    )
-    parser.add_argument(
-        "--controlnet",
-        default="",
-        metavar="NAMES",
-        help="ControlNets to serve too, comma-separated: canny, depth (as FASTSD_CONTROLNETS; default none)",
-    )
-    parser.add_argument(
-        "--no-safety-checker",
-        dest="safety_checker",
-        action="store_false",
-        help="leave the safety checkers out and serve unchecked (FASTSD_SAFETY_CHECKER=off): private deployments",
     )
     parser.add_argument("--project", type=Path, default=PROJECT_ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -131,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastsd.errors import ConfigurationError
 
     try:
-        variant = variants.get_variant(args.variant).with_controlnets(variants.controlnets_from(args.controlnet))
-        variant = variant.with_safety_checker(args.safety_checker)
+        variant = cli.deployment(variants.get_variant(args.variant), args)
         cog_path = args.project / "cog.yaml"
         cog_yaml = set_cog_variant(cog_path.read_text(), variant.name, variant.controlnets, variant.safety_checker)
     except (ConfigurationError, ValueError) as error:

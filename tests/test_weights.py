@@ -565,6 +565,27 @@ def test_select_variant_writes_dockerignore_and_cog_yaml(tmp_path):
     assert [p for p in left_out if not dockerignore_excludes(patterns, p)] == []
 
 
+def test_select_variant_bakes_the_safety_checkers_unless_told_not_to(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "cog.yaml").write_text((PROJECT_ROOT / "cog.yaml").read_text())
+    checker = f"weights/{variants.SAFETY_CHECKER_REPO}/safety_checker/model.fp16.safetensors"
+    classifier = f"weights/{variants.NSFW_CLASSIFIER_REPO}/model.safetensors"
+    sd15_unet = f"weights/{variants.SAFETY_CHECKER_REPO}/unet/diffusion_pytorch_model.fp16.safetensors"
+
+    def patterns() -> list[str]:
+        lines = (project / ".dockerignore").read_text().splitlines()
+        return [line for line in lines if line and not line.startswith("#")]
+
+    assert select_variant.main(["sd-turbo", "--project", str(project)]) == 0
+    assert "  - FASTSD_SAFETY_CHECKER=on\n" in (project / "cog.yaml").read_text()
+    assert not dockerignore_excludes(patterns(), checker) and not dockerignore_excludes(patterns(), classifier)
+    assert dockerignore_excludes(patterns(), sd15_unet)  # the rest of the SD1.5 repo stays out
+    assert select_variant.main(["sd-turbo", "--no-safety-checker", "--project", str(project)]) == 0
+    assert "  - FASTSD_SAFETY_CHECKER=off\n" in (project / "cog.yaml").read_text()
+    assert dockerignore_excludes(patterns(), checker) and dockerignore_excludes(patterns(), classifier)
+
+
 def test_select_variant_bakes_only_the_files_a_preset_takes_from_shared_folders(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
