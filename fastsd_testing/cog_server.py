@@ -152,3 +152,22 @@ class CogServer:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+def ready_server(environment: dict[str, str], log_path: Path):
+    """A CogServer that has finished setup (else the log's end is the failure), stopped after use:
+    `yield from ready_server(...)` in a pytest fixture."""
+    server = CogServer(environment, log_path)
+    try:
+        assert server.wait_for_setup()["status"] == "READY", log_path.read_text()[-3000:]
+        yield server
+    finally:
+        server.stop()
+
+
+def output_pixels(response: dict) -> list:
+    """The images of a successful prediction, as int arrays (RGB), to compare pixel by pixel."""
+    import numpy as np
+
+    assert response["status"] == "succeeded", response.get("error")
+    return [np.asarray(decode_output(uri)[1].convert("RGB"), dtype=int) for uri in response["output"]]

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from fastsd_testing.cog_server import CogServer, declared_concurrency, decode_output
+from fastsd_testing.cog_server import declared_concurrency, output_pixels, ready_server
 
 SMALL = dict(width=64, height=64, output_format="png")
 
@@ -20,17 +20,10 @@ SMALL = dict(width=64, height=64, output_format="png")
 @pytest.fixture(scope="module")
 def server(weights_root, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("logs") / "concurrency.log"
-    cog = CogServer({"FASTSD_VARIANT": "sd-turbo", "FASTSD_WEIGHTS_ROOT": str(weights_root)}, log_path)
-    try:
-        assert cog.wait_for_setup()["status"] == "READY", log_path.read_text()[-3000:]
-        yield cog
-    finally:
-        cog.stop()
+    yield from ready_server({"FASTSD_VARIANT": "sd-turbo", "FASTSD_WEIGHTS_ROOT": str(weights_root)}, log_path)
 
 
-def pixels(response: dict) -> list[np.ndarray]:
-    assert response["status"] == "succeeded", response.get("error")
-    return [np.asarray(decode_output(uri)[1].convert("RGB"), dtype=int) for uri in response["output"]]
+pixels = output_pixels
 
 
 def test_the_image_declares_several_slots():

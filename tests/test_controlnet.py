@@ -13,7 +13,7 @@ from PIL import Image
 
 from fastsd import images, variants
 from fastsd.engine import Engine
-from fastsd_testing.cog_server import CogServer, data_uri, decode_output
+from fastsd_testing.cog_server import CogServer, data_uri, output_pixels, ready_server
 
 SIZE = (96, 64)
 
@@ -44,17 +44,10 @@ def server(request, weights_root, tmp_path_factory):
         "FASTSD_WEIGHTS_ROOT": str(weights_root),
         "FASTSD_CONTROLNETS": "canny,depth",
     }
-    cog = CogServer(environment, log_path)
-    try:
-        assert cog.wait_for_setup()["status"] == "READY", log_path.read_text()[-3000:]
-        yield cog
-    finally:
-        cog.stop()
+    yield from ready_server(environment, log_path)
 
 
-def outputs(response: dict) -> list[np.ndarray]:
-    assert response["status"] == "succeeded", response.get("error")
-    return [np.asarray(decode_output(uri)[1].convert("RGB"), dtype=int) for uri in response["output"]]
+outputs = output_pixels
 
 
 def test_setup_loads_the_controlnets_asked_for(server):

@@ -14,7 +14,7 @@ from PIL import Image
 from fastsd import images, variants
 from fastsd.engine import Engine
 from fastsd.tasks import Task
-from fastsd_testing.cog_server import CogServer, data_uri, decode_output
+from fastsd_testing.cog_server import data_uri, output_pixels, ready_server
 
 SIZE = (96, 64)  # width, height: multiples of 8, small for the tiny models
 
@@ -42,17 +42,10 @@ FAR[8:48, 16:72] = False  # more than 8 px from the white box below: must come b
 @pytest.fixture(scope="module", params=["sd-turbo", "sd15-lcm", "sdxl-turbo"])
 def server(request, weights_root, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("logs") / f"inpaint-{request.param}.log"
-    cog = CogServer({"FASTSD_VARIANT": request.param, "FASTSD_WEIGHTS_ROOT": str(weights_root)}, log_path)
-    try:
-        assert cog.wait_for_setup()["status"] == "READY", log_path.read_text()[-3000:]
-        yield cog
-    finally:
-        cog.stop()
+    yield from ready_server({"FASTSD_VARIANT": request.param, "FASTSD_WEIGHTS_ROOT": str(weights_root)}, log_path)
 
 
-def outputs(response: dict) -> list[np.ndarray]:
-    assert response["status"] == "succeeded", response.get("error")
-    return [np.asarray(decode_output(uri)[1].convert("RGB"), dtype=int) for uri in response["output"]]
+outputs = output_pixels
 
 
 def test_the_pixels_the_mask_keeps_come_back_unchanged(server):

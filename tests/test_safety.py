@@ -10,7 +10,7 @@ from fastsd import layout, provision, variants
 from fastsd.engine import Engine
 from fastsd.errors import ContentWithheld
 from fastsd_testing import random_models
-from fastsd_testing.cog_server import CogServer, decode_output
+from fastsd_testing.cog_server import decode_output, ready_server
 
 SMALL = dict(prompt="a lighthouse at dusk", seed=7, width=64, height=64)
 CHECKER_FOLDER = layout.Source(layout.SAFETY_CHECKER, variants.SAFETY_CHECKER_REPO).relative_folder
@@ -32,21 +32,16 @@ def checked_root(weights_root, folder, flags: str | None, verdict: str | None):
     return folder
 
 
-def start(root, tmp_path_factory, **environment) -> CogServer:
+def start(root, tmp_path_factory, **environment):
+    """A ready sd-turbo server on root's weights (a generator: stopped when closed)."""
     log_path = tmp_path_factory.mktemp("logs") / "safety.log"
-    server = CogServer({"FASTSD_VARIANT": "sd-turbo", "FASTSD_WEIGHTS_ROOT": str(root), **environment}, log_path)
-    state = server.wait_for_setup()
-    if state["status"] != "READY":
-        server.stop()
-        raise AssertionError(log_path.read_text()[-3000:])
-    return server
+    environment = {"FASTSD_VARIANT": "sd-turbo", "FASTSD_WEIGHTS_ROOT": str(root), **environment}
+    return ready_server(environment, log_path)
 
 
 def serving(weights_root, tmp_path_factory, flags: str, verdict: str):
     root = checked_root(weights_root, tmp_path_factory.mktemp(f"{flags}-{verdict}"), flags, verdict)
-    server = start(root, tmp_path_factory)
-    yield server
-    server.stop()
+    yield from start(root, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +110,8 @@ def test_an_image_the_classifier_calls_nsfw_but_the_checker_passes_is_returned(l
 
 def test_safety_checking_off_loads_nothing_and_warns(weights_root, tmp_path_factory):
     root = checked_root(weights_root, tmp_path_factory.mktemp("off"), None, None)
-    server = start(root, tmp_path_factory, FASTSD_SAFETY_CHECKER="off")
+    running = start(root, tmp_path_factory, FASTSD_SAFETY_CHECKER="off")
+    server = next(running)
     try:
         response = server.predict(**SMALL)
         assert response["status"] == "succeeded", response.get("error")
@@ -123,7 +119,7 @@ def test_safety_checking_off_loads_nothing_and_warns(weights_root, tmp_path_fact
         assert "safety checking is off (FASTSD_SAFETY_CHECKER=off)" in log
         assert "safety checking is off on this deployment: 1 image(s) returned unchecked" in log
     finally:
-        server.stop()
+        running.close()  # stops the server
 
 
 def test_a_missing_checker_stops_setup_with_the_command_that_fetches_it(weights_root, tmp_path, monkeypatch):
