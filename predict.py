@@ -41,7 +41,7 @@ class Predictor(BaseRunner):
         ),
         image: Path | None = Input(
             default=None,
-            description="A starting image (PNG, JPEG or WebP) for image-to-image. Without width and height the "
+            description="A starting image (PNG, JPEG, WebP, GIF, BMP or TIFF) for image-to-image. Without width and height the "
             "output keeps its size, rounded to a multiple of 8. Transparent pixels (with no mask) are filled in: "
             "outpainting.",
         ),

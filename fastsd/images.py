@@ -41,7 +41,7 @@ def open_input_image(path: Path | str, name: str = "image") -> Image.Image:
     try:
         size = path.stat().st_size
     except OSError:
-        raise InputError(f"{name} could not be read; send a PNG, JPEG or WebP file or URL.") from None
+        raise InputError(f"{name} could not be read; send a PNG, JPEG, WebP, GIF, BMP or TIFF file or URL.") from None
     if size > MAX_INPUT_BYTES:
         # Cog decoded the data URI or download before run(): hand that memory back, then refuse.
         release_unused_memory()
@@ -63,7 +63,7 @@ def open_input_image(path: Path | str, name: str = "image") -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, InputError):
             raise
-        raise InputError(f"{name} is not a readable image file; send a PNG, JPEG or WebP image.") from None
+        raise InputError(f"{name} is not a readable image file; send a PNG, JPEG, WebP, GIF, BMP or TIFF image.") from None
     return decoded
 
 
