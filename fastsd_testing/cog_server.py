@@ -1,4 +1,11 @@
-"""The real Cog HTTP server (coglet), started the way the image starts it, for tests and benchmarks.
+"""The real Cog HTTP server (coglet), started the way the image starts it: for `scripts/serve`, the
+tests and the benchmarks (one launcher for all three).
+
+As the image does: this interpreter for the worker (coglet spawns it as plain `python`, which on
+a machine whose first `python` is another one never becomes READY), the slots predict.py declares
+(`cog build` bakes them in as COG_MAX_CONCURRENCY; a bare server would have 1), and the port.
+
+    .venv/bin/python -m fastsd_testing.cog_server --port 5000     (scripts/serve runs this)
 
 Standard library only, so the benchmark runs on a bare GPU machine with nothing to install beyond
 the wheels it carries.
@@ -6,6 +13,7 @@ the wheels it carries.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import base64
 import io
@@ -71,6 +79,19 @@ def declared_concurrency(predict_py: Path = PROJECT_ROOT / "predict.py") -> int:
     return 1
 
 
+def server_command(host: str = "127.0.0.1") -> list[str]:
+    return [sys.executable, "-m", "cog.server.http", "--host", host]
+
+
+def server_environment(port: int, scratch: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the image's server runs with: predict.py's runner, its declared slots (unless
+    COG_MAX_CONCURRENCY is given), the port, and this interpreter as the worker's `python`."""
+    environment = dict(os.environ, **(env or {}), PORT=str(port), COG_PREDICT_TYPE_STUB="predict.py:Predictor")
+    environment.setdefault("COG_MAX_CONCURRENCY", str(declared_concurrency()))
+    environment["PATH"] = f"{_python_folder(scratch)}{os.pathsep}{environment.get('PATH', '')}"
+    return environment
+
+
 class CogServer:
     """`python -m cog.server.http` on a free loopback port, with the given environment, and the
     prediction slots a built image would have."""
@@ -78,15 +99,12 @@ class CogServer:
     def __init__(self, env: dict[str, str], log_path: Path):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        environment = dict(os.environ, **env, PORT=str(self.port), COG_PREDICT_TYPE_STUB="predict.py:Predictor")
-        environment.setdefault("COG_MAX_CONCURRENCY", str(declared_concurrency()))
-        environment["PATH"] = f"{_python_folder(log_path.parent)}{os.pathsep}{environment.get('PATH', '')}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            server_command(),
             cwd=PROJECT_ROOT,
-            env=environment,
+            env=server_environment(self.port, log_path.parent, env),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -141,6 +159,36 @@ class CogServer:
             raise RuntimeError(f"POST /predictions answered {status}: {answer}")
         return answer
 
+    def predict_retrying(self, prediction_id: str | None = None, attempts: int = 100, **inputs) -> dict:
+        """One prediction as docs/serving.md tells clients to send it: Cog 0.23 can answer 409 to
+        requests that arrive at the same instant even with slots free, so a 409 is retried."""
+        for _ in range(attempts):
+            status, answer = self.post(inputs, prediction_id)
+            if status != 409:
+                break
+            time.sleep(0.01)
+        if status != 200:
+            raise RuntimeError(f"POST /predictions answered {status}: {answer}")
+        return answer
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def wait_for_log(self, needles: list[str], since: int = 0, timeout: float = 120) -> None:
+        """Until every needle is in the server's log after byte `since` (log_size() before sending):
+        the worker logs each request as it joins fastsd's queue."""
+        deadline = time.monotonic() + timeout
+
+        def logged() -> str:
+            with open(self.log_path, "rb") as log:
+                log.seek(since)
+                return log.read().decode(errors="replace")
+
+        while not all(needle in logged() for needle in needles):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not logged after {timeout} s: {needles}")
+            time.sleep(0.02)
+
     def cancel(self, prediction_id: str) -> int:
         return self._request("POST", f"/predictions/{prediction_id}/cancel", {})[0]
 
@@ -171,3 +219,30 @@ def output_pixels(response: dict) -> list:
 
     assert response["status"] == "succeeded", response.get("error")
     return [np.asarray(decode_output(uri)[1].convert("RGB"), dtype=int) for uri in response["output"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Serve predict.py with the Cog HTTP server, as the image does (POST /predictions)."
+    )
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "5000")), help="default 5000")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only); 0.0.0.0 listens on every address"
+    )
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be from 1 to 65535, got {args.port}")
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "fastsd-serve"
+    environment = server_environment(args.port, scratch)
+    print(
+        f"fastsd: serving predict.py on http://{args.host}:{args.port} with {environment['COG_MAX_CONCURRENCY']} "
+        "slots; READY at /health-check once setup is done (Ctrl-C stops it)",
+        flush=True,
+    )
+    os.chdir(PROJECT_ROOT)
+    os.execvpe(server_command(args.host)[0], server_command(args.host), environment)
+    return 0  # not reached: the server replaces this process
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,6 @@ images, cancellation that touches nothing else."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,13 +37,44 @@ def test_back_to_back_requests_are_never_refused(server):
         assert response["status"] == "succeeded", (i, response.get("error"))
 
 
+def _hold_the_worker(server, results: dict) -> tuple[threading.Thread, str]:
+    """A long request (many steps at a larger size) that the worker is running, so that what is
+    sent next waits in fastsd's queue: whatever the timing, it is there when the worker is free."""
+    held = str(uuid.uuid4())
+
+    def long_request():
+        results["held"] = server.predict_retrying(
+            held, prompt="a long one", seed=1, num_inference_steps=50, width=512, height=512
+        )
+
+    since = server.log_size()
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    server.wait_for_log(["seed 1, 50 step(s)"], since)
+    return thread, held
+
+
+def _logged(request: dict) -> str:
+    """What the worker logs for a request as it joins the queue."""
+    return f"seed {request['seed']}, 1 step(s)"
+
+
 def test_concurrent_requests_each_get_their_own_images(server):
     requests = [dict(prompt=f"a red kite number {i}", seed=100 + i, num_outputs=1 + i % 3, **SMALL) for i in range(8)]
     alone = [pixels(server.predict(**request)) for request in requests]
+    results: dict = {}
+    holder, held = _hold_the_worker(server, results)
+    since = server.log_size()
     with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-        together = list(pool.map(lambda request: server.predict(**request), requests))
+        pending = [pool.submit(lambda request: server.predict_retrying(**request), request) for request in requests]
+        server.wait_for_log([_logged(request) for request in requests], since)  # all eight queued
+        assert server.cancel(held) == 200
+        together = [future.result() for future in pending]
+    holder.join(timeout=60)
+    assert results["held"]["status"] == "canceled"
     batch_sizes = [response["metrics"]["batch_size"] for response in together]
-    assert max(batch_sizes) > 1, batch_sizes  # the model ran requests together
+    # Queued together, they ran together: 15 images in calls of up to 8 (the batch budget).
+    assert max(batch_sizes) > 1 and max(batch_sizes) <= 8, batch_sizes
     for request, expected, response in zip(requests, alone, together, strict=True):
         got = pixels(response)
         assert len(got) == request["num_outputs"]
@@ -60,24 +90,16 @@ def test_concurrent_requests_each_get_their_own_images(server):
 def test_a_canceled_request_leaves_the_others_untouched(server):
     others = [dict(prompt=f"a boat {i}", seed=200 + i, **SMALL) for i in range(3)]
     expected = [pixels(server.predict(**request)) for request in others]
-    doomed = str(uuid.uuid4())
     results: dict = {}
-
-    def long_request():  # many steps at a larger size: it is still running when the cancel comes
-        results["slow"] = server.predict(
-            doomed, prompt="a long one", seed=1, num_inference_steps=50, width=512, height=512
-        )
-
-    slow = threading.Thread(target=long_request)
-    slow.start()
-    time.sleep(0.3)
+    holder, doomed = _hold_the_worker(server, results)
+    since = server.log_size()
     with ThreadPoolExecutor(max_workers=len(others)) as pool:
-        pending = [pool.submit(server.predict, **request) for request in others]
-        time.sleep(0.2)
+        pending = [pool.submit(lambda request: server.predict_retrying(**request), request) for request in others]
+        server.wait_for_log([_logged(request) for request in others], since)
         assert server.cancel(doomed) == 200
         answers = [future.result() for future in pending]
-    slow.join(timeout=60)
-    assert results["slow"]["status"] == "canceled"
+    holder.join(timeout=60)
+    assert results["held"]["status"] == "canceled"
     for want, answer in zip(expected, answers, strict=True):
         for a, b in zip(want, pixels(answer), strict=True):
             assert np.abs(a - b).max() <= 2
