@@ -30,6 +30,33 @@ from .variants import ARCHITECTURE_NAMES, FULL_VAE, SDXL, TINY_VAE, HubFile, Lor
 
 log = logging.getLogger(__name__)
 
+# Library messages that say nothing true about these models, printed on every start: diffusers 0.42
+# warns of fp32 modules when the list is empty, and about a key its own AutoencoderTiny writes into
+# config.json; the turbo repos' schedulers keep steps_offset 0, which only "leading" spacing reads.
+_NOISE = ("should be kept in float32: [].", "were passed to AutoencoderTiny, but are not expected")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in _NOISE)
+
+
+def quiet_library_noise() -> None:
+    """Keep a server's log to what matters: no loading progress bars, none of the messages above."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("diffusers.models.modeling_utils", "diffusers.configuration_utils"):
+        library_log = logging.getLogger(name)
+        if not any(isinstance(known, _DropNoise) for known in library_log.filters):
+            library_log.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message=r"(?s).*`steps_offset` should be set to 1", category=FutureWarning)
+
 
 # The diffusers pipeline class of each task, with and without a ControlNet, for SD 1.x/2.x and
 # for SDXL. Image-to-image goes through the auto pipeline, which knows the LCM pipelines; the others
@@ -278,6 +305,7 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
     if device is None:
         device, dtype = select_device()
     require_weights(variant)
+    quiet_library_noise()
     started = time.perf_counter()
     recipe = variant.recipe
     folder = model_folder(variant.model)

@@ -22,6 +22,7 @@ import torch
 from fastsd import layout as disk
 from fastsd import variants
 from fastsd.layout import Source
+from fastsd.pipelines import quiet_library_noise
 
 TINY = "tiny"
 FULL = "full"
@@ -287,7 +288,10 @@ def _safety_components(size: str) -> dict:
         )
     )
     config = CLIPConfig(
-        text_config=dict(tiny, vocab_size=99), vision_config=vision, projection_dim=32 if size == TINY else 768
+        # The checker reads only images; its text tower's special tokens must still be in its vocabulary.
+        text_config=dict(tiny, vocab_size=99, bos_token_id=97, eos_token_id=98, pad_token_id=1),
+        vision_config=vision,
+        projection_dim=32 if size == TINY else 768,
     )
     processor = CLIPImageProcessor(crop_size=vision["image_size"], size=vision["image_size"])
     return {"safety_checker": StableDiffusionSafetyChecker(config).eval(), "feature_extractor": processor}
@@ -596,9 +600,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", nargs="+", help="variant names (see fastsd.variants)")
     parser.add_argument("--size", choices=(TINY, FULL), default=TINY)
-    parser.add_argument("--root", type=Path, default=disk.PROJECT_ROOT)
+    parser.add_argument(
+        "--root", type=Path, default=disk.weights_root(), help="default: FASTSD_WEIGHTS_ROOT, else the project folder"
+    )
     parser.add_argument("--fp16-only", action="store_true", help="only the fp16 files, as download_weights.py fetches")
     args = parser.parse_args()
+    import diffusers
+    import transformers
+
+    # Random weights in tiny configs: the libraries' advice about them is noise on a newcomer's screen.
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    quiet_library_noise()
     for name in args.variant:
         build_variant(variants.get_variant(name), args.root, args.size, fp16_only=args.fp16_only)
         print(f"built {name} ({args.size}) under {args.root}")

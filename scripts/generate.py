@@ -1,8 +1,8 @@
 """Make images from the command line, without Docker or Cog: the same engine and checks as the server.
 
-    python scripts/generate.py "a lighthouse at dawn"                      # sd-turbo, 512x512 webp
-    python scripts/generate.py "a watercolour fox" --variant sdxl-lcm --num-outputs 2 --seed 7
-    python scripts/generate.py "a red barn at night" --image barn.jpg --strength 0.6
+    .venv/bin/python scripts/generate.py "a lighthouse at dawn"                # sd-turbo, 512x512 webp
+    .venv/bin/python scripts/generate.py "a watercolour fox" --variant sdxl-lcm --num-outputs 2 --seed 7
+    .venv/bin/python scripts/generate.py "a red barn at night" --image barn.jpg --strength 0.6
 
 Images are written to outputs/ (or --out). The variant comes from --variant, else FASTSD_VARIANT.
 """
@@ -59,6 +59,13 @@ def main() -> int:
         )
     except (ConfigurationError, InputError) as error:
         print(f"error: {error}", file=sys.stderr)
+        if "are missing" in str(error):
+            variant = os.environ.get("FASTSD_VARIANT", "sd-turbo")
+            print(
+                f"No hub access? `.venv/bin/python -m fastsd_testing.random_models {variant}` writes a tiny "
+                "random-weight model in the real layout, to try every command (its images are noise).",
+                file=sys.stderr,
+            )
         return 2
     result = engine.generate(request)
     args.out.mkdir(parents=True, exist_ok=True)
