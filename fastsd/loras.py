@@ -81,6 +81,10 @@ def resolve(name: str, reference: str) -> LoraFile:
     reference = reference.strip()
     if not reference:
         raise InputError(f"{name} is empty: give an https URL of a .safetensors file or a Hugging Face repo id.")
+    if "://" in reference:
+        # The URL rules before the cache: a file fetched where they were lifted (FASTSD_ALLOW_PRIVATE_URLS)
+        # or while the host's addresses were public is served only if it could be fetched now.
+        remote.check(name, reference)
     folder = cache_folder() / hashlib.sha256(reference.encode()).hexdigest()[:32]
     with _cache_lock:
         fetching = _fetching.setdefault(folder.name, threading.Lock())
