@@ -1,0 +1,86 @@
+"""`python -m fastsd.realtime`: the realtime page and websocket, on the engine the Cog image serves.
+
+    python -m fastsd.realtime                          # http://127.0.0.1:8000, FASTSD_VARIANT's model
+    python -m fastsd.realtime --variant sdxl-turbo --port 8080
+    FASTSD_REALTIME_TOKEN=... python -m fastsd.realtime --host 0.0.0.0      # any other address: a token
+    python -m fastsd.realtime --backend http://localhost:5000               # render through a Cog server
+
+The model comes from the same environment variables as the Cog image (FASTSD_VARIANT, FASTSD_MODEL,
+FASTSD_SAFETY_CHECKER, FASTSD_WEIGHTS_URL, ...). docs/realtime.md has the protocol and the limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import uvicorn
+
+from ..errors import ConfigurationError
+from ..variants import DEFAULT_VARIANT, get_variant
+from .app import create_app
+from .settings import Access, Limits
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fastsd.realtime", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--variant", help="the preset to load, as FASTSD_VARIANT (default: that variable, or sd-turbo)")
+    parser.add_argument(
+        "--backend",
+        metavar="URL",
+        help="render through a Cog HTTP server (http://localhost:5000) or a Replicate predictions URL instead "
+        "of loading the model here; its token from FASTSD_REALTIME_BACKEND_TOKEN or REPLICATE_API_TOKEN",
+    )
+    for name, kind, text in (
+        ("max-connections", int, "websockets served at once (default 8)"),
+        ("max-frame-bytes", int, "bytes of one frame (default 2 MiB)"),
+        ("max-frame-pixels", int, "pixels of one frame (default 4194304)"),
+        ("max-messages-per-second", float, "messages per connection and second (default 60)"),
+        ("idle-timeout", float, "seconds without a message before a connection is closed (default 300)"),
+    ):
+        variable = f"FASTSD_REALTIME_{name.replace('-', '_').upper()}"
+        parser.add_argument(f"--{name}", type=kind, help=f"{text}; or {variable}")
+    return parser.parse_args(argv)
+
+
+def build_backend(args: argparse.Namespace):
+    from .backend import CogBackend, EngineBackend
+
+    if args.variant:
+        os.environ["FASTSD_VARIANT"] = args.variant
+    if args.backend:
+        return CogBackend(args.backend, get_variant(os.environ.get("FASTSD_VARIANT", "").strip() or DEFAULT_VARIANT))
+    from ..batching import Batcher
+    from ..engine import Engine
+
+    engine = Engine.from_environment()
+    return EngineBackend(engine, Batcher(engine))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    args = parse_arguments(argv)
+    try:
+        limits = Limits.from_environment(
+            max_connections=args.max_connections,
+            max_frame_bytes=args.max_frame_bytes,
+            max_frame_pixels=args.max_frame_pixels,
+            max_messages_per_second=args.max_messages_per_second,
+            idle_timeout=args.idle_timeout,
+        )
+        access = Access.for_host(args.host)  # before loading a model: a missing token fails at once
+        backend = build_backend(args)
+    except ConfigurationError as error:
+        sys.exit(f"fastsd.realtime: {error}")
+    app = create_app(backend, limits, access)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    logging.info("realtime page: http://%s:%d/%s", shown, args.port, "?token=..." if access.token else "")
+    uvicorn.run(app, host=args.host, port=args.port, ws_max_size=limits.max_message_bytes, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

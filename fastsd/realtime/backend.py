@@ -1,0 +1,245 @@
+"""Where the realtime server's images come from: the engine in this process, shared by every client
+through the batcher, or a Cog HTTP server (a local container, a Replicate model or deployment).
+
+Both take the same arguments (the Cog inputs' names) and give back one encoded image; a session
+(fastsd.realtime.session) asks for at most one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx2
+
+from .. import images
+from ..batching import Batcher
+from ..engine import Engine
+from ..errors import ContentWithheld, InputError
+from ..variants import FULL_VAE, TINY_VAE, Variant
+
+# What a client may set (Cog's input names); "image" is set by binary frames, or cleared with null.
+PARAMETERS = (
+    "prompt",
+    "negative_prompt",
+    "image",
+    "strength",
+    "num_inference_steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "seed",
+    "output_format",
+    "output_quality",
+)
+OUTPUT_FORMATS = {"jpg": "image/jpeg", "webp": "image/webp"}
+# Cog puts its own words before fastsd's sentence: "Prediction failed: ... InputError: strength must ...".
+_COG_ERROR = re.compile(r"(?:InputError|ContentWithheld): (?P<sentence>.*)$", re.DOTALL)
+WITHHELD_NOTICE = "The safety checker withheld this image; the previous one stays."
+
+
+def field_of(message: str) -> str | None:
+    """The input an error message is about: fastsd's messages start with its name."""
+    first = message.split(" ", 1)[0].strip(".,:")
+    return first if first in PARAMETERS or first in ("vae", "mask") else None
+
+
+@dataclass
+class Rendered:
+    payload: bytes
+    mime: str
+    seed: int
+    batch_size: int = 1
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds: queue, inference, encode
+
+
+@dataclass(frozen=True)
+class Passes:
+    """The fast pass (while the input changes) and the refined one (once it rests): the variant's
+    default steps and VAE for the refined pass, and for the fast one half the steps (at least one)
+    with the tiny autoencoder where it is installed. When that is no cheaper (a 1-step turbo model
+    whose default already is the tiny VAE), the refined pass decodes with the full VAE instead."""
+
+    fast_steps: int
+    fast_vae: str
+    refined_steps: int
+    refined_vae: str
+    max_steps: int
+    scales_with_strength: bool  # image-to-image keeps the step count at any strength (fastsd.inputs)
+
+    @classmethod
+    def for_variant(cls, variant: Variant, vae_choices: tuple[str, ...] = (FULL_VAE, TINY_VAE)) -> Passes:
+        default_vae = variant.default_vae if variant.default_vae in vae_choices else FULL_VAE
+        fast_vae = TINY_VAE if TINY_VAE in vae_choices else default_vae
+        fast_steps = max(1, variant.num_inference_steps // 2)
+        refined_vae = default_vae
+        if (fast_steps, fast_vae) == (variant.num_inference_steps, default_vae):
+            refined_vae = FULL_VAE
+        return cls(
+            fast_steps,
+            fast_vae,
+            variant.num_inference_steps,
+            refined_vae,
+            variant.max_steps,
+            not variant.recipe.scheduler.timesteps,
+        )
+
+    def arguments(self, params: dict[str, Any], has_image: bool, refined: bool) -> dict[str, Any]:
+        """The Cog inputs for a pass: the client's parameters with the pass's steps and VAE. Steps the
+        client chose stay; the refined pass then differs by the full VAE."""
+        arguments = {name: value for name, value in params.items() if name != "image"}
+        steps = params.get("num_inference_steps")
+        if steps is None:
+            steps = self.refined_steps if refined else self.fast_steps
+            strength = params.get("strength", 0.8)
+            if has_image and self.scales_with_strength and isinstance(strength, (int, float)) and 0 < strength <= 1:
+                steps = min(self.max_steps, math.ceil(steps / strength - 1e-9))
+            vae = self.refined_vae if refined else self.fast_vae
+        else:
+            vae = FULL_VAE if refined else self.fast_vae
+        arguments.update(num_inference_steps=steps, vae=vae)
+        return arguments
+
+
+def _frame_folder() -> Path:
+    """Frames go through a file (fastsd.inputs reads image files): in memory where Linux offers it."""
+    shared = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix="fastsd-realtime-", dir=shared if shared.is_dir() else None))
+
+
+class EngineBackend:
+    """The engine in this process; every client's requests go through one batcher, so frames of
+    several clients with one batch key run in one pipeline call."""
+
+    def __init__(self, engine: Engine, batcher: Batcher):
+        self.engine, self.batcher = engine, batcher
+        self.variant = engine.variant
+        self.passes = Passes.for_variant(engine.variant, engine.pipelines.vae_choices)
+        self.description = f"{engine.variant.name} in process on {engine.pipelines.device}"
+        self._frames = _frame_folder()
+
+    def _validate(self, arguments: dict[str, Any], image: bytes | None):
+        if image is None:
+            return self.engine.validate(**arguments)
+        with tempfile.NamedTemporaryFile(dir=self._frames, suffix=".frame") as frame:
+            frame.write(image)
+            frame.flush()
+            return self.engine.validate(**arguments, image=Path(frame.name))
+
+    async def render(self, arguments: dict[str, Any], image: bytes | None, queued: Callable[[], None]) -> Rendered:
+        request = await asyncio.to_thread(self._validate, arguments, image)
+        job = self.batcher.submit(request)
+        queued()
+        try:
+            result = await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            self.batcher.cancel(job)  # queued: it leaves the queue; running: its call may stop early
+            raise
+        if not result.images:
+            raise ContentWithheld(WITHHELD_NOTICE)
+        started = time.perf_counter()
+        image, quality = result.images[0], request.output_quality
+        payload = await asyncio.to_thread(images.encode, image, request.output_format, quality)
+        return Rendered(
+            payload,
+            OUTPUT_FORMATS[request.output_format],
+            result.seed,
+            result.batch_size,
+            {
+                "queue_ms": result.timings["queue_time"] * 1000,
+                "inference_ms": result.inference_time * 1000,
+                "encode_ms": (time.perf_counter() - started) * 1000,
+            },
+        )
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.batcher.close)
+
+
+def _image_mime(payload: bytes) -> str:
+    if payload.startswith(b"\x89PNG"):
+        return "image/png"
+    if payload[:4] == b"RIFF" and payload[8:12] == b"WEBP":
+        return "image/webp"
+    return "image/jpeg"
+
+
+class CogBackend:
+    """A Cog HTTP server: POST /predictions, synchronous (`Prefer: wait`), the input image as a data
+    URI. url: a Cog server (http://localhost:5000) or a predictions endpoint (Replicate's
+    https://api.replicate.com/v1/models/OWNER/NAME/predictions, or a deployment's), with the token
+    from the server's environment, never the page's. A canceled render drops its request, which
+    cancels a local Cog server's prediction."""
+
+    TOKEN_ENVS = ("FASTSD_REALTIME_BACKEND_TOKEN", "REPLICATE_API_TOKEN")
+
+    def __init__(self, url: str, variant: Variant, token: str | None = None, timeout: float = 120):
+        trimmed = url.rstrip("/")
+        self.endpoint = trimmed if trimmed.endswith("/predictions") else f"{trimmed}/predictions"
+        self.variant = variant
+        self.passes = Passes.for_variant(variant)
+        self.description = f"{variant.name} through {self.endpoint}"
+        token = token or next((os.environ[name] for name in self.TOKEN_ENVS if os.environ.get(name)), None)
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx2.AsyncClient(timeout=timeout)
+
+    async def render(self, arguments: dict[str, Any], image: bytes | None, queued: Callable[[], None]) -> Rendered:
+        inputs = {name: value for name, value in arguments.items() if value is not None}
+        if image is not None:
+            inputs["image"] = f"data:{_image_mime(image)};base64,{base64.b64encode(image).decode()}"
+        started = time.perf_counter()
+        queued()
+        response = await self._client.post(
+            self.endpoint, json={"input": inputs}, headers={"Prefer": "wait", **self._auth}
+        )
+        answer = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+        if response.status_code == 422:  # the schema refused an input: {"detail": [{"loc": [..., name], "msg"}]}
+            detail = (answer.get("detail") or [{}])[0]
+            name = (detail.get("loc") or ["input"])[-1]
+            raise InputError(f"{name}: {detail.get('msg', 'not accepted')}.")
+        if response.status_code >= 400:
+            raise RuntimeError(f"the backend answered {response.status_code}: {response.text[:200]}")
+        status, error = answer.get("status"), answer.get("error") or ""
+        if status == "failed" and "safety checker withheld" in error:
+            raise ContentWithheld(WITHHELD_NOTICE)
+        if status == "failed":
+            sentence = found["sentence"] if (found := _COG_ERROR.search(error)) else error
+            raise (InputError if field_of(sentence) else RuntimeError)(sentence)
+        if status != "succeeded":
+            raise RuntimeError(f"the backend's prediction is {status} (not finished while waiting)")
+        payload = await self._output_bytes(answer["output"][0])
+        metrics = answer.get("metrics") or {}
+        seconds = (time.perf_counter() - started) * 1000
+        return Rendered(
+            payload,
+            _image_mime(payload),
+            int(metrics.get("seed", arguments.get("seed") or 0)),
+            int(metrics.get("batch_size", 1)),
+            {
+                "queue_ms": float(metrics.get("queue_time", 0)) * 1000,
+                "inference_ms": float(metrics.get("inference_time", metrics.get("predict_time", 0))) * 1000,
+                "backend_ms": seconds,
+            },
+        )
+
+    async def _output_bytes(self, output: str) -> bytes:
+        if output.startswith("data:"):
+            return base64.b64decode(output.split(",", 1)[1])
+        # A file URL (Replicate): the token goes only to the API's own host.
+        same_host = urlsplit(output).netloc == urlsplit(self.endpoint).netloc
+        response = await self._client.get(output, headers=self._auth if same_host else {})
+        response.raise_for_status()
+        return response.content
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,103 @@
+"""The realtime server's limits and access rules: settings with defaults, read from the environment
+(FASTSD_REALTIME_*) and overridden by the command line."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+from dataclasses import dataclass, fields
+from urllib.parse import urlsplit
+
+from ..errors import ConfigurationError
+
+TOKEN_ENV = "FASTSD_REALTIME_TOKEN"
+ORIGINS_ENV = "FASTSD_REALTIME_ORIGINS"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int = 8  # websockets served at once; one more is told so and closed
+    max_frame_bytes: int = 2 * 1024 * 1024  # one binary frame (a 512x512 JPEG is ~50 KB)
+    max_frame_pixels: int = 4 * 1024 * 1024  # width x height of a frame, read from its header
+    max_messages_per_second: float = 60  # per connection, with a burst of one second's worth (at least 1)
+    idle_timeout: float = 300.0  # seconds without a message from the client before it is closed
+
+    @property
+    def max_message_bytes(self) -> int:
+        """What the websocket layer accepts at all: above the frame limit, so that a frame a little
+        too large gets its error message rather than a closed connection."""
+        return 2 * self.max_frame_bytes + 65536
+
+    @classmethod
+    def from_environment(cls, **overrides) -> Limits:
+        """Each limit from FASTSD_REALTIME_<NAME> (upper case) unless given; the defaults above otherwise."""
+        values = {}
+        for field in fields(cls):
+            given = overrides.get(field.name)
+            text = os.environ.get(f"FASTSD_REALTIME_{field.name.upper()}", "").strip()
+            if given is None and text:
+                try:
+                    given = float(text) if field.type == "float" else int(text)
+                except ValueError:
+                    raise ConfigurationError(
+                        f"FASTSD_REALTIME_{field.name.upper()} must be a number, got {text!r}."
+                    ) from None
+            if given is not None:
+                if given <= 0:
+                    raise ConfigurationError(f"{field.name} must be above 0, got {given}.")
+                values[field.name] = given
+        return cls(**values)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may open the websocket. On a loopback address: pages served from this machine's own
+    names (a page elsewhere must not drive the user's local server, nor a DNS name rebound to it).
+    On any other address: a token as well, and pages from the server's own origin or the listed ones."""
+
+    loopback: bool = True
+    token: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+
+    @classmethod
+    def for_host(cls, host: str, token: str | None = None, origins: str | None = None) -> Access:
+        token = (token if token is not None else os.environ.get(TOKEN_ENV, "")).strip() or None
+        origins = origins if origins is not None else os.environ.get(ORIGINS_ENV, "")
+        allowed = tuple(origin.strip().rstrip("/") for origin in origins.split(",") if origin.strip())
+        loopback = is_loopback(host)
+        if not loopback and token is None:
+            raise ConfigurationError(
+                f"listening on {host} (not a loopback address) needs {TOKEN_ENV}: the token every client must "
+                "give (the page: /?token=...); or listen on 127.0.0.1."
+            )
+        return cls(loopback=loopback, token=token, allowed_origins=allowed)
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        """Host headers the server answers (Starlette's TrustedHostMiddleware)."""
+        return ["localhost", "127.0.0.1", "[::1]"] if self.loopback else ["*"]
+
+    def refusal(self, headers, query_params) -> str | None:
+        """Why a websocket handshake is refused, or None. Browsers always send Origin; a client
+        that sends none is not a page and needs only the token."""
+        origin = headers.get("origin")
+        if origin is not None:
+            own = urlsplit(origin).netloc == headers.get("host", "")
+            if not (own or origin.rstrip("/") in self.allowed_origins):
+                return f"origin {origin} is not allowed (set {ORIGINS_ENV} to allow it)"
+        if self.token is not None:
+            given = query_params.get("token") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                return f"the token is missing or wrong ({TOKEN_ENV}; the page takes it as /?token=...)"
+        return None

@@ -1,0 +1,350 @@
+"""The realtime server's websocket protocol (docs/realtime.md) on the tiny sd-turbo: newest input
+wins, bad input and limits answered, disconnects cancel, clients batched, the Cog HTTP backend.
+
+A slow model is made deterministic with a gate: the real engine, held before each pipeline call
+until the test opens it, so "frames arrive while the model is busy" never depends on timing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+import pytest
+from conftest import load_engine
+from PIL import Image
+from starlette.testclient import TestClient
+from test_safety import checked_root
+
+from fastsd import variants
+from fastsd.batching import Batcher, Canceled
+from fastsd.engine import Engine
+from fastsd.realtime.app import create_app
+from fastsd.realtime.backend import CogBackend, EngineBackend, Passes
+from fastsd.realtime.settings import Access, Limits
+from fastsd_testing import random_models
+from fastsd_testing.cog_server import ready_server
+
+WS = "ws://127.0.0.1/ws"  # a loopback name: the app answers only those on a loopback address
+SMALL = {"type": "params", "prompt": "a kite over the sea", "width": 64, "height": 64, "strength": 0.5}
+
+
+def jpeg(color, size=(64, 64)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class Gate:
+    """Holds every pipeline call of the real engine until opened."""
+
+    def __init__(self, engine: Engine):
+        self.opened = threading.Event()
+        self.opened.set()
+        self._engine, self._real = engine, engine.generate_batch
+
+        def held(*args, **kwargs):
+            assert self.opened.wait(120), "the gate was never opened"
+            return self._real(*args, **kwargs)
+
+        engine.generate_batch = held
+
+    def hold(self):
+        self.opened.clear()
+
+    def open(self):
+        self.opened.set()
+
+    def remove(self):
+        self.opened.set()
+        self._engine.generate_batch = self._real
+
+
+@pytest.fixture(scope="module")
+def engine(weights_root):
+    return load_engine(weights_root, "sd-turbo")
+
+
+@pytest.fixture
+def gate(engine):
+    made = Gate(engine)
+    yield made
+    made.remove()
+
+
+def serve(engine, limits: Limits | None = None, access: Access | None = None) -> TestClient:
+    """A client of a fresh app (its own batcher), on a loopback name the app answers."""
+    backend = EngineBackend(engine, Batcher(engine))
+    return TestClient(create_app(backend, limits, access), base_url="http://127.0.0.1")
+
+
+def receive(ws) -> dict:
+    """The next message; a result comes with its image (the binary message right after it)."""
+    message = json.loads(ws.receive_text())
+    if message["type"] == "result":
+        message["image"] = Image.open(io.BytesIO(ws.receive_bytes()))
+        message["image"].load()
+    return message
+
+
+def until(ws, kind: str, seen: list | None = None) -> dict:
+    """Messages up to the first of a kind; the ones before go into seen."""
+    while (message := receive(ws))["type"] != kind:
+        if seen is not None:
+            seen.append(message)
+    return message
+
+
+def connect(client: TestClient, **headers):
+    ws = client.websocket_connect(WS, headers=headers)
+    session = ws.__enter__()
+    hello = receive(session)
+    assert hello["type"] == "ready", hello
+    return ws, session, hello
+
+
+def wait_for(condition, what: str, timeout: float = 60):
+    """Polls a condition of the server's state (never a timing assumption: it waits for the state)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def stats(ws) -> dict:
+    ws.send_json({"type": "stats"})
+    return until(ws, "stats")
+
+
+def latest(ws) -> dict:
+    """The result of the newest input sent so far (earlier results are passed over)."""
+    ws.send_json({"type": "stats"})
+    seen = []
+    newest = until(ws, "stats", seen)["inputs"]
+    while not (found := [m for m in seen if m["type"] == "result" and m["input"] == newest]):
+        seen.append(receive(ws))
+    return found[0]
+
+
+def test_twenty_frames_at_once_to_a_busy_model_give_fewer_generations_ending_on_the_last(engine, gate):
+    with serve(engine) as client, client.websocket_connect(WS) as ws:
+        assert receive(ws)["type"] == "ready"
+        gate.hold()
+        ws.send_json(SMALL)  # input 1 (text-to-image)
+        for i in range(20):  # inputs 2..21, each a different frame
+            ws.send_bytes(jpeg((10 * i, 200 - 5 * i, 90)))
+        received = stats(ws)  # answered after the server has read every frame before it
+        assert received["inputs"] == 21
+        gate.open()
+        seen = []
+        while not seen or seen[-1]["input"] != 21:
+            seen.append(until(ws, "result"))
+        after = stats(ws)
+        assert len(seen) < 20 and after["generations"] == len(seen)  # at most one in flight + one pending
+        assert after["replaced"] >= 18 and not after["pending"]
+        assert seen[-1]["image"].format == "JPEG" and seen[-1]["image"].size == (64, 64)
+        assert all(result["seed"] == seen[0]["seed"] for result in seen)  # one seed per session
+        assert seen[-1]["latency_ms"] > 0 and seen[-1]["batch_size"] == 1
+
+
+def test_the_fast_pass_and_the_refined_one_differ_as_the_variant_says(engine):
+    passes = Passes.for_variant(engine.variant, engine.pipelines.vae_choices)
+    # sd-turbo: 1 step with the tiny VAE by default, so the refined pass decodes with the full VAE.
+    assert (passes.fast_steps, passes.fast_vae, passes.refined_steps, passes.refined_vae) == (1, "tiny", 1, "full")
+    lcm = Passes.for_variant(variants.VARIANTS["lcm-dreamshaper"])
+    assert (lcm.fast_steps, lcm.fast_vae, lcm.refined_steps, lcm.refined_vae) == (2, "tiny", 4, "full")
+    with serve(engine) as client, client.websocket_connect(WS) as ws:
+        assert receive(ws)["type"] == "ready"
+        ws.send_json(SMALL)
+        fast = until(ws, "result")
+        ws.send_json({"type": "refine"})
+        refined = until(ws, "result")
+        assert (fast["pass"], fast["vae"]) == ("fast", "tiny")
+        assert (refined["pass"], refined["vae"], refined["seed"]) == ("refined", "full", fast["seed"])
+        ws.send_json({"type": "refine"})  # nothing changed: skipped, and said so
+        assert until(ws, "unchanged")["input"] == 3
+
+
+def test_bad_frames_and_parameters_are_answered_naming_them_and_the_session_goes_on(engine):
+    limits = Limits(max_frame_bytes=20_000, max_frame_pixels=96 * 96)
+    with serve(engine, limits) as client, client.websocket_connect(WS) as ws:
+        assert receive(ws)["type"] == "ready"
+        ws.send_json(SMALL)
+        ws.send_bytes(jpeg((200, 30, 30)))
+        first = latest(ws)
+        shown = first["image"].tobytes()
+
+        cases = [
+            (b"not an image at all", "image", "could not be read"),
+            (b"\xff\xd8" + bytes(30_000), "image", "at most 20000 bytes"),
+            (jpeg((0, 0, 0), (128, 128)), "image", "at most 9216 pixels"),
+            ({"type": "params", "strength": 5}, "strength", "strength must be between 0 and 1, got 5."),
+            ({"type": "params", "num_inference_steps": 0}, "num_inference_steps", "between 1 and"),
+            ({"type": "params", "width": 65}, "width", "multiple of 8"),
+            ({"type": "params", "output_format": "png"}, "output_format", "jpg or webp"),
+            ({"type": "params", "colour": "red"}, "colour", "not a parameter"),
+            ({"type": "dance"}, "type", "params, refine or stats"),
+            ("{not json", "message", "JSON object"),
+        ]
+        for sent, field, words in cases:
+            if isinstance(sent, bytes):
+                ws.send_bytes(sent)
+            elif isinstance(sent, dict):
+                ws.send_json(sent)
+            else:
+                ws.send_text(sent)
+            error = until(ws, "error")
+            assert error["field"] == field and words in error["message"], (sent, error)
+        # The refused values went back: the same frame again draws exactly the first image.
+        ws.send_bytes(jpeg((20, 200, 30)))
+        latest(ws)
+        ws.send_bytes(jpeg((200, 30, 30)))
+        again = latest(ws)
+        assert again["image"].tobytes() == shown
+
+
+def test_a_safety_withheld_frame_sends_a_notice_and_no_image(weights_root, tmp_path, monkeypatch):
+    root = checked_root(weights_root, tmp_path, random_models.FLAG_EVERYTHING, random_models.UNSAFE)
+    strict = load_engine(root, "sd-turbo")
+    with serve(strict) as client, client.websocket_connect(WS) as ws:
+        assert receive(ws)["type"] == "ready"
+        ws.send_json(SMALL)
+        notice = until(ws, "withheld")
+        assert notice["input"] == 1 and "previous one stays" in notice["message"]
+        assert stats(ws)["generations"] == 0  # stats came next: no image was sent in between
+
+
+def test_limits_connections_rate_and_idle_each_say_so(engine):
+    with serve(engine, Limits(max_connections=1, max_messages_per_second=0.05)) as client:
+        first, ws, _ = connect(client)
+        with client.websocket_connect(WS) as second:
+            refused = receive(second)
+            assert refused["field"] == "connections" and "at most 1 connections" in refused["message"]
+        # Two more messages within 20 s of the first: the bucket (1 message, 0.05 a second) is empty.
+        ws.send_json(SMALL)
+        ws.send_json({"type": "stats"})
+        assert until(ws, "error")["field"] == "rate"
+        first.__exit__(None, None, None)
+    with serve(engine, Limits(idle_timeout=0.3)) as client, client.websocket_connect(WS) as ws:
+        assert receive(ws)["type"] == "ready"
+        idle = until(ws, "error")
+        assert idle["field"] == "idle" and "idle_timeout" in idle["message"]
+
+
+def test_other_origins_and_missing_tokens_are_refused():
+    access = Access(loopback=False, token="s3cret", allowed_origins=("https://paint.example",))
+    assert access.refusal({"host": "a:8000", "origin": "https://evil.example"}, {"token": "s3cret"}).startswith(
+        "origin https://evil.example"
+    )
+    assert "token" in access.refusal({"host": "a:8000", "origin": "http://a:8000"}, {"token": "guess"})
+    assert access.refusal({"host": "a:8000", "origin": "http://a:8000"}, {"token": "s3cret"}) is None
+    assert access.refusal({"host": "a:8000", "origin": "https://paint.example"}, {"token": "s3cret"}) is None
+    assert access.refusal({"host": "a:8000", "authorization": "Bearer s3cret"}, {}) is None
+    with pytest.raises(ValueError, match="FASTSD_REALTIME_TOKEN"):
+        Access.for_host("0.0.0.0", token="")
+    assert Access.for_host("127.0.0.1", token="").refusal({"host": "127.0.0.1:8000"}, {}) is None
+
+
+def test_a_refused_origin_is_told_on_the_socket(engine):
+    with serve(engine) as client, client.websocket_connect(WS, headers={"origin": "https://evil.example"}) as ws:
+        refused = receive(ws)
+        assert refused["field"] == "access" and "origin https://evil.example" in refused["message"]
+
+
+def served(engine) -> tuple[TestClient, Batcher]:
+    backend = EngineBackend(engine, Batcher(engine))
+    client = TestClient(create_app(backend), base_url="http://127.0.0.1")
+    return client, backend.batcher
+
+
+def blocker(batcher: Batcher, engine: Engine):
+    """A request of another batch key that holds the (gated) model while clients queue behind it."""
+    job = batcher.submit(engine.validate(prompt="busy", width=96, height=96, seed=3))
+    wait_for(job.future.running, "the blocker to run")
+    return job
+
+
+def test_two_clients_with_one_batch_key_are_served_in_one_call(engine, gate):
+    client, batcher = served(engine)
+    with client, client.websocket_connect(WS) as a, client.websocket_connect(WS) as b:
+        for ws in (a, b):
+            assert receive(ws)["type"] == "ready"
+        gate.hold()
+        held = blocker(batcher, engine)
+        for ws, color in ((a, (250, 0, 0)), (b, (0, 0, 250))):
+            ws.send_json({**SMALL, "prompt": f"a kite, {color}"})
+        wait_for(lambda: all(s.state == "queued" for s in client.app.state.sessions), "both clients to queue")
+        gate.open()
+        results = [until(ws, "result") for ws in (a, b)]
+        assert [r["batch_size"] for r in results] == [2, 2]
+        assert held.future.result(timeout=60).batch_size == 1
+
+
+def test_a_disconnect_cancels_that_clients_queued_and_running_work_only(engine, gate):
+    client, batcher = served(engine)
+    jobs, real_submit = {}, batcher.submit
+
+    def submit(request):  # the real batcher, its jobs kept by prompt to look at afterwards
+        jobs[request.prompt] = real_submit(request)
+        return jobs[request.prompt]
+
+    batcher.submit = submit
+    sessions = client.app.state.sessions
+    with client:
+        # Queued: A leaves while its request waits behind the blocker; B, queued too, runs alone.
+        gate.hold()
+        held = blocker(batcher, engine)
+        a_context, a, _ = connect(client)
+        with client.websocket_connect(WS) as b:
+            assert receive(b)["type"] == "ready"
+            a.send_json({**SMALL, "prompt": "queued A"})
+            b.send_json({**SMALL, "prompt": "B"})
+            wait_for(lambda: len(sessions) == 2 and all(s.state == "queued" for s in sessions), "both to queue")
+            a_context.__exit__(None, None, None)
+            wait_for(lambda: len(sessions) == 1, "the server to see A go")
+            gate.open()
+            assert until(b, "result")["batch_size"] == 1  # A's request left the queue
+            assert jobs["queued A"].canceled and not jobs["B"].canceled
+            held.future.result(timeout=60)
+
+            # Running: A's request is in the model's call when A leaves; the call stops, B goes on.
+            gate.hold()
+            a_context, a, _ = connect(client)
+            a.send_json({**SMALL, "prompt": "running A"})
+            wait_for(lambda: "running A" in jobs and jobs["running A"].future.running(), "A's request to run")
+            a_context.__exit__(None, None, None)
+            wait_for(lambda: len(sessions) == 1, "the server to see A go")
+            gate.open()
+            with pytest.raises(Canceled):
+                jobs["running A"].future.result(timeout=60)
+            b.send_bytes(jpeg((1, 2, 3)))
+            assert until(b, "result")["input"] == 2
+
+
+@pytest.fixture(scope="module")
+def cog(weights_root, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("logs") / "realtime-backend.log"
+    yield from ready_server({"FASTSD_VARIANT": "sd-turbo", "FASTSD_WEIGHTS_ROOT": str(weights_root)}, log_path)
+
+
+def test_the_cog_backend_renders_through_the_real_cog_server(cog):
+    backend = CogBackend(cog.url, variants.VARIANTS["sd-turbo"])
+    with TestClient(create_app(backend), base_url="http://127.0.0.1") as client:
+        with client.websocket_connect(WS) as ws:
+            hello = receive(ws)
+            assert hello["backend"].endswith(f"{cog.url}/predictions")
+            ws.send_json({**SMALL, "seed": 11})
+            ws.send_bytes(jpeg((200, 30, 30)))
+            results = [until(ws, "result")]
+            while results[-1]["input"] != 2:
+                results.append(until(ws, "result"))
+            last = results[-1]
+            assert last["seed"] == 11 and last["image"].format == "JPEG" and last["image"].size == (64, 64)
+            ws.send_json({"type": "params", "strength": 5})
+            error = until(ws, "error")
+            assert error["field"] == "strength" and "between 0 and 1" in error["message"]
+            ws.send_json({"type": "params", "output_format": "webp"})
+            assert until(ws, "result")["image"].format == "WEBP"
+    assert cog.is_ready_again()
