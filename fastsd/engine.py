@@ -26,6 +26,7 @@ from .adapters import Adapters
 from .errors import ContentWithheld, InputError
 from .inputs import GenerationRequest
 from .layout import model_folder
+from .prompts import PromptEncoder
 from .provision import ensure_model_folder, ensure_weights
 from .tasks import Task
 from .variants import CONTROLNETS, CONTROLNETS_ENV, FULL_VAE, Variant, variant_from_environment
@@ -70,14 +71,12 @@ class PromptCache:
     """Encoded prompts for the most recent (prompt, negative prompt, guidance) requests.
 
     The realtime case sends the same prompt with every new frame or seed: the text encoders then
-    run once, not per request. Bounded, least recently used out first.
+    run once, not per request. Bounded, least recently used out first. Keyed on the text as written;
+    fastsd.prompts reads its weighting and its chunks past 77 tokens.
     """
 
-    _OUTPUT_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-
     def __init__(self, pipeline, device: str, capacity: int = 32):
-        self._pipeline = pipeline
-        self._device = device
+        self._encoder = PromptEncoder(pipeline, device)
         self._capacity = capacity
         self._entries: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()  # the batch worker and a direct caller may both ask
@@ -96,16 +95,7 @@ class PromptCache:
             self._entries.move_to_end(key)
             return self._entries[key]
         with torch.inference_mode():
-            encoded = self._pipeline.encode_prompt(
-                prompt=prompt,
-                device=self._device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=guidance,
-                negative_prompt=negative_prompt,
-            )
-        # SD pipelines return two tensors, SDXL four (with the pooled embeddings): zip stops at the shorter.
-        named = zip(self._OUTPUT_NAMES, encoded, strict=False)
-        embeddings = {name: tensor for name, tensor in named if tensor is not None}
+            embeddings = self._encoder.encode(prompt, negative_prompt, guidance)
         self._entries[key] = embeddings
         if len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
@@ -249,6 +239,19 @@ class Engine:
             log.info(line)
         return self.generate_batch([request])[0]
 
+    def _by_prompt_length(self, requests, encoded, interrupted) -> list[Result]:
+        """Requests whose prompts take different numbers of 77-token chunks run as one call per
+        length: padding the shorter embeddings would change their images (docs/prompts.md)."""
+        groups: dict[int, list[int]] = {}
+        for index, embeddings in enumerate(encoded):
+            groups.setdefault(embeddings["prompt_embeds"].shape[1], []).append(index)
+        results: list[Result | None] = [None] * len(requests)
+        for indices in groups.values():
+            ran = self.generate_batch([requests[i] for i in indices], interrupted)
+            for index, result in zip(indices, ran, strict=True):
+                results[index] = result
+        return results
+
     def generate_batch(
         self, requests: Sequence[GenerationRequest], interrupted: Callable[[], bool] | None = None
     ) -> list[Result]:
@@ -265,6 +268,8 @@ class Engine:
         # LoRAs that change the text encoders encode the same prompt differently.
         encoding = tuple((lora.adapter, scale) for lora, scale in first.loras if lora.text_encoder)
         encoded = [self.prompts.get(r.prompt, self._negative_prompt(r), guidance, encoding) for r in requests]
+        if len({embeddings["prompt_embeds"].shape[1] for embeddings in encoded}) > 1:
+            return self._by_prompt_length(requests, encoded, interrupted)
         counts = [request.num_outputs for request in requests]
         embeddings = {
             name: torch.cat([e[name].repeat_interleave(n, dim=0) for e, n in zip(encoded, counts, strict=True)])
