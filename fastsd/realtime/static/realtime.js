@@ -11,7 +11,7 @@ const SIZES = [64, 128, 256, 384, 512, 640, 768, 1024];
 const $ = (id) => document.getElementById(id);
 const page = {
   socket: null, hello: null, mode: "type", sent: {}, frameShown: false,
-  meta: null, times: [], latencies: [], count: 0, retry: 500,
+  meta: null, times: [], latencies: [], count: 0, shown: [], retry: 500,
   typingTimer: 0, refineTimer: 0, frameTimer: 0, lastFrameAt: 0,
   undo: [], erasing: false, drawing: null, camera: null,
 };
@@ -75,6 +75,7 @@ function onImage(blob) {
   output.src = URL.createObjectURL(blob);
   if (previous.startsWith("blob:")) URL.revokeObjectURL(previous);
   page.count += 1;
+  page.shown = page.shown.slice(-99).concat({ input: meta.input, pass: meta.pass });
   output.dataset.count = page.count;
   output.dataset.input = meta.input;
   output.dataset.pass = meta.pass;

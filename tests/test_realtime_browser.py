@@ -1,0 +1,147 @@
+"""The realtime page in a real browser: Debian's chromium, headless, driven by Playwright, against the
+server on the tiny sd-turbo (a uvicorn server in this process, so the test can gate its model).
+
+A user types, paints and makes a mistake; the page must show images, refine once typing rests,
+send new frames for strokes, and show the server's error and then recover.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from test_realtime import Gate, wait_for
+
+from fastsd.batching import Batcher
+from fastsd.realtime.app import create_app
+from fastsd.realtime.backend import EngineBackend
+from fastsd_testing.realtime_server import serving
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists() and shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)",
+)
+
+
+@pytest.fixture(scope="module")
+def gate(engine):
+    made = Gate(engine)
+    yield made
+    made.remove()
+
+
+@pytest.fixture(scope="module")
+def engine(weights_root):
+    from conftest import load_engine
+
+    return load_engine(weights_root, "sd-turbo")
+
+
+@pytest.fixture(scope="module")
+def app(engine, gate):
+    return create_app(EngineBackend(engine, Batcher(engine)))
+
+
+@pytest.fixture(scope="module")
+def url(app):
+    with serving(app) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser, url, app):
+    """The page, connected, at 64x64 (the tiny model's size), with its first image shown."""
+    opened = browser.new_page()
+    errors = []
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    opened.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    opened.goto(url)
+    until_true(opened, "window.fastsd && window.fastsd.hello !== null")
+    opened.select_option("#size", "64")
+    shown_at_64(opened)
+    until_true(opened, "window.fastsd.shown.at(-1).pass === 'refined'")  # the page rests: the refined image
+    yield opened
+    assert not errors, errors  # no script error on the page
+    opened.close()
+
+
+def until_true(page, expression: str, timeout: float = 60) -> None:
+    """Waits for a condition on the page. (Playwright's wait_for_function evaluates a string with
+    eval, which the page's Content-Security-Policy forbids, as it should.)"""
+    wait_for(lambda: page.evaluate(expression), expression, timeout)
+
+
+def shown_at_64(page):
+    until_true(page, "document.querySelector('#output').naturalWidth === 64")
+
+
+def count(page) -> int:
+    return page.evaluate("window.fastsd.count")
+
+
+def session_of(app):
+    """The page's session (the one of a page closed before it may take a moment to go)."""
+    wait_for(lambda: len(app.state.sessions) == 1, "one connected page")
+    (only,) = app.state.sessions
+    return only
+
+
+def test_typing_shows_images_with_fewer_generations_than_keys_then_the_refined_one(page, app, gate):
+    session = session_of(app)
+    before, shown_before = session.counts["generations"], count(page)
+    page.fill("#prompt", "")
+    gate.hold()  # a model slower than the typist: keys arrive while it works
+    text = "a red fox in fresh snow"
+    page.locator("#prompt").press_sequentially(text, delay=15)
+    wait_for(lambda: session.pending is not None and session.pending.refined, "the refine request after typing")
+    refine = session.pending.number
+    gate.open()
+    until_true(page, f"window.fastsd.shown.at(-1).input === {refine}")
+    generations = session.counts["generations"] - before
+    assert 1 <= generations < len(text)
+    assert count(page) - shown_before == generations  # every image made was shown
+    assert session.params["prompt"] == text
+    passes = [shown["pass"] for shown in page.evaluate("window.fastsd.shown")[shown_before:]]
+    assert passes[-1] == "refined" and set(passes) <= {"fast", "refined"}
+
+
+def test_strokes_on_the_canvas_send_new_frames(page, app):
+    session = session_of(app)
+    page.click("#tab-paint")
+    wait_for(lambda: session.image is not None, "the blank canvas as the first frame")
+    blank, inputs = session.image, session.counts["inputs"]
+    box = page.locator("#canvas").bounding_box()
+    page.mouse.move(box["x"] + 20, box["y"] + 20)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(box["x"] + 20 + step * 30, box["y"] + 20 + step * 25)
+    page.mouse.up()
+    wait_for(lambda: session.image != blank, "a frame with the stroke")
+    until_true(page, f"Number(document.querySelector('#output').dataset.input) > {inputs}")
+    assert session.counts["inputs"] > inputs
+    shown_at_64(page)
+
+
+def test_the_page_shows_the_servers_error_and_recovers(page):
+    shown = count(page)
+    page.fill("#steps", "999")
+    page.dispatch_event("#steps", "change")
+    notice = page.locator("#notice")
+    notice.wait_for(state="visible")
+    assert "num_inference_steps" in notice.inner_text() and "between 1 and" in notice.inner_text()
+    page.fill("#steps", "")
+    page.dispatch_event("#steps", "change")
+    notice.wait_for(state="hidden")  # the next image clears it
+    assert count(page) > shown
