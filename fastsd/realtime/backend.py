@@ -60,7 +60,7 @@ class Rendered:
     mime: str
     seed: int
     batch_size: int = 1
-    timings: dict[str, float] = field(default_factory=dict)  # milliseconds: queue, inference, encode
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds: prepare, queue, inference, ...
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,9 @@ class EngineBackend:
             return self.engine.validate(**arguments, image=Path(frame.name))
 
     async def render(self, arguments: dict[str, Any], image: bytes | None, queued: Callable[[], None]) -> Rendered:
+        started = time.perf_counter()
         request = await asyncio.to_thread(self._validate, arguments, image)
+        prepared = time.perf_counter()
         job = self.batcher.submit(request)
         queued()
         try:
@@ -147,20 +149,30 @@ class EngineBackend:
             raise
         if not result.images:
             raise ContentWithheld(WITHHELD_NOTICE)
-        started = time.perf_counter()
-        image, quality = result.images[0], request.output_quality
-        payload = await asyncio.to_thread(images.encode, image, request.output_format, quality)
+        encoding = time.perf_counter()
+        payload = await asyncio.to_thread(self._encode, result, request)
         return Rendered(
             payload,
             OUTPUT_FORMATS[request.output_format],
             result.seed,
             result.batch_size,
-            {
+            {  # the engine's own work, and the wait for it (queue: other clients' calls, or a thread's wake-up)
+                "prepare_ms": (prepared - started) * 1000,  # validating, decoding and fitting the frame
                 "queue_ms": result.timings["queue_time"] * 1000,
                 "inference_ms": result.inference_time * 1000,
-                "encode_ms": (time.perf_counter() - started) * 1000,
+                "safety_ms": result.timings["safety_time"] * 1000,
+                "encode_ms": (time.perf_counter() - encoding) * 1000,
             },
         )
+
+    @staticmethod
+    def _encode(result, request) -> bytes:
+        on_device = getattr(result, "on_device", None)  # the GPU path's frames, kept on the device
+        if on_device is not None and request.output_format == "jpg":
+            from ..gpu import postprocess  # nvJPEG, as Engine.save uses it; only where that path ran
+
+            return postprocess.encode_jpeg(on_device[:1], request.output_quality)[0]
+        return images.encode(result.images[0], request.output_format, request.output_quality)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.batcher.close)
