@@ -24,6 +24,7 @@ from .variants import Variant
 
 log = logging.getLogger(__name__)
 LOADED_ENV = "FASTSD_LORAS_LOADED"
+UNSETTLED = None  # Adapters._active while the modules may hold part of a change
 
 
 def load_adapter(pipeline, path: Path, adapter: str) -> str | None:
@@ -58,16 +59,24 @@ def load_split(pipeline, path: Path, adapter: str) -> tuple[tuple | None, list[s
                 tensors, network_alphas=alphas, text_encoder=encoder, prefix=name, adapter_name=adapter
             )
         except (RuntimeError, ValueError, KeyError, IndexError):
-            for loaded in encoders:
-                getattr(pipeline, loaded).delete_adapter(adapter)
+            for loaded in (*encoders, name):
+                delete_from_text_encoder(getattr(pipeline, loaded), adapter)
             raise
         encoders.append(name)
     if not unet_part:
         for loaded in encoders:
-            getattr(pipeline, loaded).delete_adapter(adapter)
+            delete_from_text_encoder(getattr(pipeline, loaded), adapter)
         raise ValueError("none of its layers fits that UNet")
     unet_alphas = {key: value for key, value in (alphas or {}).items() if key.startswith("unet.")} or None
     return (convert_unet_state_dict_to_peft(unet_part), unet_alphas), encoders
+
+
+def delete_from_text_encoder(encoder, adapter: str) -> None:
+    """Remove an adapter's layers from a text encoder, however much of it loaded, or none (diffusers'
+    way: transformers' own delete_adapter asks for a newer peft than the pinned one)."""
+    from diffusers.utils.peft_utils import delete_adapter_layers
+
+    delete_adapter_layers(encoder, adapter)
 
 
 def _readable(pipeline, path: Path):
@@ -110,6 +119,12 @@ class Adapters:
 
     Up to FASTSD_LORAS_LOADED (default 4) stay loaded, the least recently used deleted past that.
     Only the batch worker calls apply(), so nothing here is shared between threads.
+
+    A request's LoRAs are loaded, then applied; a request that fails on the way (a file that does
+    not fit, a rank past the slots, a cancel) leaves the adapters it loaded deleted and those loaded
+    before kept, and marks the modules' state unsettled, so that the next request sets every
+    adapter, slot and text encoder from scratch: it gets exactly what it would have got without
+    the failed one.
     """
 
     def __init__(self, pipeline, variant: Variant, slots: UnetSlots | None = None):
@@ -120,7 +135,9 @@ class Adapters:
         self._encoders: dict[str, list[str]] = {}  # with slots: adapter -> text encoders holding it
         self._loaded: OrderedDict[str, object] = OrderedDict()  # adapter name -> LoraFile
         self._capacity = max(1, int(os.environ.get(LOADED_ENV, "4")))
-        self._active: tuple = ()
+        # The (adapter, scale) pairs the modules apply now; UNSETTLED while a change is under way or
+        # after one failed.
+        self._active: tuple | None = ()
 
     @property
     def loaded(self) -> list[str]:
@@ -131,37 +148,59 @@ class Adapters:
         wanted = tuple((lora.adapter, scale) for lora, scale in loras)
         if wanted == self._active:
             return
-        for lora, _ in loras:
-            self._load(lora, keep={name for name, _ in wanted})
-        if self._slots is not None:
-            self._apply_to_slots(loras)
-        elif not loras:
-            if self._loaded:
-                self._pipeline.disable_lora()
-        else:
-            self._pipeline.enable_lora()
-            self._pipeline.set_adapters([name for name, _ in wanted], adapter_weights=[s for _, s in wanted])
+        self._active = UNSETTLED  # until the last step below is done
+        added = []
+        try:
+            for lora, _ in loras:
+                if self._load(lora):
+                    added.append(lora.adapter)
+            self._activate(loras)
+        except BaseException:
+            for adapter in added:  # leave loaded what was loaded before this request, nothing more
+                del self._loaded[adapter]
+                self._delete(adapter)
+            raise
+        self._make_room(keep={name for name, _ in wanted})
         self._active = wanted
 
-    def _load(self, lora, keep: set[str]) -> None:
+    def _activate(self, loras: tuple) -> None:
+        if self._slots is not None:
+            self._apply_to_slots(loras)
+        elif loras:
+            self._pipeline.enable_lora()
+            self._pipeline.set_adapters([lora.adapter for lora, _ in loras], adapter_weights=[s for _, s in loras])
+        elif any(self._pipeline.get_list_adapters().values()):
+            self._pipeline.disable_lora()
+
+    def _load(self, lora) -> bool:
+        """Load one LoRA unless it is loaded: True when it was loaded now. Raises InputError when it
+        does not fit, leaving nothing of it in the modules."""
         if lora.adapter in self._loaded:
             self._loaded.move_to_end(lora.adapter)
-            return
-        while len(self._loaded) >= self._capacity:
-            oldest = next((name for name in self._loaded if name not in keep), None)
-            if oldest is None:
-                break
-            del self._loaded[oldest]
-            self._delete(oldest)
-            self._active = ()  # what was active may be gone: set it again
-        if lora.embeddings is not None:
-            self._add_tokens(lora)
-        problem = self._load_adapter(lora)
+            return False
+        try:
+            if lora.embeddings is not None:
+                self._add_tokens(lora)
+            problem = self._load_adapter(lora)
+        except BaseException:
+            self._delete(lora.adapter)
+            raise
         if problem is not None:
-            self._active = ()
+            self._delete(lora.adapter)
             raise InputError(f"{lora.name} {lora.reference} does not fit {self._variant.model}: {problem.rstrip('.')}.")
         self._loaded[lora.adapter] = lora
         log.info("loaded LoRA %s as %s (%d loaded)", lora.reference, lora.adapter, len(self._loaded))
+        return True
+
+    def _make_room(self, keep: set[str]) -> None:
+        """Delete the least recently used past FASTSD_LORAS_LOADED, never one of this request's
+        (after its LoRAs are loaded and applied: a request that fails deletes none)."""
+        while len(self._loaded) > self._capacity:
+            oldest = next((name for name in self._loaded if name not in keep), None)
+            if oldest is None:
+                return
+            del self._loaded[oldest]
+            self._delete(oldest)
 
     def _load_adapter(self, lora) -> str | None:
         if self._slots is None:
@@ -171,18 +210,18 @@ class Adapters:
         except (RuntimeError, ValueError, KeyError, IndexError) as error:
             return str(error).splitlines()[0] if str(error) else type(error).__name__
         self._unet_parts[lora.adapter], self._encoders[lora.adapter] = part, encoders
-        refusal = self._slots.refusal(part)
-        if refusal is not None:
-            self._delete(lora.adapter)
-        return refusal
+        return self._slots.refusal(part)
 
     def _delete(self, adapter: str) -> None:
+        """Remove every part of an adapter from the modules, however much of it loaded."""
         if self._slots is None:
-            self._pipeline.delete_adapters(adapter)
+            _forget(self._pipeline, adapter)
             return
         self._unet_parts.pop(adapter, None)
-        for name in self._encoders.pop(adapter, []):
-            getattr(self._pipeline, name).delete_adapter(adapter)
+        self._encoders.pop(adapter, None)
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(self._pipeline, name, None) is not None:
+                delete_from_text_encoder(getattr(self._pipeline, name), adapter)
 
     def _apply_to_slots(self, loras: tuple) -> None:
         """UNet parts into the slots (lora_weights, extra_lora; the rest emptied), text-encoder
@@ -199,7 +238,8 @@ class Adapters:
             try:
                 self._slots.hold(index, adapter, self._unet_parts.get(adapter), scale)
             except ValueError as error:
-                self._active = ()
+                if lora is None:  # emptying a slot failed: the deployment's fault, not the request's
+                    raise RuntimeError(f"LoRA slot {index} could not be emptied: {error}") from None
                 raise InputError(
                     f"{lora.name} {lora.reference} does not fit this compiled deployment's LoRA slot: {error}."
                 ) from None
@@ -215,7 +255,7 @@ class Adapters:
     def _add_tokens(self, lora) -> None:
         """A Replicate training's new tokens, named for this LoRA (<user_..._s0>, see fastsd.loras):
         added to the tokenizers with their trained embeddings. No other prompt can contain them,
-        so they stay when the LoRA is unloaded and change nothing for anyone else."""
+        so they stay when the LoRA is unloaded (or fails to load) and change nothing for anyone else."""
         from safetensors.torch import load_file
 
         tokens = sorted(
@@ -225,6 +265,7 @@ class Adapters:
         indices = [int(token.rsplit("_s", 1)[1][:-1]) for token in tokens]
         embeddings = load_file(lora.embeddings)
         pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+        targets = []  # every pair checked before any is changed: a misfit adds no token anywhere
         for index, (tokenizer_name, encoder_name) in enumerate(pairs):
             tokenizer = getattr(self._pipeline, tokenizer_name, None)
             encoder = getattr(self._pipeline, encoder_name, None)
@@ -236,6 +277,8 @@ class Adapters:
                 raise InputError(
                     f"{lora.name} {lora.reference}: its token embeddings do not fit {self._variant.model}."
                 )
+            targets.append((tokenizer, encoder, vectors))
+        for tokenizer, encoder, vectors in targets:
             if tokenizer.add_tokens(tokens):
                 encoder.resize_token_embeddings(len(tokenizer))
             with torch.no_grad():

@@ -265,8 +265,11 @@ class Engine:
         started = time.perf_counter()
         guidance = first.uses_guidance and self.pipelines.accepts_negative_prompt
         self.adapters.apply(first.loras)
-        # LoRAs that change the text encoders encode the same prompt differently.
-        encoding = tuple((lora.adapter, scale) for lora, scale in first.loras if lora.text_encoder)
+        # LoRAs that change the text encoders encode the same prompt differently; so do those that
+        # bring tokens (a prompt sent before they were added, naming them, was encoded without them).
+        encoding = tuple(
+            (lora.adapter, scale) for lora, scale in first.loras if lora.text_encoder or lora.embeddings is not None
+        )
         encoded = [self.prompts.get(r.prompt, self._negative_prompt(r), guidance, encoding) for r in requests]
         if len({embeddings["prompt_embeds"].shape[1] for embeddings in encoded}) > 1:
             return self._by_prompt_length(requests, encoded, interrupted)

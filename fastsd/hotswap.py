@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 MAX_RANK_ENV = "FASTSD_LORA_MAX_RANK"
 DEFAULT_MAX_RANK = 64
 SLOTS = ("fastsd_slot_0", "fastsd_slot_1")  # lora_weights, extra_lora
+PART_COPIED = ("part copied",)  # UnetSlots.holding of a slot while a copy into it is under way
 # The UNet layers of kohya's default network (attention, feed-forward, the transformer blocks'
 # projections, time-embedding projections), which hold diffusers' and peft's training scripts'
 # layers. Not the ResNet and resampling 3x3 convolutions (LoCon, LyCORIS): on the CPU two rank-64
@@ -42,6 +43,13 @@ def max_rank() -> int:
     return int(text)
 
 
+def _fits(shape: tuple, slot: tuple | None, rank_dim: int) -> bool:
+    """A LoRA tensor of this shape goes into a slot tensor of that one: the same, or a lower rank."""
+    if slot is None or len(shape) != len(slot):
+        return False
+    return all(n == s or (d == rank_dim and n < s) for d, (n, s) in enumerate(zip(shape, slot, strict=True)))
+
+
 class UnetSlots:
     """The compiled UNet's LoRA slots, and what each holds (only the batch worker calls hold())."""
 
@@ -54,7 +62,13 @@ class UnetSlots:
         unet.set_adapters(list(SLOTS), [1.0] * len(SLOTS))
         prepare_model_for_compiled_hotswap(unet, target_rank=rank)
         self._unet, self.rank = unet, rank
-        self.holding: list[tuple | None] = [None] * len(SLOTS)  # (adapter, scale), or None: empty
+        # What each slot tensor is shaped, by the key a LoRA's UNet part names it with.
+        self._shapes = {
+            key.replace(f".{SLOTS[0]}.", "."): tuple(tensor.shape)
+            for key, tensor in unet.state_dict().items()
+            if f".{SLOTS[0]}." in key
+        }
+        self.holding: list[tuple | None] = [None] * len(SLOTS)  # (adapter, scale), None: empty, or PART_COPIED
         self._empty = self._zeros()
         log.info("%d LoRA slots of rank %d in the UNet, for hot-swapping (%s)", len(SLOTS), rank, MAX_RANK_ENV)
 
@@ -71,6 +85,13 @@ class UnetSlots:
         rank = max((t.shape[1] for key, t in part[0].items() if ".lora_B." in key and t.ndim > 1), default=0)
         if rank > self.rank:
             return f"its rank is {rank}, and this deployment's LoRA slots hold up to {self.rank} ({MAX_RANK_ENV})"
+        # A hot-swap that fails takes the slot out of the UNet (diffusers deletes the adapter it was
+        # copying into), and a new slot means compiling again: so every tensor is checked here first.
+        for key, tensor in part[0].items():
+            rank_dim = 0 if ".lora_A." in key else 1
+            if not _fits(tuple(tensor.shape), self._shapes.get(key.removeprefix("unet.")), rank_dim):
+                layer = key.split(".lora_", 1)[0].removeprefix("unet.")
+                return f"its layer {layer} is not one of this model's (a LoRA for another base model?)"
         return None
 
     def _zeros(self) -> dict[str, torch.Tensor]:
@@ -94,22 +115,22 @@ class UnetSlots:
         if self.holding[index] == wanted:
             return
         if wanted is None:
-            self._swap(index, self._empty, None)
-            self.holding[index] = None
+            self._swap(index, self._empty, None, None)
             return
         tensors, alphas = part
         # In fp32: a published fp16 factor times 1.5 would round, where an adapter's scaling does not.
         scaled = {key: t.float() * scale if ".lora_B." in key else t for key, t in tensors.items()}
         try:
-            self._swap(index, scaled, alphas)
+            self._swap(index, scaled, alphas, wanted)
         except (ValueError, RuntimeError, KeyError) as error:
-            self._swap(index, self._empty, None)
-            self.holding[index] = None
+            self._swap(index, self._empty, None, None)
             raise ValueError(str(error).splitlines()[0] or type(error).__name__) from None
-        self.holding[index] = wanted
 
-    def _swap(self, index: int, tensors: dict, alphas: dict | None) -> None:
-        self.holding[index] = None  # until the copy is complete
+    def _swap(self, index: int, tensors: dict, alphas: dict | None, held: tuple | None) -> None:
+        # Until the copy is complete the slot may hold part of it: equal to nothing hold() is asked
+        # for, so the next hold() of this slot copies in full, even an empty one.
+        self.holding[index] = PART_COPIED
         self._unet.load_lora_adapter(
             tensors, prefix="unet", network_alphas=alphas, adapter_name=SLOTS[index], hotswap=True
         )
+        self.holding[index] = held
