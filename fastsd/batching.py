@@ -117,6 +117,14 @@ class Batcher:
         while (batch := self._next_batch()) is not None:
             if batch:
                 self._run(batch)
+            # Idle: the engine's work between requests (a graph for a size seen repeatedly), one
+            # piece at a time, looking at the queue again after each.
+            while self._idle() and self.engine.between_requests():
+                pass
+
+    def _idle(self) -> bool:
+        with self._ready:
+            return not self._queue and not self._closed
 
     def _run(self, batch: list[Job]) -> None:
         started = time.perf_counter()

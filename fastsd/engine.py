@@ -24,6 +24,7 @@ from PIL import Image
 from . import hotswap, images, inputs, pipelines
 from .adapters import Adapters
 from .errors import ContentWithheld, InputError
+from .gpu import Graphs, graphs_setting, postprocess
 from .inputs import GenerationRequest
 from .layout import model_folder
 from .prompts import PromptEncoder
@@ -42,6 +43,7 @@ class Result:
     batch_size: int = 1  # images in the pipeline call this request ran in (its own and others')
     withheld: int = 0  # images the safety checker left out (images holds the others)
     timings: dict[str, float] = field(default_factory=dict)  # encode_time, queue_time, safety_time
+    on_device: torch.Tensor | None = None  # with graphs on CUDA: the kept images as uint8, for nvJPEG
 
 
 def _share(mask: Image.Image) -> float:
@@ -110,6 +112,8 @@ class Engine:
         self.pipelines = loaded
         self.prompts = PromptCache(loaded.text_to_image, loaded.device)
         self.adapters = Adapters(loaded.text_to_image, variant, loaded.lora_slots)
+        # FASTSD_GRAPHS=on: the hot modules replay captured graphs (fastsd.gpu); off: nothing installed.
+        self.graphs = Graphs.for_pipelines(loaded, variant.max_batch_images, pipelines.compile_mode() is not None)
         # Each request's files get a folder of their own: Cog reads them after run() returns, while
         # other requests go on. The oldest folders go once there are more than a few slots' worth,
         # the whole tree at exit.
@@ -146,6 +150,7 @@ class Engine:
             ensure_model_folder(model, weights_url)
             return model_folder(model)
 
+        graphs_setting()  # a mistyped FASTSD_GRAPHS fails setup before any weights load
         variant = variant_from_environment(fetched_model_folder)
         ensure_weights(variant, weights_url)
         engine = cls.load(variant)
@@ -161,16 +166,37 @@ class Engine:
         started = time.perf_counter()
         side = 64 if self.pipelines.device == "cpu" and not pipelines.compile_mode() else None
         for vae in self.pipelines.vae_choices:
-            request = self.validate(
-                prompt="warm-up",
-                num_inference_steps=1,
-                seed=0,
-                vae=vae,
-                width=side or self.variant.width,
-                height=side or self.variant.height,
-            )
-            self.generate(request)
-        log.info("warmed up in %.1f s", time.perf_counter() - started)
+            # With graphs, a call of each batch size the plan captures (more images than one request
+            # holds come as several requests); without, one image.
+            for count in self.graphs.setup_sizes:
+                requests = [
+                    self.validate(
+                        prompt="warm-up",
+                        num_inference_steps=1,
+                        seed=0,
+                        vae=vae,
+                        width=side or self.variant.width,
+                        height=side or self.variant.height,
+                        num_outputs=min(inputs.MAX_OUTPUTS, count - done),
+                    )
+                    for done in range(0, count, inputs.MAX_OUTPUTS)
+                ]
+                with self.graphs.capturing():
+                    if len(requests) == 1:
+                        self.generate(requests[0])
+                    else:
+                        self.generate_batch(requests)
+        log.info("warmed up in %.1f s%s", time.perf_counter() - started,
+                 f", graphs captured: {self.graphs.summary()}" if self.graphs.active else "")  # fmt: skip
+
+    def between_requests(self) -> bool:
+        """Work for an idle moment (the batch worker asks when its queue is empty): capture one graph
+        of a size seen repeatedly. True when there may be more."""
+        try:
+            return self.graphs.between_requests()
+        except Exception:  # noqa: BLE001 - the worker must live on; the size stays eager
+            log.exception("graphs: a capture between requests failed")
+            return False
 
     def validate(self, **raw: Any) -> GenerationRequest:
         if raw.get("vae") is None:
@@ -264,6 +290,7 @@ class Engine:
         pipeline, accepted = self.pipelines.get(*first.mode), self._accepted[first.mode]
         started = time.perf_counter()
         guidance = first.uses_guidance and self.pipelines.accepts_negative_prompt
+        self.graphs.use(not first.loras)  # a user's LoRA runs eagerly: its layers are in no graph
         self.adapters.apply(first.loras)
         # LoRAs that change the text encoders encode the same prompt differently; so do those that
         # bring tokens (a prompt sent before they were added, naming them, was encoded without them).
@@ -309,9 +336,12 @@ class Engine:
 
             arguments["callback_on_step_end"] = stop_when_asked
         images_in_call = sum(counts)
+        if self.graphs.active:
+            arguments["output_type"] = "pt"  # kept on the device until encoded (fastsd.gpu.postprocess)
         try:
             with torch.inference_mode():
                 generated = pipeline(**arguments).images
+                frames = postprocess.to_frames(generated) if self.graphs.active else None
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -320,6 +350,7 @@ class Engine:
                 "ask for fewer or smaller images."
             ) from None
         seconds = time.perf_counter() - started
+        generated = frames.images if frames else generated
         by_request, offset = [], 0
         for request in requests:
             mine = generated[offset : offset + request.num_outputs]
@@ -331,10 +362,14 @@ class Engine:
         withheld = self._withheld(requests, by_request)
         safety_time = time.perf_counter() - started
         results = []
+        offset = 0
         for request, mine, flags in zip(requests, by_request, withheld, strict=True):
             kept = [image for image, flag in zip(mine, flags, strict=True) if not flag]
             result = Result(kept, request.seed, seconds, batch_size=images_in_call, withheld=len(mine) - len(kept))
             result.timings["safety_time"] = safety_time
+            if frames and frames.on_device is not None and request.task is not Task.INPAINTING:
+                result.on_device = frames.on_device[[offset + i for i, flag in enumerate(flags) if not flag]]
+            offset += len(mine)
             results.append(result)
         return results
 
@@ -373,6 +408,12 @@ class Engine:
         started = time.perf_counter()
         folder = self._output_folder()
         targets = [folder / f"output-{i}.{request.output_format}" for i in range(len(result.images))]
+        if result.on_device is not None and request.output_format == "jpg":  # nvJPEG, on the GPU
+            encoded = postprocess.encode_jpeg(result.on_device, request.output_quality)
+            for target, data in zip(targets, encoded, strict=True):
+                target.write_bytes(data)
+            result.timings["encode_time"] = time.perf_counter() - started
+            return targets
         # Pillow's encoders release the GIL: a batch encodes in parallel on the host's cores.
         paths = list(
             self._encoders.map(

@@ -72,6 +72,10 @@ class SafetyChecker:
                  time.perf_counter() - started)  # fmt: skip
         return loaded
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The two models' networks, by name (fastsd.gpu captures them as graphs)."""
+        return {"nsfw_classifier": self._classifier, "safety_checker": self._checker.vision_model}
+
     def withheld(self, images: list[Image.Image]) -> list[bool]:
         """For each image, whether both the classic checker and the NSFW classifier call it NSFW."""
         if not images:

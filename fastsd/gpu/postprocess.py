@@ -1,0 +1,42 @@
+"""Images kept on the device until they are encoded.
+
+The pipeline returns its images as a tensor on the device (output_type "pt"); they become uint8
+there, with diffusers' own rounding (x 255, round half to even), so the pixels are exactly those
+of its PIL output, and cross to the host in one copy for the whole call. JPEG outputs are encoded
+from the device's uint8 tensors (torchvision.io.encode_jpeg: nvJPEG on CUDA tensors); WebP and
+PNG from the host array, on the engine's encoder threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+_jpeg_lock = threading.Lock()  # nvJPEG from one thread at a time
+
+
+@dataclass
+class Frames:
+    images: list[Image.Image]  # on the host, for the safety check, inpainting's composite, WebP and PNG
+    on_device: torch.Tensor | None  # uint8 N x 3 x H x W where the GPU encodes JPEG; None on a CPU
+
+
+def to_frames(images: torch.Tensor) -> Frames:
+    """N x 3 x H x W floats in [0, 1] on the device -> uint8 there, and one copy to the host."""
+    as_bytes = (images.float() * 255).round().to(torch.uint8)
+    host = as_bytes.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return Frames([Image.fromarray(array) for array in host], as_bytes if as_bytes.is_cuda else None)
+
+
+def encode_jpeg(frames: torch.Tensor, quality: int) -> list[bytes]:
+    """uint8 N x 3 x H x W (any device) -> JPEG files; on CUDA tensors nvJPEG does the work."""
+    import torchvision.io
+
+    with _jpeg_lock:
+        if frames.is_cuda:
+            torch.cuda.current_stream().synchronize()  # the frames are complete before nvJPEG reads them
+        encoded = torchvision.io.encode_jpeg(list(frames), quality=quality)
+    return [bytes(data.cpu().numpy()) for data in encoded]
