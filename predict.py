@@ -33,11 +33,16 @@ class Predictor(BaseRunner):
     @cog.concurrent(max=16)
     async def run(
         self,
-        prompt: str = Input(description="What the image should show."),
+        prompt: str = Input(
+            description="What the image should show. Weighting: (words:1.3) multiplies their weight by 1.3, "
+            "(words) by 1.1, ((words)) by 1.21, [words] divides it by 1.1; compel's words+, words-, (words)1.3, "
+            '("a", "b").blend(0.7, 0.3) and .and() work too; \\( and \\) are literal parentheses. Past 77 tokens '
+            "the prompt is encoded in 77-token chunks, up to 8 (about 600 tokens), none of it dropped.",
+        ),
         negative_prompt: str = Input(
             default="",
-            description="What the image should not show. Used only when guidance_scale is above 1 "
-            "(LCM and turbo run without guidance by default).",
+            description="What the image should not show, with the prompt's weighting and length rules. Used only "
+            "when guidance_scale is above 1 (LCM and turbo run without guidance by default).",
         ),
         image: Path | None = Input(
             default=None,
