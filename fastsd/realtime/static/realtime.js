@@ -55,7 +55,7 @@ function onMessage(message) {
   if (message.type === "ready") {
     page.hello = message;
     page.sent = {};
-    $("connection").textContent = `${message.variant} · ${message.backend}`;
+    $("connection").textContent = message.backend;
     configure(message);
     sendAll();
   } else if (message.type === "result") {
