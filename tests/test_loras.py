@@ -307,3 +307,26 @@ def test_a_compiled_deployment_refuses_loras_before_fetching(sdxl, lora_server, 
     ):
         sdxl.validate(prompt="x", lora_weights=lora_server.url("/sdxl.safetensors"))
     assert lora_server.requests == before
+
+
+# --- the URL rules through the server, with FASTSD_ALLOW_PRIVATE_URLS on (tests/test_remote.py: off) ---
+
+
+def test_a_url_with_a_password_is_refused_and_sent_nowhere(cog, lora_server):
+    before = dict(lora_server.requests)
+    url = lora_server.url("/style.safetensors").replace("http://", "http://user:secret@")
+    error = failure(cog, lora_weights=url)
+    assert "lora_weights must be a URL without a user name or password" in error, error
+    assert "secret" not in error
+    assert lora_server.requests == before
+
+
+def test_a_failed_connection_reads_the_same_whatever_the_cause(cog, lora_server):
+    import socket
+
+    with socket.socket() as bound:  # bound, not listening: connecting is refused
+        bound.bind(("127.0.0.1", 0))
+        refused = failure(cog, lora_weights=f"http://127.0.0.1:{bound.getsockname()[1]}/x.safetensors")
+    tls_to_plain_http = failure(cog, lora_weights=lora_server.url("/style.safetensors").replace("http:", "https:"))
+    sentence = "lora_weights could not be fetched from 127.0.0.1: could not connect."
+    assert refused.endswith(sentence) and tls_to_plain_http.endswith(sentence), (refused, tls_to_plain_http)
