@@ -97,7 +97,7 @@ class PromptCache:
             self._entries.move_to_end(key)
             return self._entries[key]
         with torch.inference_mode():
-            embeddings = self._encoder.encode(prompt, negative_prompt, guidance)
+            embeddings = self._encoder.encode(prompt, negative_prompt, guidance, loras)
         self._entries[key] = embeddings
         if len(self._entries) > self._capacity:
             self._entries.popitem(last=False)

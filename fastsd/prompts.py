@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,11 @@ A1111_EMPHASIS = 1.1  # (words) multiplies by this, [words] divides by it
 
 OUTPUT_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
-_SYNTAX_CHARACTERS = set("()[]\\+-")  # a prompt with none of these is plain text, read as it is
+# A prompt with none of these is plain text, read as it is (no parsing): brackets, escapes, and
+# compel's signs, a run of + or - straight after a character and not followed by a letter or digit
+# ("cat+", "dog--,"; not "x-ray", "a - b").
+_BRACKETS = set("()[]\\")
+_SIGN_WEIGHT = re.compile(r"\S[+-]+(?!\w)")
 _ESCAPABLE = "()[]"
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 # What compel reads as a weight right after a closing parenthesis: a number, +/-, or an operator.
@@ -48,7 +53,7 @@ class Prompt:
 
 def parse(text: str, name: str = "prompt") -> Prompt:
     """Read a prompt by the rules above; bad syntax is one InputError sentence naming the input."""
-    if not _SYNTAX_CHARACTERS.intersection(text):
+    if not _BRACKETS.intersection(text) and not _SIGN_WEIGHT.search(text):
         return Prompt(text, text, text, Conjunction([FlattenedPrompt([(text, 1.0)])]))
     translated, has_syntax = translate(text, name)
     try:
@@ -214,9 +219,15 @@ class PromptEncoder:
             else ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED
         )
         self._zero_negative = bool(getattr(pipeline.config, "force_zeros_for_empty_prompt", False))
+        # compel keeps the empty prompt's embedding (what weights scale from, what pads): one set of
+        # Compels per state of the text encoders, which their LoRAs change.
+        self._compels: OrderedDict[tuple, list[Compel]] = OrderedDict()
 
-    def encode(self, prompt: str, negative_prompt: str | None, guidance: bool) -> dict[str, torch.Tensor]:
-        """negative_prompt None: none given (SDXL then uses zeros where the model says so)."""
+    def encode(
+        self, prompt: str, negative_prompt: str | None, guidance: bool, loras: tuple = ()
+    ) -> dict[str, torch.Tensor]:
+        """negative_prompt None: none given (SDXL then uses zeros where the model says so). loras:
+        the text-encoder LoRAs active (engine.PromptCache's key), () for none."""
         positive = parse(prompt, "prompt")
         negative = parse(negative_prompt, "negative_prompt") if guidance and negative_prompt is not None else None
         if all(self._fits(text) for text in (positive, negative) if text is not None):
@@ -229,7 +240,7 @@ class PromptEncoder:
             )
             # SD pipelines return two tensors, SDXL four (with the pooled embeddings): zip stops at the shorter.
             return {name: tensor for name, tensor in zip(OUTPUT_NAMES, encoded, strict=False) if tensor is not None}
-        return self._chunked(positive, negative, guidance)
+        return self._chunked(positive, negative, guidance, self._compels_for(loras))
 
     def _fits(self, prompt: Prompt) -> bool:
         """Unweighted and within every tokenizer's 77 tokens (start and end markers included)."""
@@ -238,18 +249,26 @@ class PromptEncoder:
             for tokenizer, _ in self._encoders
         )
 
-    def _chunked(self, positive: Prompt, negative: Prompt | None, guidance: bool) -> dict[str, torch.Tensor]:
-        # Made per call: compel keeps the empty prompt's embedding, which a text-encoder LoRA changes.
-        compels = [
-            Compel(
-                tokenizer=tokenizer,
-                text_encoder=encoder,
-                returned_embeddings_type=self._hidden_states,
-                truncate_long_prompts=False,
-                device=self._device,
-            )
-            for tokenizer, encoder in self._encoders
-        ]
+    def _compels_for(self, loras: tuple) -> list[Compel]:
+        if loras not in self._compels:
+            self._compels[loras] = [
+                Compel(
+                    tokenizer=tokenizer,
+                    text_encoder=encoder,
+                    returned_embeddings_type=self._hidden_states,
+                    truncate_long_prompts=False,
+                    device=self._device,
+                )
+                for tokenizer, encoder in self._encoders
+            ]
+            if len(self._compels) > 8:
+                self._compels.popitem(last=False)
+        self._compels.move_to_end(loras)
+        return self._compels[loras]
+
+    def _chunked(
+        self, positive: Prompt, negative: Prompt | None, guidance: bool, compels: list[Compel]
+    ) -> dict[str, torch.Tensor]:
         zero_negative = guidance and negative is None and self._zero_negative
         if guidance and negative is None and not zero_negative:
             negative = parse("", "negative_prompt")  # what encode_prompt uses for none

@@ -62,11 +62,14 @@ def test_automatic1111_forms_are_translated_into_compel_syntax(written, compel_t
     ("written", "plain"),
     [
         ("a lighthouse, high-quality", "a lighthouse, high-quality"),  # no weighting: read as written
+        ("an x-ray, 16-bit, a - b, 1+1", "an x-ray, 16-bit, a - b, 1+1"),  # signs that weigh nothing
         ("a cat :) (dog", "a cat :) (dog"),  # unmatched brackets: read literally
         ("a (cat:1.0) dog", "a cat dog"),  # all weights 1: the words, the pipeline's way
         ("a \\(cat\\)", "a (cat)"),
         ("(cat:1.3)", None),
         ("cat+", None),
+        ("cat+, dog", None),
+        ("C++ code", None),
     ],
 )
 def test_what_is_read_as_plain_text(written, plain):
@@ -263,6 +266,34 @@ def test_a_user_loras_tokens_work_inside_weighted_text(weights_root, monkeypatch
         ours = engine.prompts.get(weighted.prompt, None, False, encoding)
         expected = compel_reference(pipeline, f"a photo of ({tokens})1.3 on a beach", "")
     assert torch.equal(ours["prompt_embeds"], expected["prompt_embeds"])
+
+
+def test_weighted_text_follows_a_text_encoder_lora_on_and_off(weights_root, monkeypatch, tmp_path):
+    """compel's empty-prompt embedding (what weights scale from) is kept per state of the text
+    encoders: with a LoRA on them, and after it, weighted text is what compel makes fresh."""
+    from fastsd import remote
+    from fastsd_testing.user_loras import write_user_lora
+
+    monkeypatch.setenv(remote.ALLOW_PRIVATE_ENV, "1")
+    monkeypatch.setenv("FASTSD_LORA_CACHE", str(tmp_path / "cache"))
+    engine = load_engine(weights_root, "sd15-lcm")
+    pipeline = engine.pipelines.text_to_image
+    model = weights_root / "weights" / variants.VARIANTS["sd15-lcm"].model
+    lora = write_user_lora(model, tmp_path / "style.safetensors", text_encoder=True, seed=1).read_bytes()
+    weighted, compel_text = "a (lighthouse:1.3) at [dawn]", "a (lighthouse)1.3 at (dawn)0.9090909090909091"
+    with FileServer({"/style.safetensors": lora}) as server:
+        with_lora = engine.validate(prompt="x", lora_weights=server.url("/style.safetensors"), **SMALL)
+    states = [("before", ()), ("with the LoRA", ((with_lora.loras[0][0].adapter, 1.0),)), ("after", ())]
+    got = {}
+    for state, key in states:
+        engine.generate(with_lora if key else engine.validate(prompt="x", **SMALL))  # applies or removes it
+        with torch.inference_mode():
+            got[state] = engine.prompts.get(f"{weighted}, {state}", None, False, key)["prompt_embeds"]
+            expected = compel_reference(pipeline, f"{compel_text}, {state}", "")["prompt_embeds"]
+            if key:  # the LoRA does change the weighted text's embeddings
+                relit = engine.prompts.get(f"{weighted}, before", None, False, key)["prompt_embeds"]
+                assert not torch.equal(relit, got["before"])
+        assert torch.equal(got[state], expected), state
 
 
 # --- through the Cog server ----------------------------------------------------------------------
