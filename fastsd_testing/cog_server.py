@@ -86,7 +86,8 @@ def server_command(host: str = "127.0.0.1") -> list[str]:
 def server_environment(port: int, scratch: Path, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment the image's server runs with: predict.py's runner, its declared slots (unless
     COG_MAX_CONCURRENCY is given), the port, and this interpreter as the worker's `python`."""
-    environment = dict(os.environ, **(env or {}), PORT=str(port), COG_PREDICT_TYPE_STUB="predict.py:Predictor")
+    environment = dict(os.environ, COG_PREDICT_TYPE_STUB="predict.py:Predictor")
+    environment.update(env or {}, PORT=str(port))  # env may name another predictor (the Cog floor's)
     environment.setdefault("COG_MAX_CONCURRENCY", str(declared_concurrency()))
     environment["PATH"] = f"{_python_folder(scratch)}{os.pathsep}{environment.get('PATH', '')}"
     return environment

@@ -258,11 +258,22 @@ def test_a_call_for_a_users_lora_runs_eagerly(graphed_engine):
         graphs.use(True)
 
 
+def test_with_graphs_each_pipeline_answers_its_device_at_once_and_keeps_its_class(graphed_engine):
+    for pipeline in graphed_engine.pipelines.by_mode.values():
+        original = type(pipeline)._fastsd_original
+        assert type(pipeline).__name__ == original.__name__ and isinstance(pipeline, original)
+        # The answer diffusers computes by walking every module, given without the walk.
+        assert pipeline._execution_device == original._execution_device.fget(pipeline) == torch.device("cpu")
+        assert pipeline.device == original.device.fget(pipeline)
+    assert not postprocess.gpu_jpeg()  # no CUDA: Pillow encodes jpg
+
+
 def test_graphs_off_installs_nothing(weights_root, monkeypatch):
     monkeypatch.setenv(GRAPHS_ENV, "off")
     engine = load_engine(weights_root, "sd-turbo")
     assert engine.graphs.summary() == {} and engine.graphs.setup_sizes == (1,)
     assert "forward" not in vars(engine.pipelines.text_to_image.unet)
+    assert not hasattr(type(engine.pipelines.text_to_image), "_fastsd_original")
     assert Graphs.off().between_requests() is False
 
 

@@ -9,13 +9,31 @@ PNG from the host array, on the engine's encoder threads.
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+log = logging.getLogger(__name__)
 _jpeg_lock = threading.Lock()  # nvJPEG from one thread at a time
+
+
+@functools.cache
+def gpu_jpeg() -> bool:
+    """Whether nvJPEG works here (a torchvision built for this torch and CUDA); else Pillow encodes."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import torchvision.io
+
+        torchvision.io.encode_jpeg([torch.zeros(3, 8, 8, dtype=torch.uint8, device="cuda")])
+    except Exception as error:  # noqa: BLE001 - any failure means the CPU encoder, never a failed request
+        log.warning("jpg outputs are encoded on the CPU: nvJPEG through torchvision is unavailable (%s)", error)
+        return False
+    return True
 
 
 @dataclass
@@ -28,7 +46,7 @@ def to_frames(images: torch.Tensor) -> Frames:
     """N x 3 x H x W floats in [0, 1] on the device -> uint8 there, and one copy to the host."""
     as_bytes = (images.float() * 255).round().to(torch.uint8)
     host = as_bytes.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    return Frames([Image.fromarray(array) for array in host], as_bytes if as_bytes.is_cuda else None)
+    return Frames([Image.fromarray(array) for array in host], as_bytes if as_bytes.is_cuda and gpu_jpeg() else None)
 
 
 def encode_jpeg(frames: torch.Tensor, quality: int) -> list[bytes]:
