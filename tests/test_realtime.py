@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import time
 
@@ -348,3 +349,57 @@ def test_the_cog_backend_renders_through_the_real_cog_server(cog):
             ws.send_json({"type": "params", "output_format": "webp"})
             assert until(ws, "result")["image"].format == "WEBP"
     assert cog.is_ready_again()
+
+
+def test_the_one_command_serves_the_page_and_the_socket(weights_root, tmp_path):
+    """`python -m fastsd.realtime` as a user starts it, on the tiny sd-turbo."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from websockets.sync.client import connect as connect_socket
+
+    from fastsd_testing.cog_server import _free_port
+
+    port = _free_port()
+    environment = {**os.environ, "FASTSD_VARIANT": "sd-turbo", "FASTSD_WEIGHTS_ROOT": str(weights_root)}
+    environment.pop("FASTSD_REALTIME_TOKEN", None)
+    refused = subprocess.run(
+        [sys.executable, "-m", "fastsd.realtime", "--host", "0.0.0.0"], env=environment, capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and "needs FASTSD_REALTIME_TOKEN" in refused.stderr
+    log_path = tmp_path / "realtime.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "fastsd.realtime", "--port", str(port), "--max-frame-bytes", "30000"],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            assert server.poll() is None, log_path.read_text()
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as answer:
+                    return json.loads(answer.read())["status"] == "ready"
+            except OSError:
+                return False
+
+        wait_for(healthy, "the server to start", timeout=300)
+        with urllib.request.urlopen(base, timeout=10) as answer:
+            assert b'<script src="realtime.js"' in answer.read()
+            assert "default-src 'self'" in answer.headers["content-security-policy"]
+        with connect_socket(f"ws://127.0.0.1:{port}/ws") as ws:
+            hello = json.loads(ws.recv())
+            assert hello["type"] == "ready" and hello["limits"]["max_frame_bytes"] == 30000, hello
+            ws.send(json.dumps(SMALL))
+            ws.send(jpeg((9, 99, 199)))
+            while (message := json.loads(ws.recv()))["type"] != "result" or message["input"] != 2:
+                if message["type"] == "result":
+                    ws.recv()
+            assert Image.open(io.BytesIO(ws.recv())).size == (64, 64)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -3,6 +3,7 @@
     python -m fastsd.realtime                          # http://127.0.0.1:8000, FASTSD_VARIANT's model
     python -m fastsd.realtime --variant sdxl-turbo --port 8080
     FASTSD_REALTIME_TOKEN=... python -m fastsd.realtime --host 0.0.0.0      # any other address: a token
+    docker run --gpus all -p 8000:8000 -e FASTSD_REALTIME_TOKEN=... IMAGE python -m fastsd.realtime --host 0.0.0.0
     python -m fastsd.realtime --backend http://localhost:5000               # render through a Cog server
 
 The model comes from the same environment variables as the Cog image (FASTSD_VARIANT, FASTSD_MODEL,
@@ -18,15 +19,22 @@ import sys
 
 import uvicorn
 
+from ..batching import Batcher
+from ..engine import Engine
 from ..errors import ConfigurationError
 from ..variants import DEFAULT_VARIANT, get_variant
 from .app import create_app
+from .backend import CogBackend, EngineBackend
 from .settings import Access, Limits
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fastsd.realtime", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; any other needs FASTSD_REALTIME_TOKEN; in a container: 0.0.0.0)",
+    )
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--variant", help="the preset to load, as FASTSD_VARIANT (default: that variable, or sd-turbo)")
     parser.add_argument(
@@ -48,15 +56,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_backend(args: argparse.Namespace):
-    from .backend import CogBackend, EngineBackend
-
     if args.variant:
         os.environ["FASTSD_VARIANT"] = args.variant
     if args.backend:
         return CogBackend(args.backend, get_variant(os.environ.get("FASTSD_VARIANT", "").strip() or DEFAULT_VARIANT))
-    from ..batching import Batcher
-    from ..engine import Engine
-
     engine = Engine.from_environment()
     return EngineBackend(engine, Batcher(engine))
 
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"fastsd.realtime: {error}")
     app = create_app(backend, limits, access)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    logging.info("realtime page: http://%s:%d/%s", shown, args.port, "?token=..." if access.token else "")
+    query = "?token=<FASTSD_REALTIME_TOKEN>" if access.token else ""
+    logging.info("realtime page: http://%s:%d/%s", shown, args.port, query)
     uvicorn.run(app, host=args.host, port=args.port, ws_max_size=limits.max_message_bytes, log_level="info")
 
 
