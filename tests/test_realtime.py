@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import load_engine
@@ -403,3 +404,40 @@ def test_the_one_command_serves_the_page_and_the_socket(weights_root, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_image_and_the_package_carry_the_page():
+    """The Cog image's build context (.dockerignore) and the package data (pyproject.toml) keep the
+    page's files, so `python -m fastsd.realtime` in the image serves them."""
+    import tomllib
+
+    from conftest import PROJECT_ROOT
+    from test_weights import dockerignore_excludes
+
+    from fastsd.realtime.app import STATIC
+
+    ignored = (PROJECT_ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line for line in ignored if line and not line.startswith("#")]
+    page = sorted(path.relative_to(PROJECT_ROOT).as_posix() for path in STATIC.iterdir())
+    assert page == ["fastsd/realtime/static/index.html", "fastsd/realtime/static/realtime.css",
+                    "fastsd/realtime/static/realtime.js"]  # fmt: skip
+    for path in [*page, "fastsd/realtime/__main__.py", "fastsd/realtime/app.py"]:
+        assert not dockerignore_excludes(patterns, path), path
+    setuptools = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "fastsd.realtime" in setuptools["packages"]
+    shipped = setuptools["package-data"]["fastsd.realtime"]
+    assert all(any(Path(name).relative_to("fastsd/realtime").match(glob) for glob in shipped) for name in page)
+
+
+def test_a_client_that_goes_cancels_its_prediction_on_the_cog_server(cog):
+    backend = CogBackend(cog.url, variants.VARIANTS["sd-turbo"])
+    slow = {**SMALL, "width": 512, "height": 512, "num_inference_steps": 50, "seed": 12345}
+    canceled_before = cog.log_path.read_text().count("Prediction cancelled")
+    with TestClient(create_app(backend), base_url="http://127.0.0.1") as client:
+        with client.websocket_connect(WS) as ws:
+            assert receive(ws)["type"] == "ready"
+            ws.send_json(slow)
+            wait_for(lambda: "seed 12345, 50 step(s)" in cog.log_path.read_text(), "the prediction to start", 120)
+        canceled = lambda: cog.log_path.read_text().count("Prediction cancelled") > canceled_before  # noqa: E731
+        wait_for(canceled, "coglet to cancel it", 120)
+    assert cog.is_ready_again()

@@ -120,7 +120,7 @@ def create_app(backend, limits: Limits | None = None, access: Access | None = No
                 idle = f"closed after {limits.idle_timeout:g} s without a message (idle_timeout)."
                 await session.error("idle", idle)
                 await websocket.close(IDLE)
-        except (WebSocketDisconnect, RuntimeError):  # RuntimeError: receive after the socket closed
+        except (WebSocketDisconnect, RuntimeError, OSError):  # the client went (RuntimeError: the socket was closed)
             pass
         finally:
             # The client is gone: its pending input goes, and its running work is canceled
