@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,11 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARACTERS = 10_000  # CLIP reads 77 tokens; anything longer is only a cost
 MAX_GUIDANCE_SCALE = 20.0
 MIN_SIDE, MAX_SIDE = 64, 2048
-LARGE_INPUT_PIXELS = 4_000_000  # past this, the memory of the decoded original is handed back
+# Past this, the memory of the decoded original is handed back: the decoded originals (up to 160 MB
+# each, and their conversions) and Cog's copies of the uploads are garbage once the inputs are fitted,
+# and the allocator would keep them, the worker staying at its peak (measured: 1.3 GB after a large
+# image; +360 MB after a 36-megapixel RGBA mask).
+LARGE_INPUT_PIXELS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -194,8 +199,25 @@ def _size(variant: Variant, width: Any, height: Any, source: Image.Image | None)
     return width, height
 
 
-def validate(
+def validate(variant: Variant, **inputs: Any) -> GenerationRequest:
+    """Check every input against the variant's limits and fill in its defaults (_validate). After a
+    large image input the allocator's freed memory is handed back, once the decoded originals are
+    garbage: when this returns, or fails (the failed call's locals cleared first)."""
+    large: list[str] = []  # the image inputs _validate decoded that were large
+    try:
+        return _validate(variant, large, **inputs)
+    except InputError as error:
+        if large:
+            traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        if large:
+            images.release_unused_memory()
+
+
+def _validate(
     variant: Variant,
+    large: list[str],
     *,
     prompt: Any,
     negative_prompt: Any = "",
@@ -221,7 +243,7 @@ def validate(
     extra_lora_scale: Any = 1.0,
     disable_safety_checker: Any = False,
 ) -> GenerationRequest:
-    """Check every input against the variant's limits and fill in its defaults."""
+    """validate(), noting in large each image input past LARGE_INPUT_PIXELS or 8 MiB."""
     prompt = _text("prompt", prompt, required=True)
     negative_prompt = _text("negative_prompt", negative_prompt, required=False)
     chosen = _loras(variant, (("lora_weights", lora_weights, lora_scale), ("extra_lora", extra_lora, extra_lora_scale)))
@@ -247,21 +269,20 @@ def validate(
     _in_range("strength", strength, 0, 1)
 
     source = images.open_input_image(image) if image is not None else None
-    large_input = source is not None and _is_large(image, source)  # then memory is handed back below
+    large.extend(["image"] if source is not None and _is_large(image, source) else [])
     area = None  # what to repaint: the mask, or the transparent pixels of the image (outpainting)
     if mask is not None:
         if source is None:
             raise InputError("mask needs an image: it marks the part of image to repaint (white) and to keep (black).")
         decoded_mask = images.open_input_image(mask, "mask")
-        large_input = large_input or _is_large(mask, decoded_mask)
+        large.extend(["mask"] if _is_large(mask, decoded_mask) else [])
         area = images.as_mask(decoded_mask, source.size)
-        del decoded_mask
     elif source is not None:
         area = images.transparent_area(source)
     if source is not None:
         source = images.flatten(source)
     control, controlnet, scale = _control(variant, control_image, controlnet, controlnet_conditioning_scale)
-    large_input = large_input or (control is not None and _is_large(control_image, control))
+    large.extend(["control_image"] if control is not None and _is_large(control_image, control) else [])
     if control is not None and area is not None:
         raise InputError("control_image does not combine with mask or a transparent image (inpainting); send one.")
     width, height = _size(variant, width, height, source if source is not None else control)
@@ -295,12 +316,6 @@ def validate(
         control = images.fit(control, width, height)
         if controlnet == CANNY and _boolean("control_preprocess", control_preprocess):
             control = images.canny_edges(control)
-    if large_input:
-        # The decoded originals (up to 160 MB each, and their conversions) and Cog's copies of the
-        # uploads are garbage now: without this, the allocator keeps them and the worker stays at its
-        # peak (measured: 1.3 GB after a large image; +360 MB after a 36-megapixel RGBA mask).
-        del source, area
-        images.release_unused_memory()
     return GenerationRequest(
         task=task,
         prompt=prompt,

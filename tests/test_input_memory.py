@@ -26,11 +26,12 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _half_white(width: int, height: int) -> bytes:
+def _half_white(width: int, height: int, white: bool = True) -> bytes:
     """White (repaint) on the left half, black (keep) on the right, opaque RGBA (as painting tools
-    save masks): compresses to a few hundred KB."""
+    save masks): compresses to a few hundred KB. white=False: all black."""
     mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
-    mask.paste((255, 255, 255, 255), (0, 0, width // 2, height))
+    if white:
+        mask.paste((255, 255, 255, 255), (0, 0, width // 2, height))
     return _png(mask)
 
 
@@ -92,5 +93,20 @@ def test_memory_after_a_large_input_is_handed_back(cog, large_input):
     output_pixels(cog.predict(**_inputs(large_input, LARGE_SIDE), **SMALL))
     after = worker_resident_mb(cog)
     measured = f"worker resident memory: {before:.0f} MB before, {after:.0f} MB after a {LARGE_SIDE}px {large_input}"
+    print(measured)
+    assert after - before < GROWTH_ALLOWED_MB, measured
+
+
+def test_memory_after_a_large_input_is_handed_back_when_the_request_is_refused(cog):
+    image = data_uri(_png(Image.new("RGB", (64, 64), (200, 40, 40))))
+    for _ in range(2):
+        output_pixels(cog.predict(**_inputs("mask", 64), **SMALL))
+    before = worker_resident_mb(cog)
+    all_black = data_uri(_half_white(LARGE_SIDE, LARGE_SIDE, white=False))
+    answer = cog.post(dict(image=image, mask=all_black, **SMALL))[1]
+    assert "mask is all black" in str(answer.get("error")), answer
+    assert cog.is_ready_again()
+    after = worker_resident_mb(cog)
+    measured = f"worker resident memory: {before:.0f} MB before, {after:.0f} MB after a refused {LARGE_SIDE}px mask"
     print(measured)
     assert after - before < GROWTH_ALLOWED_MB, measured
