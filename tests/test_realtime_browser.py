@@ -55,7 +55,9 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        # A fake camera (a moving test pattern) stands in for the webcam, granted without asking.
+        fake_camera = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", *fake_camera])
         yield launched
         launched.close()
 
@@ -145,3 +147,23 @@ def test_the_page_shows_the_servers_error_and_recovers(page):
     page.dispatch_event("#steps", "change")
     notice.wait_for(state="hidden")  # the next image clears it
     assert count(page) > shown
+
+
+def test_a_loaded_photo_and_the_webcam_become_frames(page, app, tmp_path):
+    from conftest import png_bytes
+
+    session = session_of(app)
+    page.click("#tab-paint")
+    wait_for(lambda: session.image is not None, "the blank canvas as the first frame")
+    blank = session.image
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes(300, 200, (30, 160, 60)))
+    page.set_input_files("#photo", str(photo))
+    wait_for(lambda: session.image != blank, "the photo as a frame")
+    with_photo = session.image
+    page.click("#webcam")
+    wait_for(lambda: session.image != with_photo, "a webcam frame")
+    first_camera_frame = session.image
+    wait_for(lambda: session.image != first_camera_frame, "the next webcam frame")  # the pattern moves
+    page.click("#webcam")  # off again
+    assert page.get_attribute("#webcam", "aria-pressed") == "false"
