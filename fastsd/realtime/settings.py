@@ -86,7 +86,7 @@ class Access:
     @property
     def allowed_hosts(self) -> list[str]:
         """Host headers the server answers (Starlette's TrustedHostMiddleware)."""
-        return ["localhost", "127.0.0.1", "[::1]"] if self.loopback else ["*"]
+        return ["localhost", "127.0.0.1", "::1", "[::1]"] if self.loopback else ["*"]
 
     def refusal(self, headers, query_params) -> str | None:
         """Why a websocket handshake is refused, or None. Browsers always send Origin; a client
