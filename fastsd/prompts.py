@@ -199,6 +199,34 @@ def _last_top_level_colon(text: str, opening: int, close: int, pairs: dict[int, 
     return found
 
 
+class _AsThePipelineCalls:
+    """A text encoder as compel sees it, called the way the pipeline's encode_prompt calls it:
+    int64 token ids, no attention mask where it is all ones (the same numbers), SDXL's hidden
+    states. So a captured 77-token graph of the encoder (fastsd.gpu) replays for compel's chunks
+    too. Only a weight below 1 needs a mask (compel masks those words out): that call differs."""
+
+    def __init__(self, module: torch.nn.Module, hidden_states: bool):
+        self.module = module
+        self._hidden_states = hidden_states
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.dtype
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states=False, return_dict=True):
+        masked = {} if attention_mask is None or bool(attention_mask.all()) else {"attention_mask": attention_mask}
+        if self._hidden_states:
+            return self.module(input_ids.long(), **masked, output_hidden_states=True)
+        return self.module(input_ids.long(), attention_mask=masked.get("attention_mask"))
+
+
 class PromptEncoder:
     """Prompt and negative prompt -> the embeddings the pipelines take (OUTPUT_NAMES)."""
 
@@ -254,7 +282,7 @@ class PromptEncoder:
             self._compels[loras] = [
                 Compel(
                     tokenizer=tokenizer,
-                    text_encoder=encoder,
+                    text_encoder=_AsThePipelineCalls(encoder, self._pooled),
                     returned_embeddings_type=self._hidden_states,
                     truncate_long_prompts=False,
                     device=self._device,
@@ -294,9 +322,8 @@ class PromptEncoder:
         embeds = [torch.cat(parts, dim=-1).to(self._device) for parts in zip(*per_encoder, strict=True)]
         result = {"prompt_embeds": embeds[0]}
         if self._pooled:
-            pooled = compels[-1].conditioning_provider.get_pooled_embeddings(
-                [text.words for text in texts], device=self._device
-            )
+            provider = compels[-1].conditioning_provider  # one text at a time: the [1, 77] call
+            pooled = torch.cat([provider.get_pooled_embeddings([text.words], device=self._device) for text in texts])
             result["pooled_prompt_embeds"] = pooled[:1]
         if negative is not None:
             result["negative_prompt_embeds"] = embeds[1]

@@ -124,7 +124,8 @@ def compel_reference(pipeline, prompt: str, negative: str) -> dict[str, torch.Te
         flat = [prompt for part in parts for prompt in (part.prompts if isinstance(part, Blend) else [part])]
         return " ".join(fragment.text for prompt in flat for fragment in prompt.children)
 
-    pooled = wrapper.compel_2.conditioning_provider.get_pooled_embeddings([words(prompt), words(negative)])
+    provider = wrapper.compel_2.conditioning_provider
+    pooled = torch.cat([provider.get_pooled_embeddings([words(text)]) for text in (prompt, negative)])
     return {
         "prompt_embeds": got.embeds,
         "negative_prompt_embeds": got.negative_embeds,
@@ -165,6 +166,35 @@ def test_a_long_prompt_is_encoded_in_chunks_like_compel_and_padded_with_its_nega
     assert got["prompt_embeds"].shape[1] == got["negative_prompt_embeds"].shape[1] == 3 * 77
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
+
+
+def test_chunks_call_the_text_encoders_as_the_pipeline_does_at_77_tokens(engine):
+    """[1, 77] int64 token ids, the same arguments: the GPU path's captured 77-token graph of an
+    encoder (fastsd.gpu) replays for every chunk. (A weight below 1 adds a masked call.)"""
+    pipeline = engine.pipelines.text_to_image
+    calls = []
+
+    def record(module, args, kwargs):
+        described = {key: "tensor" if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
+        calls.append((tuple((tuple(a.shape), a.dtype) for a in args), tuple(sorted(described.items()))))
+
+    names = [name for name in ("text_encoder", "text_encoder_2") if pipeline.components.get(name) is not None]
+    hooks = [pipeline.components[name].register_forward_pre_hook(record, with_kwargs=True) for name in names]
+    try:
+        with torch.inference_mode():
+            pipeline.encode_prompt(
+                "a lighthouse", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            own = set(calls)
+            calls.clear()
+            long = filler(pipeline.tokenizer, 200) + ", a (lighthouse:1.3)"
+            got = prompts.PromptEncoder(pipeline, "cpu").encode(long, "(dark:1.2)", True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert got["prompt_embeds"].shape[1] == 3 * 77
+    assert len(own) == 1 and next(iter(own))[0] == (((1, 77), torch.int64),)
+    assert set(calls) == own and len(calls) >= 3 * len(names)
 
 
 def test_a_plain_prompt_has_exactly_the_pipelines_own_embeddings(engine):
