@@ -113,7 +113,9 @@ class Engine:
         self.prompts = PromptCache(loaded.text_to_image, loaded.device)
         self.adapters = Adapters(loaded.text_to_image, variant, loaded.lora_slots)
         # FASTSD_GRAPHS=on: the hot modules replay captured graphs (fastsd.gpu); off: nothing installed.
-        self.graphs = Graphs.for_pipelines(loaded, variant.max_batch_images, pipelines.compile_mode() is not None)
+        # A whole-model compile brings its own graphs; regional compilation's blocks go inside ours.
+        whole_compile = pipelines.compile_mode() not in (None, pipelines.REGIONAL)
+        self.graphs = Graphs.for_pipelines(loaded, variant.max_batch_images, whole_compile)
         # Each request's files get a folder of their own: Cog reads them after run() returns, while
         # other requests go on. The oldest folders go once there are more than a few slots' worth,
         # the whole tree at exit.
@@ -192,7 +194,12 @@ class Engine:
     def between_requests(self) -> bool:
         """Work for an idle moment (the batch worker asks when its queue is empty): capture one graph
         of a size seen repeatedly. True when there may be more."""
+        if not self.graphs.plan.pending:
+            return False
         try:
+            # Captured as the requests that replay them run: without a user's LoRA (the last request's
+            # adapters would otherwise be inside the graph).
+            self.adapters.apply(())
             return self.graphs.between_requests()
         except Exception:  # noqa: BLE001 - the worker must live on; the size stays eager
             log.exception("graphs: a capture between requests failed")

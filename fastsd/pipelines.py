@@ -229,6 +229,9 @@ def compile_mode() -> str | None:
     return value
 
 
+REGIONAL = "regional"  # FASTSD_COMPILE=regional: the repeated blocks only
+
+
 def _use_channels_last(modules, device: str) -> None:
     """NHWC lets the convolution kernels (cuDNN, oneDNN) skip a layout change around every conv.
 
@@ -255,8 +258,16 @@ def _compile(modules, device: str, frozen: bool = True) -> None:
     # graph as constants and prepacks them for oneDNN once, rather than at every call (CPU only).
     inductor_config.freezing = device == "cpu" and frozen
     mode = compile_mode()
-    for module in modules:
-        module.compile(mode=mode)
+    if mode == REGIONAL:
+        # Regional compilation (diffusers' compile_repeated_blocks): only the blocks a model repeats
+        # (the UNet's transformer blocks; one compile serves every copy), Inductor's default mode; the
+        # ResNets and the decoders stay eager, or graphed with FASTSD_GRAPHS=on.
+        modules = [module for module in modules if getattr(module, "_repeated_blocks", None)]
+        for module in modules:
+            module.compile_repeated_blocks()
+    else:
+        for module in modules:
+            module.compile(mode=mode)
     log.info("compiled %d modules with torch.compile mode %s", len(modules), mode)
 
 

@@ -151,7 +151,7 @@ def test_captures_between_requests_stop_when_device_memory_runs_low():
     assert plan.pending == []  # nothing more is queued
 
 
-def test_a_module_whose_weights_moved_runs_eagerly_and_an_off_executor_runs_eagerly():
+def test_a_module_whose_weights_moved_drops_its_graphs_and_an_off_executor_runs_eagerly():
     wrapper, net, reference = graphed()
     with wrapper.plan.capturing_all():
         call(net, 2)
@@ -166,7 +166,7 @@ def test_a_module_whose_weights_moved_runs_eagerly_and_an_off_executor_runs_eage
     with torch.inference_mode():
         out = net(sample.double(), timestep.double(), extra={"bias": extra["bias"].double()})
         expected = reference(sample.double(), timestep.double(), extra={"bias": extra["bias"].double()})
-    assert wrapper.replays == replays
+    assert wrapper.replays == replays and wrapper.captured() == []  # the old graphs read the old tensors: gone
     torch.testing.assert_close(out["sample"], expected["sample"])
 
 
@@ -268,6 +268,38 @@ def test_with_graphs_each_pipeline_answers_its_device_at_once_and_keeps_its_clas
     assert not postprocess.gpu_jpeg()  # no CUDA: Pillow encodes jpg
 
 
+def user_lora_active(unet) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(module, BaseTunerLayer) and not module.disable_adapters for module in unet.modules())
+
+
+def test_a_capture_after_a_lora_request_holds_no_lora(graphed_engine, weights_root, tmp_path, monkeypatch):
+    from fastsd_testing.user_loras import FileServer, write_user_lora
+
+    monkeypatch.setenv("FASTSD_ALLOW_PRIVATE_URLS", "1")
+    monkeypatch.setenv("FASTSD_LORA_CACHE", str(tmp_path / "lora-cache"))
+    engine, unet = graphed_engine, graphed_engine.graphs.modules["unet"]
+    model = weights_root / "weights" / engine.variant.model
+    lora = write_user_lora(model, tmp_path / "style.safetensors", convolutions=False)
+    odd = dict(width=64, height=80)  # captured at no size yet: queued after a few requests
+    plain = [engine.generate(engine.validate(prompt="a kite", seed=0, **odd)).images[0]]
+    plain += [engine.generate(engine.validate(prompt="a kite", seed=s, **odd)).images[0] for s in range(1, 3)]
+    assert "unet" in [name for name, _ in engine.graphs.plan.pending]
+    with FileServer({"/style.safetensors": lora.read_bytes()}) as files:
+        raw = dict(prompt="a kite", seed=0, lora_weights=files.url("/style.safetensors"), **odd)
+        styled = engine.generate(engine.validate(**raw)).images[0]
+    pipeline_unet = engine.pipelines.text_to_image.unet
+    assert user_lora_active(pipeline_unet)  # right after the LoRA request, its adapter still set
+    while engine.between_requests():
+        assert not user_lora_active(pipeline_unet)  # the CPU's stand-in would not show it in the pixels
+    replays = unet.replays
+    again = engine.generate(engine.validate(prompt="a kite", seed=0, **odd)).images[0]
+    assert unet.replays == replays + 1
+    assert np.abs(np.asarray(styled, dtype=int) - np.asarray(plain[0], dtype=int)).max() > 2  # the LoRA shows
+    assert np.abs(np.asarray(again, dtype=int) - np.asarray(plain[0], dtype=int)).max() <= 1
+
+
 def test_graphs_off_installs_nothing(weights_root, monkeypatch):
     monkeypatch.setenv(GRAPHS_ENV, "off")
     engine = load_engine(weights_root, "sd-turbo")
@@ -325,3 +357,25 @@ def test_an_invalid_graphs_setting_fails_setup_with_one_sentence(weights_root, t
         assert "loaded sd-turbo" not in text  # before any weights load
     finally:
         server.stop()
+
+
+def test_regional_compilation_compiles_the_repeated_blocks_inside_the_graphs(weights_root, monkeypatch, tmp_path):
+    """FASTSD_COMPILE=regional: the UNet's transformer blocks only (compile_repeated_blocks), with the
+    graphs around them; the same image as eager."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    request = dict(prompt="a compiled cat", seed=2, **SMALL)
+    eager = load_engine(weights_root, "sd-turbo")
+    expected = np.asarray(eager.generate(eager.validate(**request)).images[0], dtype=int)
+    monkeypatch.setenv("FASTSD_COMPILE", "regional")
+    monkeypatch.setenv(GRAPHS_ENV, "on")
+    compiled = load_engine(weights_root, "sd-turbo")
+    unet = compiled.pipelines.text_to_image.unet
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    assert unet._compiled_call_impl is None and compiled.pipelines.text_to_image.vae.decoder._compiled_call_impl is None
+    with compiled.graphs.capturing():  # what the warm-up does at each served size
+        captured = np.asarray(compiled.generate(compiled.validate(**request)).images[0], dtype=int)
+    replays = compiled.graphs.modules["unet"].replays
+    replayed = np.asarray(compiled.generate(compiled.validate(**request)).images[0], dtype=int)
+    assert compiled.graphs.modules["unet"].replays == replays + 1
+    assert np.abs(captured - expected).max() <= 2 and np.abs(replayed - expected).max() <= 2

@@ -130,7 +130,11 @@ class Graph:
                 forward(*args, **kwargs)
             torch.cuda.current_stream().wait_stream(executor.stream)
             self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph, pool=executor.pool, stream=executor.stream):
+            # thread_local: the server's other threads (encoding the last request's outputs) may use
+            # CUDA meanwhile; only this thread's calls are checked for what a capture forbids.
+            with torch.cuda.graph(
+                self._graph, pool=executor.pool, stream=executor.stream, capture_error_mode="thread_local"
+            ):
                 outputs = forward(*args, **kwargs)
         else:
             self._graph = None
@@ -200,7 +204,18 @@ class GraphedModule:
         return self._replay(graph, signature, leaves)
 
     def _weights_current(self) -> bool:
-        return self._weights_token() == self._weights
+        """False once the weights are new tensors (a text encoder grown by a LoRA's new tokens): the
+        graphs read the old ones, so they go, and the shapes are captured again as they are seen."""
+        token = self._weights_token()
+        if token == self._weights:
+            return True
+        with self.executor.lock:
+            dropped = sum(len(by_batch) for by_batch in self.graphs.values())
+            self.graphs.clear()
+            self._weights = token
+        log.info("graphs: %s has new weight tensors: its %d graph(s) dropped, captured again as seen", self.name,
+                 dropped)  # fmt: skip
+        return False
 
     def _find(self, signature: Signature) -> Graph | None:
         by_batch = self.graphs.get(signature.family)
