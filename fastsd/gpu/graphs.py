@@ -45,9 +45,9 @@ class Signature:
         made = []
         for leaf in leaves:
             if leaf[0] == "tensor":
-                _, shape, dtype = leaf
+                _, shape, dtype, on = leaf
                 shape = tuple(self.batch if size == BATCH else size for size in shape)
-                made.append(torch.zeros(shape, dtype=dtype, device=device))
+                made.append(torch.zeros(shape, dtype=dtype, device=device if on != "cpu" else "cpu"))
             else:
                 made.append(leaf[1])
         return pytree.tree_unflatten(made, spec)
@@ -70,7 +70,7 @@ def signature_of(leaves: list, spec) -> Signature | None:
             shape = tuple(leaf.shape)
             if batch is not None and shape and shape[0] == batch:
                 shape = (BATCH, *shape[1:])
-            described.append(("tensor", shape, leaf.dtype))
+            described.append(("tensor", shape, leaf.dtype, leaf.device.type))
         else:
             try:
                 hash(leaf)
