@@ -408,7 +408,7 @@ def test_the_words_past_token_77_change_the_image(served):
 
 
 def test_bad_syntax_fails_with_one_sentence_and_the_next_request_is_unchanged(served):
-    server, _ = served
+    server, engine = served
     before = image(server, "a (lighthouse:1.2)")
     for prompt, message in (
         ("a (lighthouse:1,2)", "prompt: the weight in '(lighthouse:1,2)' is not a number; write it like (words:1.3)."),
@@ -418,5 +418,8 @@ def test_bad_syntax_fails_with_one_sentence_and_the_next_request_is_unchanged(se
         assert response["status"] == "failed" and message in response["error"]
     response = server.predict(prompt="a lighthouse", negative_prompt="(dark:-2)", guidance_scale=2.0, **SMALL)
     assert response["status"] == "failed" and "negative_prompt: the weight in '(dark:-2)'" in response["error"]
+    too_long = filler(engine.pipelines.text_to_image.tokenizer, prompts.MAX_CHUNKS * 75 + 10)
+    response = server.predict(prompt=too_long, **SMALL)
+    assert response["status"] == "failed" and "at most 8 (about 600 tokens) are encoded" in response["error"]
     assert server.is_ready_again()
     assert np.array_equal(image(server, "a (lighthouse:1.2)"), before)
