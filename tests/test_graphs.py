@@ -379,3 +379,22 @@ def test_regional_compilation_compiles_the_repeated_blocks_inside_the_graphs(wei
     replayed = np.asarray(compiled.generate(compiled.validate(**request)).images[0], dtype=int)
     assert compiled.graphs.modules["unet"].replays == replays + 1
     assert np.abs(captured - expected).max() <= 2 and np.abs(replayed - expected).max() <= 2
+
+
+@pytest.mark.parametrize("name", ["sd15", "lcm-dreamshaper"])
+def test_guided_and_guidance_embedding_variants_pad_and_match_eager(weights_root, monkeypatch, name):
+    """sd15 guides (the UNet's batch is twice the images: 3 images run in the graph of 8), the
+    distilled LCM embeds its guidance (timestep_cond): both give the eager images, batched."""
+    eager = load_engine(weights_root, name)
+    monkeypatch.setenv(GRAPHS_ENV, "on")
+    graphed = load_engine(weights_root, name)
+    graphed.warm_up()
+    unet = graphed.graphs.modules["unet"]
+    request = dict(prompt="a kite", negative_prompt="fog", seed=4, num_outputs=3, num_inference_steps=2, **SMALL)
+    replays, eager_calls = unet.replays, unet.eager_calls
+    got = graphed.generate(graphed.validate(**request)).images
+    assert unet.replays > replays and unet.eager_calls == eager_calls  # every step replayed a graph
+    assert 3 * (1 + graphed.validate(**request).uses_guidance) not in {s.batch for s in unet.captured()}
+    expected = eager.generate(eager.validate(**request)).images
+    for image, reference in zip(got, expected, strict=True):
+        assert np.abs(np.asarray(image, dtype=int) - np.asarray(reference, dtype=int)).max() <= 1
