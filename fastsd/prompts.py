@@ -17,6 +17,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import pyparsing
 import torch
 from compel import Compel, PromptParser, ReturnedEmbeddingsType
 from compel.prompt_parser import Blend, Conjunction, CrossAttentionControlSubstitute, FlattenedPrompt
@@ -58,8 +59,10 @@ def parse(text: str, name: str = "prompt") -> Prompt:
     translated, has_syntax = translate(text, name)
     try:
         conjunction = Compel.parse_prompt_string(translated)
-    except (ValueError, TypeError, IndexError, PromptParser.ParsingException) as error:
+    except (ValueError, TypeError, IndexError, PromptParser.ParsingException, pyparsing.ParseBaseException) as error:
         raise InputError(f"{name} could not be read as weighted text ({error}); see docs/prompts.md.") from None
+    if not conjunction.prompts:  # only empty groups, "()" or "[]": nothing to weigh
+        conjunction = Conjunction([FlattenedPrompt([("", 1.0)])])
     if conjunction.lora_weights:
         raise InputError(f"{name}: withLora() is not read here; send the LoRA as lora_weights or extra_lora.")
     parts = [part for prompt in conjunction.prompts for part in _flattened(prompt)]
@@ -126,15 +129,14 @@ def _translate_range(text: str, start: int, end: int, pairs: dict[int, int], nam
     index = start
     while index < end:
         character = text[index]
-        if character == "\\" and index + 1 < end and text[index + 1] in _ESCAPABLE:
-            escaped = text[index + 1]
-            out.append("\\" + escaped if escaped in "()" else escaped)  # compel reads [ ] as text already
-            index += 2
-            continue
         close = pairs.get(index)
-        if close is None or close >= end:
-            out.append("\\" + character if character in "()" else character)  # unmatched: the character itself
-            index += 1
+        escape = character == "\\" and index + 1 < end and text[index + 1] in _ESCAPABLE
+        if escape or close is None or close >= end:  # escaped, or unmatched: the character itself
+            literal = text[index + 1] if escape else character
+            index += 2 if escape else 1
+            out.append("\\" + literal if literal in "()" else literal)  # compel reads [ ] as text already
+            if literal in "()" and index < end and text[index] in "(\\":
+                out.append(" ")  # compel reads "\\((a)1.1" all as text; "\\( (a)1.1" as meant
             continue
         explicit = character == "(" and _has_explicit_weight(text, index, close, pairs)
         if character == "(" and (

@@ -52,6 +52,7 @@ def filler(tokenizer, tokens: int) -> str:
         ("(cat)1.3 dog+ (red)- ", "(cat)1.3 dog+ (red)- "),  # compel's own syntax passes as it is
         ('("a cat", "a dog").blend(0.3, 0.7)', '("a cat", "a dog").blend(0.3, 0.7)'),
         ("smile :)", "smile :\\)"),  # unmatched: the character itself
+        ("((cat)", "\\( (cat)1.1"),  # (compel would read "\\((cat)1.1" all as text)
     ],
 )
 def test_automatic1111_forms_are_translated_into_compel_syntax(written, compel_text):
@@ -69,6 +70,8 @@ def test_automatic1111_forms_are_translated_into_compel_syntax(written, compel_t
         ("(cat:1.3)", None),
         ("cat+", None),
         ("cat+, dog", None),
+        ("a () b", "a b"),  # an empty group weighs nothing
+        ("[]", ""),
         ("C++ code", None),
     ],
 )
@@ -87,6 +90,7 @@ def test_what_is_read_as_plain_text(written, plain):
         ("[cat|dog]", "Automatic1111's alternation, which is not supported"),
         ("a cat.swap(dog)", ".swap() (prompt-to-prompt editing) is not supported"),
         ('("a", "b").blend(x, y)', "prompt could not be read as weighted text"),
+        ('("a", "b").blend(1, 1) and more', "prompt could not be read as weighted text"),
     ],
 )
 def test_bad_syntax_is_one_sentence(written, message):
