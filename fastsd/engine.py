@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import hotswap, images, inputs, pipelines
+from . import hotswap, images, inputs, pipelines, prompts
 from .adapters import Adapters
 from .errors import ContentWithheld, InputError
 from .gpu import Graphs, graphs_setting, postprocess
@@ -226,6 +226,10 @@ class Engine:
                 f"vae must be one of {', '.join(self.pipelines.vae_choices)} on this deployment, got {request.vae!r}: "
                 f"the tiny autoencoder {self.variant.tiny_vae} is not installed."
             )
+        # Bad weighting syntax is answered before the request queues (the parse is kept for encoding).
+        prompts.parse(request.prompt, "prompt")
+        if self._negative_prompt(request) is not None:
+            prompts.parse(request.negative_prompt, "negative_prompt")
         return request
 
     def _negative_prompt(self, request: GenerationRequest) -> str | None:

@@ -12,6 +12,7 @@ the negative prompt to the same number of chunks with the empty prompt's embeddi
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import OrderedDict
@@ -52,6 +53,7 @@ class Prompt:
     conjunction: Conjunction  # compel's parse of the translated text
 
 
+@functools.lru_cache(maxsize=256)  # Engine.validate reads a prompt first, then the encoder
 def parse(text: str, name: str = "prompt") -> Prompt:
     """Read a prompt by the rules above; bad syntax is one InputError sentence naming the input."""
     if not _BRACKETS.intersection(text) and not _SIGN_WEIGHT.search(text):

@@ -241,6 +241,16 @@ def test_the_cache_keys_on_the_text_as_written(weights_root):
     assert same_weights is not first and torch.equal(same_weights["prompt_embeds"], first["prompt_embeds"])
 
 
+def test_bad_syntax_is_answered_before_the_request_queues(weights_root):
+    engine = load_engine(weights_root, "sd-turbo")
+    with pytest.raises(InputError, match=re.escape("prompt: the weight in '(cat:1,5)' is not a number")):
+        engine.validate(prompt="a (cat:1,5)", **SMALL)
+    # A negative prompt is read only where it is used (guidance above 1).
+    engine.validate(prompt="a cat", negative_prompt="(dog:1,5)", **SMALL)
+    with pytest.raises(InputError, match=re.escape("negative_prompt: the weight in '(dog:1,5)'")):
+        engine.validate(prompt="a cat", negative_prompt="(dog:1,5)", guidance_scale=2.0, **SMALL)
+
+
 def test_a_prompt_past_the_maximum_fails_with_one_sentence(weights_root):
     engine = load_engine(weights_root, "sd-turbo")
     tokenizer = engine.pipelines.text_to_image.tokenizer
