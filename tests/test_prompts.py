@@ -201,6 +201,28 @@ def test_chunks_call_the_text_encoders_as_the_pipeline_does_at_77_tokens(engine)
     assert set(calls) == own and len(calls) >= 3 * len(names)
 
 
+@pytest.mark.parametrize("name", ["sd-turbo", "sdxl-turbo"])
+def test_with_graphs_a_chunked_prompt_replays_the_77_token_graph_per_chunk(weights_root, name):
+    """FASTSD_GRAPHS=on (on the CPU its eager stand-in runs the same code): no new capture for a
+    new length, no eager call."""
+    from fastsd.gpu import GRAPHS_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(GRAPHS_ENV, "on")
+        engine = load_engine(weights_root, name)
+        engine.warm_up()
+    encoders = [m for n, m in engine.graphs.modules.items() if n.startswith("text_encoder")]
+    before = [(len(m.captured()), m.replays, m.eager_calls) for m in encoders]
+    assert all(captured >= 1 for captured, _, _ in before)
+    long = filler(engine.pipelines.text_to_image.tokenizer, 200) + ", a (lighthouse:1.3)"
+    engine.graphs.use(True)
+    with torch.inference_mode():
+        assert engine.prompts.get(long, None, False)["prompt_embeds"].shape[1] == 3 * 77
+    for module, (captured, replays, eager) in zip(encoders, before, strict=True):
+        assert (len(module.captured()), module.eager_calls) == (captured, eager), module.name
+        assert module.replays >= replays + 3, module.name
+
+
 def test_a_plain_prompt_has_exactly_the_pipelines_own_embeddings(engine):
     pipeline = engine.pipelines.text_to_image
     names = prompts.OUTPUT_NAMES
