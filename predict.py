@@ -46,9 +46,9 @@ class Predictor(BaseRunner):
         ),
         image: Path | None = Input(
             default=None,
-            description="A starting image (PNG, JPEG, WebP, GIF, BMP or TIFF) for image-to-image. Without width and height the "
-            "output keeps its size, rounded to a multiple of 8. Transparent pixels (with no mask) are filled in: "
-            "outpainting.",
+            description="A starting image (PNG, JPEG, WebP, GIF, BMP or TIFF) for image-to-image. Without width and "
+            "height the output keeps its size, rounded to a multiple of 8. Transparent pixels (with no mask) are "
+            "filled in: outpainting.",
         ),
         mask: Path | None = Input(
             default=None,

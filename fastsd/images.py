@@ -63,7 +63,9 @@ def open_input_image(path: Path | str, name: str = "image") -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, InputError):
             raise
-        raise InputError(f"{name} is not a readable image file; send a PNG, JPEG, WebP, GIF, BMP or TIFF image.") from None
+        raise InputError(
+            f"{name} is not a readable image file; send a PNG, JPEG, WebP, GIF, BMP or TIFF image."
+        ) from None
     return decoded
 
 

@@ -24,7 +24,7 @@ from .variants import CANNY, CONDITIONING_SCALE, CONTROLNETS, VAE_CHOICES, Varia
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 MAX_OUTPUTS = 8
 MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARACTERS = 10_000  # CLIP reads 77 tokens; anything longer is only a cost
+MAX_PROMPT_CHARACTERS = 10_000  # far past 8 chunks of 77 tokens (fastsd.prompts): anything longer is only a cost
 MAX_GUIDANCE_SCALE = 20.0
 MIN_SIDE, MAX_SIDE = 64, 2048
 # Past this, the memory of the decoded original is handed back: the decoded originals (up to 160 MB
