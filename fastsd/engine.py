@@ -21,16 +21,17 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import hotswap, images, inputs, pipelines, prompts
-from .adapters import Adapters
+from . import images, inputs, pipelines, prompts
 from .errors import ContentWithheld, InputError
 from .gpu import Graphs, graphs_setting, postprocess
 from .inputs import GenerationRequest
-from .layout import model_folder
+from .loras import hotswap
+from .loras.adapters import Adapters
 from .prompts import PromptEncoder
-from .provision import ensure_model_folder, ensure_weights
 from .tasks import Task
 from .variants import CONTROLNETS, CONTROLNETS_ENV, FULL_VAE, Variant, variant_from_environment
+from .weights.layout import model_folder
+from .weights.provision import ensure_model_folder, ensure_weights
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class Engine:
         self._accepted = {
             mode: set(inspect.signature(pipeline.__call__).parameters) for mode, pipeline in loaded.by_mode.items()
         }
-        # A compiled UNet serves LoRAs only through its slots (fastsd.hotswap).
+        # A compiled UNet serves LoRAs only through its slots (fastsd.loras.hotswap).
         self._refuses_loras = pipelines.compile_mode() is not None and loaded.lora_slots is None
         self._default_vae = variant.default_vae
         if self._default_vae not in loaded.vae_choices:

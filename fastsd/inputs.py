@@ -16,8 +16,9 @@ from typing import Any
 
 from PIL import Image
 
-from . import images, loras
+from . import images
 from .errors import InputError
+from .loras import references as loras
 from .tasks import Task
 from .variants import CANNY, CONDITIONING_SCALE, CONTROLNETS, VAE_CHOICES, Variant
 
@@ -51,7 +52,7 @@ class GenerationRequest:
     output_format: str
     output_quality: int
     vae: str  # "full" or "tiny"
-    loras: tuple = ()  # (fastsd.loras.LoraFile, scale) pairs applied for this request only
+    loras: tuple = ()  # (fastsd.loras.references.LoraFile, scale) pairs applied for this request only
     check_safety: bool = True  # false: disable_safety_checker
     controlnet: str | None = None  # canny or depth, with control_image
     control_image: Image.Image | None = None  # the map the ControlNet follows, at width x height
@@ -109,7 +110,7 @@ def _text(name: str, value: Any, required: bool) -> str:
 
 
 def _loras(variant: Variant, given) -> tuple:
-    """(LoraFile, scale) for each LoRA named, fetched and checked (fastsd.loras)."""
+    """(LoraFile, scale) for each LoRA named, fetched and checked (fastsd.loras.references)."""
     chosen = []
     for name, reference, scale in given:
         if reference is None or reference == "":

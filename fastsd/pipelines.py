@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from . import hotswap
-from .adapters import load_adapter
 from .errors import ConfigurationError
-from .hotswap import UnetSlots
-from .layout import CONTROLNET, LORA, UNET, model_folder, repo_folder, weights_root
-from .provision import require_weights
+from .loras import hotswap
+from .loras.adapters import load_adapter
+from .loras.hotswap import UnetSlots
 from .safety import SafetyChecker
 from .tasks import Task
 from .variants import ARCHITECTURE_NAMES, FULL_VAE, SDXL, TINY_VAE, HubFile, Lora, Scheduler, Variant
+from .weights.layout import CONTROLNET, LORA, UNET, model_folder, repo_folder, weights_root
+from .weights.provision import require_weights
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Pipelines:
     dtype: torch.dtype
     accepts_negative_prompt: bool  # the distilled LCM pipeline embeds guidance and takes none
     safety: SafetyChecker | None = None  # None: FASTSD_SAFETY_CHECKER=off
-    lora_slots: UnetSlots | None = None  # a compiled UNet's slots for users' LoRAs (fastsd.hotswap)
+    lora_slots: UnetSlots | None = None  # a compiled UNet's slots for users' LoRAs (fastsd.loras.hotswap)
 
     @property
     def text_to_image(self):

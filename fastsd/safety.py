@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from .errors import ConfigurationError
-from .layout import NSFW_CLASSIFIER, SAFETY_CHECKER, Source
 from .variants import NSFW_CLASSIFIER_REPO, SAFETY_CHECKER_REPO, SAFETY_ENV, Variant
+from .weights.layout import NSFW_CLASSIFIER, SAFETY_CHECKER, Source
 
 log = logging.getLogger(__name__)
 NSFW_LABEL = "nsfw"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from fastsd import layout as disk
 from fastsd import variants
-from fastsd.layout import Source
 from fastsd.pipelines import quiet_library_noise
+from fastsd.weights import layout as disk
+from fastsd.weights.layout import Source
 
 TINY = "tiny"
 FULL = "full"
@@ -567,7 +567,7 @@ def build_controlnet_repo(hub_id: str, root: Path, size: str = TINY, seed: int =
 
 
 def build_source(source: Source, root: Path, size: str = TINY, fp16_only: bool = False) -> Path:
-    """What a Source (fastsd.layout) loads, in its place under root."""
+    """What a Source (fastsd.weights.layout) loads, in its place under root."""
     if source.role == disk.LORA:
         return build_lora_file(variants.HubFile(source.repo, source.filename), root, size)
     if source.role == disk.UNET:

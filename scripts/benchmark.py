@@ -37,11 +37,12 @@ from pathlib import Path
 
 import torch
 
-from fastsd import images, layout, variants
+from fastsd import images, variants
 from fastsd.engine import Engine
 from fastsd.inputs import MAX_OUTPUTS
 from fastsd.pipelines import select_device
 from fastsd.tasks import Task
+from fastsd.weights import layout
 from fastsd_testing import random_models
 from fastsd_testing.cog_server import CogServer, declared_concurrency, decode_output
 from fastsd_testing.load import run_clients

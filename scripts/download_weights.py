@@ -34,7 +34,7 @@ os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
 
 def _status(variant) -> str:
     """What is on disk for a variant: ready, present but unverified, damaged, or missing."""
-    from fastsd import layout, manifest, provision
+    from fastsd.weights import layout, manifest, provision
 
     if provision.missing(variant):
         return "missing"
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.root:
         os.environ["FASTSD_WEIGHTS_ROOT"] = str(args.root.resolve())
 
-    from fastsd import download, layout, variants
+    from fastsd import variants
     from fastsd.errors import ConfigurationError
+    from fastsd.weights import download, layout
 
     if args.list:
         print(f"weights root: {layout.weights_root()}")

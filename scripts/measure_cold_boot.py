@@ -34,7 +34,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def _loaded_files(variant, root: Path) -> list[Path]:
     """The files Engine.load reads on this machine, with the precision pipelines.py chooses."""
     os.environ["FASTSD_WEIGHTS_ROOT"] = str(root)
-    from fastsd import layout, pipelines
+    from fastsd import pipelines
+    from fastsd.weights import layout
 
     _, dtype = pipelines.select_device()
     files = []
@@ -97,7 +98,8 @@ def child(variant_name: str, root: Path, profile: bool) -> dict:
     import diffusers
     import transformers  # noqa: F401
 
-    from fastsd import engine, pipelines, provision, variants
+    from fastsd import engine, pipelines, variants
+    from fastsd.weights import provision
 
     phases["import diffusers+transformers"] = time.perf_counter() - mark
 

@@ -40,8 +40,8 @@ def _normalized(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 
 def pack(variant, out: Path, tiny_vae: bool = True, report=print) -> int:
-    from fastsd import layout, manifest
     from fastsd.errors import ConfigurationError
+    from fastsd.weights import layout, manifest
 
     # The files of each folder that the variant loads: a shared folder (a repo of many LoRAs, a
     # base whose VAE the preset replaces) is packed with only those, and a manifest of them.
@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.root:
         os.environ["FASTSD_WEIGHTS_ROOT"] = str(args.root.resolve())
-    from fastsd import layout, variants
+    from fastsd import variants
     from fastsd.errors import ConfigurationError
+    from fastsd.weights import layout
 
     try:
         if args.model:

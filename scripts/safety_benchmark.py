@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark import build_random_weights, report_header, timed_prediction, versions  # noqa: E402
 
-from fastsd import layout, variants  # noqa: E402
+from fastsd import variants  # noqa: E402
 from fastsd.pipelines import select_device  # noqa: E402
+from fastsd.weights import layout  # noqa: E402
 from fastsd_testing import random_models  # noqa: E402
 from fastsd_testing.cog_server import CogServer  # noqa: E402
 

@@ -47,7 +47,7 @@ _VARIANT_LINE = re.compile(r"^(?P<indent>[ \t]*-[ \t]*)FASTSD_VARIANT=[^\s#]*(?P
 
 
 def kept_paths(sources) -> list[str]:
-    """The .dockerignore lines that let a variant's weights back in, from its sources (fastsd.layout):
+    """The .dockerignore lines that let a variant's weights back in, from its sources (fastsd.weights.layout):
     a whole folder, or one file or subfolders of a shared folder with the folder's manifest; then, for a base
     whose UNet or VAE the preset replaces, those weights out again (later lines win)."""
     lines = []
@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", type=Path, default=PROJECT_ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    from fastsd import layout, variants
+    from fastsd import variants
     from fastsd.errors import ConfigurationError
+    from fastsd.weights import layout
 
     try:
         variant = cli.deployment(variants.get_variant(args.variant), args)

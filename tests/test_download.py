@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fastsd import download, layout, provision, variants
+from fastsd import variants
+from fastsd.weights import download, layout, provision
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

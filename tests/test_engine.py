@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from fastsd import pipelines, variants
 from fastsd.engine import Engine
 from fastsd.errors import ConfigurationError, InputError
-from fastsd.layout import LORA, repo_folder
 from fastsd.tasks import Task
+from fastsd.weights.layout import LORA, repo_folder
 
 SMALL = dict(width=64, height=64)
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import load_engine
 
-from fastsd import hotswap, remote, variants
+from fastsd import variants
 from fastsd.errors import ConfigurationError, InputError
+from fastsd.loras import hotswap, remote
 from fastsd_testing.random_models import KOHYA, PEFT
 from fastsd_testing.user_loras import FileServer, write_user_lora
 

@@ -15,9 +15,11 @@ import pytest
 import torch
 from conftest import load_engine
 
-from fastsd import loras, remote, variants
+from fastsd import variants
 from fastsd.engine import Engine
 from fastsd.errors import InputError
+from fastsd.loras import references as loras
+from fastsd.loras import remote
 from fastsd_testing.cog_server import CogServer, decode_output
 from fastsd_testing.user_loras import KOHYA, PEFT, FileServer, replicate_training_tar, write_user_lora
 

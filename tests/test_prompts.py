@@ -309,7 +309,7 @@ def test_a_request_batched_with_a_long_prompt_gets_the_image_it_gets_alone(weigh
 
 
 def test_a_user_loras_tokens_work_inside_weighted_text(weights_root, monkeypatch, tmp_path):
-    from fastsd import remote
+    from fastsd.loras import remote
 
     monkeypatch.setenv(remote.ALLOW_PRIVATE_ENV, "1")
     monkeypatch.setenv("FASTSD_LORA_CACHE", str(tmp_path / "cache"))
@@ -337,7 +337,7 @@ def test_a_user_loras_tokens_work_inside_weighted_text(weights_root, monkeypatch
 def test_weighted_text_follows_a_text_encoder_lora_on_and_off(weights_root, monkeypatch, tmp_path):
     """compel's empty-prompt embedding (what weights scale from) is kept per state of the text
     encoders: with a LoRA on them, and after it, weighted text is what compel makes fresh."""
-    from fastsd import remote
+    from fastsd.loras import remote
     from fastsd_testing.user_loras import write_user_lora
 
     monkeypatch.setenv(remote.ALLOW_PRIVATE_ENV, "1")

@@ -1,4 +1,4 @@
-"""What the server fetches for a stranger (fastsd.remote): which addresses are public, the URL rules,
+"""What the server fetches for a stranger (fastsd.loras.remote): which addresses are public, the URL rules,
 one deadline for the whole exchange, and error sentences that name the input and tell nothing of
 the network. In process against loopback servers; then the same rules through the real Cog server,
 which applies them to a LoRA reference before its disk cache."""
@@ -17,8 +17,10 @@ import time
 
 import pytest
 
-from fastsd import loras, remote, variants
+from fastsd import variants
 from fastsd.errors import InputError
+from fastsd.loras import references as loras
+from fastsd.loras import remote
 from fastsd_testing.cog_server import data_uri, ready_server
 from fastsd_testing.user_loras import FileServer, write_user_lora
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from fastsd import layout, provision, variants
+from fastsd import variants
 from fastsd.engine import Engine
 from fastsd.errors import ContentWithheld
+from fastsd.weights import layout, provision
 from fastsd_testing import random_models
 from fastsd_testing.cog_server import decode_output, ready_server
 

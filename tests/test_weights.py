@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_ROOT, script_module
 
-from fastsd import fetch, layout, manifest, provision, variants
+from fastsd import variants
 from fastsd.engine import Engine
 from fastsd.errors import ConfigurationError
+from fastsd.weights import fetch, layout, manifest, provision
 from fastsd_testing.loopback import LoopbackServer, reply
 
 pack_weights = script_module("scripts/pack_weights.py")
@@ -64,7 +65,7 @@ def add_manifest(folder: Path) -> dict:
 def test_folder_without_manifest_loads_and_says_so(root, caplog):
     from fastsd.engine import Engine
 
-    caplog.set_level(logging.INFO, logger="fastsd.provision")
+    caplog.set_level(logging.INFO, logger="fastsd.weights.provision")
     provision._logged_unverified.clear()
     provision.ensure_weights(SD_TURBO)
     engine = Engine.load(SD_TURBO)
@@ -263,7 +264,7 @@ def test_setup_fetches_a_missing_variant_from_the_tar_with_parallel_range_reques
     from fastsd.engine import Engine
 
     fresh = empty_root(tmp_path, monkeypatch)
-    caplog.set_level(logging.INFO, logger="fastsd.provision")
+    caplog.set_level(logging.INFO, logger="fastsd.weights.provision")
     with TarServer(sd_turbo_tar) as server:
         provision.ensure_weights(SD_TURBO, server.url)
     ranges = [r for r in server.requests if r]
@@ -632,7 +633,7 @@ def test_committed_dockerignore_is_the_one_for_the_default_variant(monkeypatch):
 
 def test_fnmatch_is_not_used_by_the_selection_escape():
     # allow_patterns are fnmatch patterns: a file name with [ must only match itself.
-    from fastsd.download import _escape_glob
+    from fastsd.weights.download import _escape_glob
 
     assert fnmatch.fnmatch("a[1].json", _escape_glob("a[1].json"))
     assert not fnmatch.fnmatch("a1.json", _escape_glob("a[1].json"))

@@ -7,7 +7,7 @@ A reference is one of
   training made new tokens, embeddings.pti with special_params.json (the tokens then work in the
   prompt, as on Replicate).
 
-Files are fetched with fastsd.remote (public https only, size cap, timeouts) into a size-capped
+Files are fetched with fastsd.loras.remote (public https only, size cap, timeouts) into a size-capped
 cache keyed by the reference, so a repeated request pays no download. Only safetensors are taken:
 a pickle is refused by its first bytes, whatever its name, and never opened; a safetensors header
 is checked before anything loads it. The LoRA's base architecture is read from its shapes (the
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from ..errors import InputError
+from ..variants import ARCHITECTURE_NAMES, SD2, SD15, SDXL
+from ..weights.layout import weights_root
 from . import remote
-from .errors import InputError
-from .layout import weights_root
-from .variants import ARCHITECTURE_NAMES, SD2, SD15, SDXL
 
 MAX_BYTES = int(float(os.environ.get("FASTSD_LORA_MAX_MB", "2048")) * 2**20)
 CACHE_BYTES = int(float(os.environ.get("FASTSD_LORA_CACHE_GB", "20")) * 2**30)
@@ -152,7 +152,7 @@ def _is_repo_reference(reference: str) -> bool:
 def _fetch_from_hub(name: str, reference: str, folder: Path) -> None:
     """owner/name (its one .safetensors file) or owner/name/path/to/file.safetensors.
 
-    Through fastsd.remote rather than huggingface_hub's downloader: the same size cap, deadline and
+    Through fastsd.loras.remote rather than huggingface_hub's downloader: the same size cap, deadline and
     address checks on every redirect (the hub sends files from its CDN), and no token is sent, so a
     stranger's request can never read the deployment's private or gated repos."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")

@@ -1,13 +1,13 @@
 """Making sure a preset's weights are on disk before anything loads them.
 
 A folder fetched by scripts/download_weights.py or unpacked from a weights tar carries a
-manifest (.fastsd-manifest.json, see fastsd.manifest): at boot every file of it that the preset
+manifest (.fastsd-manifest.json, see fastsd.weights.manifest): at boot every file of it that the preset
 loads is checked by size, so a truncated or missing file stops setup with its name and the
 command that fetches it again. A folder without a manifest (put there by hand, by
 fastsd_testing.random_models, or by the acceptance tests) gets its safetensors headers checked.
 
 setup() calls ensure_weights(): what is missing is fetched first, from the weights tar at Cog's
-setup(weights) URL or FASTSD_WEIGHTS_URL (fastsd.fetch), else from the hub (fastsd.download) if
+setup(weights) URL or FASTSD_WEIGHTS_URL (fastsd.weights.fetch), else from the hub (fastsd.weights.download) if
 the hub answers.
 """
 
@@ -17,10 +17,10 @@ import logging
 import os
 from pathlib import Path
 
+from ..errors import ConfigurationError
+from ..variants import SDXL_VAE_FP16_FIX, TINY_VAE_FOR, Variant, all_recipes, custom_acceleration
 from . import download, fetch, manifest
-from .errors import ConfigurationError
 from .layout import MODEL, Source, fetch_command, is_local_path, model_folder, required_sources, sources, weights_root
-from .variants import SDXL_VAE_FP16_FIX, TINY_VAE_FOR, Variant, all_recipes, custom_acceleration
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ and zeroes the layers it does not train), with its scale folded into its up-proj
 request leaves empty gets zeros. The slots' scalings are tensors (peft's
 prepare_model_for_compiled_hotswap) and the copies are in place, so the compiled graph never sees
 a change. The text encoders are not compiled: there a LoRA stays an ordinary adapter
-(fastsd.adapters).
+(fastsd.loras.adapters).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 

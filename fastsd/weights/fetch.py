@@ -41,8 +41,8 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
+from ..errors import ConfigurationError
 from . import manifest
-from .errors import ConfigurationError
 
 CHUNK_SIZE = 16 * 1024 * 1024
 WORKERS = int(os.environ.get("FASTSD_DOWNLOAD_WORKERS", "8"))

@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .variants import NSFW_CLASSIFIER_REPO, SAFETY_CHECKER_REPO, Variant
+from ..variants import NSFW_CLASSIFIER_REPO, SAFETY_CHECKER_REPO, Variant
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent  # fastsd/weights/layout.py -> the project
 
 # Roles: what a source is to the pipeline.
 MODEL, VAE, TINY_VAE, UNET, LORA, CONTROLNET = "model", "vae", "tiny_vae", "unet", "lora", "controlnet"

@@ -1,11 +1,11 @@
 """Users' LoRAs as adapters next to the preset's fused acceleration, switched per pipeline call.
 
 The acceleration (LCM-LoRA, Hyper-SD, ...) is fused into the weights at setup and costs nothing per
-step. A request's own LoRAs (fastsd.loras resolves and checks the files) are loaded as peft
+step. A request's own LoRAs (fastsd.loras.references resolves and checks the files) are loaded as peft
 adapters through diffusers, which reads the key formats people publish (kohya, diffusers, peft),
 text-encoder layers included. The most recent few stay loaded; a call without LoRAs runs with
 every adapter disabled, which is the base model exactly as it was. On a compiled UNet the UNet
-parts go into fixed slots instead (fastsd.hotswap), so that switching never recompiles.
+parts go into fixed slots instead (fastsd.loras.hotswap), so that switching never recompiles.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
+from ..variants import Variant
 from .hotswap import UnetSlots
-from .variants import Variant
 
 log = logging.getLogger(__name__)
 LOADED_ENV = "FASTSD_LORAS_LOADED"
@@ -253,7 +253,7 @@ class Adapters:
                 disable_lora_for_text_encoder(encoder)
 
     def _add_tokens(self, lora) -> None:
-        """A Replicate training's new tokens, named for this LoRA (<user_..._s0>, see fastsd.loras):
+        """A Replicate training's new tokens, named for this LoRA (<user_..._s0>, see fastsd.loras.references):
         added to the tokenizers with their trained embeddings. No other prompt can contain them,
         so they stay when the LoRA is unloaded (or fails to load) and change nothing for anyone else."""
         from safetensors.torch import load_file

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote, urljoin, urlsplit
 
-from .errors import InputError
+from ..errors import InputError
 
 ALLOW_PRIVATE_ENV = "FASTSD_ALLOW_PRIVATE_URLS"
 MAX_REDIRECTS = 5

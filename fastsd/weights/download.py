@@ -5,7 +5,7 @@ offline against the real repos' lists. The transfer itself is huggingface_hub's
 snapshot_download into weights/<hub id>/ (lora/<hub id>/ for LoRAs): Xet transfers (hf_xet)
 with its progress bar, resume of interrupted files, HF_TOKEN for gated repos. After the transfer
 every file is checked against the sizes the hub reported and the folder's manifest
-(fastsd.manifest), which setup() checks at every boot, gains their entries: presets that take
+(fastsd.weights.manifest), which setup() checks at every boot, gains their entries: presets that take
 different files of one repo (Hyper-SD's SD1.5 and SDXL LoRAs) share its folder.
 
 Failures a person can fix (hub unreachable, repo gated or not found) come back as one
@@ -23,8 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigurationError
+from ..variants import LORA_WEIGHT_NAME, Variant, custom_variant
 from . import manifest
-from .errors import ConfigurationError
 from .layout import (
     CONTROLNET,
     LORA,
@@ -37,7 +38,6 @@ from .layout import (
     model_folder,
     sources,
 )
-from .variants import LORA_WEIGHT_NAME, Variant, custom_variant
 
 log = logging.getLogger(__name__)
 # The weight files diffusers reads: diffusers models and transformers models. Root-level
