@@ -15,6 +15,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import accumulate, pairwise
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,11 @@ def _share(mask: Image.Image) -> float:
     """How much of the image a mask repaints (grey counts in part)."""
     histogram = mask.histogram()
     return sum(level * count for level, count in enumerate(histogram)) / (255 * sum(histogram))
+
+
+def _split(images: Sequence, counts: list[int]) -> list:
+    """A call's images (a list, or a tensor's batch) as each request's own, in order."""
+    return [images[start:end] for start, end in pairwise([0, *accumulate(counts)])]
 
 
 class Interrupted(Exception):
@@ -353,7 +359,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 generated = pipeline(**arguments).images
-                frames = postprocess.to_frames(generated) if self.graphs.active else None
+                generated = postprocess.as_uint8(generated) if self.graphs.active else generated
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -362,28 +368,47 @@ class Engine:
                 "ask for fewer or smaller images."
             ) from None
         seconds = time.perf_counter() - started
-        generated = frames.images if frames else generated
-        by_request, offset = [], 0
-        for request in requests:
-            mine = generated[offset : offset + request.num_outputs]
-            if request.task is Task.INPAINTING:
-                mine = [images.keep_unmasked(request.image, image, request.mask) for image in mine]
-            by_request.append(mine)
-            offset += request.num_outputs
-        started = time.perf_counter()
-        withheld = self._withheld(requests, by_request)
-        safety_time = time.perf_counter() - started
+        if self.graphs.active:
+            started = time.perf_counter()  # the safety check, with the composite and the host copy
+            frames, withheld = self._finish_on_device(requests, generated, counts)
+            safety_time = time.perf_counter() - started
+            by_request = _split(frames.images, counts)
+        else:
+            frames = None
+            by_request = [
+                [images.keep_unmasked(request.image, image, request.mask) for image in mine]
+                if request.task is Task.INPAINTING
+                else mine
+                for request, mine in zip(requests, _split(generated, counts), strict=True)
+            ]
+            started = time.perf_counter()
+            withheld = self._withheld(requests, by_request)
+            safety_time = time.perf_counter() - started
         results = []
         offset = 0
         for request, mine, flags in zip(requests, by_request, withheld, strict=True):
             kept = [image for image, flag in zip(mine, flags, strict=True) if not flag]
             result = Result(kept, request.seed, seconds, batch_size=images_in_call, withheld=len(mine) - len(kept))
             result.timings["safety_time"] = safety_time
-            if frames and frames.on_device is not None and request.task is not Task.INPAINTING:
+            if frames and frames.on_device is not None:
                 result.on_device = frames.on_device[[offset + i for i, flag in enumerate(flags) if not flag]]
             offset += len(mine)
             results.append(result)
         return results
+
+    def _finish_on_device(
+        self, requests: Sequence[GenerationRequest], generated: torch.Tensor, counts: list[int]
+    ) -> tuple[postprocess.Frames, list[list[bool]]]:
+        """The call's uint8 images on the device: inpainting's composite and the safety models'
+        preprocessing there, then one copy to the host."""
+        on_device = list(generated.split(counts))
+        with torch.inference_mode():
+            for index, request in enumerate(requests):
+                if request.task is Task.INPAINTING:
+                    on_device[index] = postprocess.keep_unmasked(request.image, on_device[index], request.mask)
+            withheld = self._withheld(requests, on_device)
+            composited = torch.cat(on_device) if requests[0].task is Task.INPAINTING else generated
+            return postprocess.to_frames(composited), withheld
 
     def _withheld(self, requests: Sequence[GenerationRequest], by_request: list[list]) -> list[list[bool]]:
         """Per request, per image: withheld by the safety checker. One batched check for the call."""

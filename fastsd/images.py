@@ -126,12 +126,22 @@ def as_mask(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return grey if grey.size == size else grey.resize(size, Image.Resampling.LANCZOS)
 
 
-def keep_unmasked(original: Image.Image, generated: Image.Image, mask: Image.Image, edge: float = 2) -> Image.Image:
+SOFT_EDGE = 2  # pixels: the Gaussian blur's radius around the mask's white area
+
+
+def soft_edge(mask: Image.Image, edge: float = SOFT_EDGE) -> Image.Image:
+    """The mask, widened by a soft edge a few pixels wide around its white area (never narrowed)."""
+    return ImageChops.lighter(mask, mask.filter(ImageFilter.GaussianBlur(edge)))
+
+
+def keep_unmasked(
+    original: Image.Image, generated: Image.Image, mask: Image.Image, edge: float = SOFT_EDGE
+) -> Image.Image:
     """The generated pixels where the mask is white, the original ones where it is black, blended
     over a soft edge a few pixels wide around the white area: a few-step model then leaves the rest
-    of a photo exactly as it was, instead of passing all of it through the VAE."""
-    soft = ImageChops.lighter(mask, mask.filter(ImageFilter.GaussianBlur(edge)))
-    return Image.composite(generated, original, soft)
+    of a photo exactly as it was, instead of passing all of it through the VAE. (fastsd.gpu's
+    postprocess.keep_unmasked does the same on device tensors.)"""
+    return Image.composite(generated, original, soft_edge(mask, edge))
 
 
 def release_unused_memory() -> None:

@@ -9,7 +9,9 @@ An image is withheld only when both of these call it NSFW:
 The verdict is the classic checker's flag confirmed by the classifier. They run in the order that
 costs least, since the verdict does not depend on it: the classifier (a sixth of the checker's
 work) looks at every image, the classic checker only at those it calls NSFW. Both run batched
-over one pipeline call's images, on the pipeline's device, after decoding.
+over one pipeline call's images, on the pipeline's device, after decoding. Their image processors
+are transformers' torchvision ones: they take PIL images (the default path) or, with
+FASTSD_GRAPHS=on, the call's uint8 tensors where they are, and resize, crop and normalise there.
 
 FASTSD_SAFETY_CHECKER=off (a private deployment) loads neither: setup logs that, and every
 request is logged as served unchecked.
@@ -76,18 +78,22 @@ class SafetyChecker:
         """The two models' networks, by name (fastsd.gpu captures them as graphs)."""
         return {"nsfw_classifier": self._classifier, "safety_checker": self._checker.vision_model}
 
-    def withheld(self, images: list[Image.Image]) -> list[bool]:
-        """For each image, whether both the classic checker and the NSFW classifier call it NSFW."""
+    def withheld(self, images: list[Image.Image] | list[torch.Tensor]) -> list[bool]:
+        """For each image, whether both the classic checker and the NSFW classifier call it NSFW.
+        images: PIL images, or uint8 3 x H x W tensors (preprocessed on their device)."""
         if not images:
             return []
         verdict = [False] * len(images)
+        # On tensors the processors work where the tensors are (for PIL images: on the host, as ever).
+        where = {"device": images[0].device} if isinstance(images[0], torch.Tensor) else {}
         with torch.inference_mode():
-            pixels = self._processor(images, return_tensors="pt").pixel_values.to(self._device, self._dtype)
+            pixels = self._processor(images, return_tensors="pt", **where).pixel_values.to(self._device, self._dtype)
             called_nsfw = (self._classifier(pixel_values=pixels).logits.argmax(dim=-1) == self._nsfw_index).tolist()
             candidates = [index for index, nsfw in enumerate(called_nsfw) if nsfw]
             if candidates:
                 chosen = [images[i] for i in candidates]
-                clip_input = self._extractor(chosen, return_tensors="pt").pixel_values.to(self._device, self._dtype)
+                clip_input = self._extractor(chosen, return_tensors="pt", **where).pixel_values
+                clip_input = clip_input.to(self._device, self._dtype)
                 # The checker blacks out what it flags in the images it is given: it gets
                 # placeholders, and fastsd decides what to do with the flags.
                 _, flagged = self._checker(images=np.zeros((len(chosen), 1, 1, 3)), clip_input=clip_input)

@@ -315,7 +315,7 @@ def test_device_frames_are_exactly_diffusers_pil_images():
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(3, 3, 40, 24, generator=generator)
     pixels[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 0.0, 1.0])  # halves round to even, both ways
-    frames = postprocess.to_frames(pixels)
+    frames = postprocess.to_frames(postprocess.as_uint8(pixels))
     expected = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(pixels))
     assert frames.on_device is None  # a CPU: nothing kept for nvJPEG
     for got, want in zip(frames.images, expected, strict=True):
