@@ -64,9 +64,9 @@ def keep_unmasked(original: Image.Image, generated: torch.Tensor, mask: Image.Im
     Pillow's arithmetic (round(x / 255), as its Paste.c does), so the kept pixels are the original's
     exactly. The soft edge is made from the mask (an input, not a generated image) by
     images.soft_edge on the host: exactly Pillow's blur."""
-    device = generated.device
-    soft = torch.from_numpy(np.array(host_images.soft_edge(mask))).to(device, torch.int32)
-    kept = torch.from_numpy(np.array(original)).to(device, torch.int32).permute(2, 0, 1)
+    device = generated.device  # uploaded as uint8, widened there: a quarter of the bytes to copy
+    soft = torch.from_numpy(np.array(host_images.soft_edge(mask))).to(device).to(torch.int32)
+    kept = torch.from_numpy(np.array(original)).to(device).to(torch.int32).permute(2, 0, 1)
     blended = generated.to(torch.int32) * soft + kept * (255 - soft) + 128
     return ((blended + (blended >> 8)) >> 8).to(torch.uint8)
 
