@@ -155,3 +155,17 @@ class FileServer(LoopbackServer):
 
 
 __all__ = ["KOHYA", "PEFT", "FileServer", "replicate_training_tar", "write_user_lora"]
+
+
+def pickle_lora() -> bytes:
+    """A torch pickle of LoRA-like keys: what fastsd must refuse by its first bytes, whatever its name."""
+    buffer = io.BytesIO()
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1)}, buffer)
+    return buffer.getvalue()
+
+
+def oversized_lora(max_mb: float) -> bytes:
+    """A valid safetensors file of just over max_mb (a server's FASTSD_LORA_MAX_MB)."""
+    from safetensors.torch import save
+
+    return save({"lora_unet_big.lora_down.weight": torch.zeros(int(max_mb * 2**20) // 4 + 1024)})

@@ -15,21 +15,9 @@ import torch
 from fastsd import variants
 from fastsd_testing.cog_server import decode_output, ready_server
 from fastsd_testing.random_models import KOHYA, PEFT
-from fastsd_testing.user_loras import FileServer, write_user_lora
+from fastsd_testing.user_loras import FileServer, oversized_lora, pickle_lora, write_user_lora
 
 MAX_MB = 0.5  # the servers' FASTSD_LORA_MAX_MB: the "oversized" file is just past it
-
-
-def _pickle() -> bytes:
-    buffer = io.BytesIO()
-    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1)}, buffer)
-    return buffer.getvalue()
-
-
-def _oversized() -> bytes:
-    from safetensors.torch import save
-
-    return save({"lora_unet_big.lora_down.weight": torch.zeros(int(MAX_MB * 2**20) // 4 + 1024)})
 
 
 def _sdxl_of_unreadable_base(model_folder, path) -> bytes:
@@ -76,8 +64,8 @@ def lora_server(weights_root, tmp_path_factory):
         "/wide.safetensors": lora("wide.safetensors", rank=16, key_format=PEFT, seed=5),
         "/sdxl.safetensors": _sdxl_of_unreadable_base(sdxl, folder / "sdxl.safetensors"),
         "/tokens.tar": _training_with_misfit_tokens(lora("tokens.safetensors", seed=6)),
-        "/model.ckpt": _pickle(),
-        "/big.safetensors": _oversized(),
+        "/model.ckpt": pickle_lora(),
+        "/big.safetensors": oversized_lora(MAX_MB),
     }
     files["/truncated.safetensors"] = files["/b.safetensors"][:-100]
     with FileServer(files) as server:

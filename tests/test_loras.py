@@ -4,7 +4,6 @@ architecture checks in-process; and the URL rules with the setting off."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -21,7 +20,15 @@ from fastsd.errors import InputError
 from fastsd.loras import references as loras
 from fastsd.loras import remote
 from fastsd_testing.cog_server import CogServer, decode_output
-from fastsd_testing.user_loras import KOHYA, PEFT, FileServer, replicate_training_tar, write_user_lora
+from fastsd_testing.user_loras import (
+    KOHYA,
+    PEFT,
+    FileServer,
+    oversized_lora,
+    pickle_lora,
+    replicate_training_tar,
+    write_user_lora,
+)
 
 SMALL = dict(width=64, height=64, num_inference_steps=2)
 MAX_MB = 0.5  # the server's FASTSD_LORA_MAX_MB: the "oversized" file is just past it
@@ -29,19 +36,6 @@ MAX_MB = 0.5  # the server's FASTSD_LORA_MAX_MB: the "oversized" file is just pa
 
 def _read(path) -> bytes:
     return path.read_bytes()
-
-
-def _pickle() -> bytes:
-    buffer = io.BytesIO()
-    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1)}, buffer)
-    return buffer.getvalue()
-
-
-def _oversized() -> bytes:
-    """A valid safetensors file of just over MAX_MB."""
-    from safetensors.torch import save
-
-    return save({"lora_unet_big.lora_down.weight": torch.zeros(int(MAX_MB * 2**20) // 4 + 1024)})
 
 
 def _unrelated() -> bytes:
@@ -63,9 +57,9 @@ def files(weights_root, tmp_path_factory):
         "/second.safetensors": _read(write_user_lora(sd15, folder / "c.safetensors", key_format=PEFT, seed=2)),
         "/someone/style-lora/resolve/main/pytorch_lora_weights.safetensors": _read(folder / "a.safetensors"),
         "/sdxl.safetensors": _read(write_user_lora(sdxl, folder / "d.safetensors", key_format=KOHYA, seed=3)),
-        "/model.ckpt": _pickle(),
-        "/renamed-pickle.safetensors": _pickle(),
-        "/big.safetensors": _oversized(),
+        "/model.ckpt": pickle_lora(),
+        "/renamed-pickle.safetensors": pickle_lora(),
+        "/big.safetensors": oversized_lora(MAX_MB),
         "/truncated.safetensors": _read(folder / "c.safetensors")[:-100],
         "/unrelated.safetensors": _unrelated(),
     }
