@@ -13,6 +13,7 @@ from PIL import Image
 
 from fastsd import images, variants
 from fastsd.engine import Engine
+from fastsd.gpu import GRAPHS_ENV
 from fastsd.tasks import Task
 from fastsd_testing.cog_server import data_uri, output_pixels, ready_server
 
@@ -39,10 +40,16 @@ FAR = np.ones((SIZE[1], SIZE[0]), dtype=bool)
 FAR[8:48, 16:72] = False  # more than 8 px from the white box below: must come back exactly
 
 
-@pytest.fixture(scope="module", params=["sd-turbo", "sd15-lcm", "sdxl-turbo"])
+# sd-turbo once more with the GPU path's graphs on (on the CPU its eager stand-in): the composite
+# is then made on the device tensors, and must keep the same pixels.
+@pytest.fixture(scope="module", params=["sd-turbo", "sd15-lcm", "sdxl-turbo", "sd-turbo graphs"])
 def server(request, weights_root, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("logs") / f"inpaint-{request.param}.log"
-    yield from ready_server({"FASTSD_VARIANT": request.param, "FASTSD_WEIGHTS_ROOT": str(weights_root)}, log_path)
+    variant, *graphs = request.param.split()
+    log_path = tmp_path_factory.mktemp("logs") / f"inpaint-{request.param.replace(' ', '-')}.log"
+    environment = {"FASTSD_VARIANT": variant, "FASTSD_WEIGHTS_ROOT": str(weights_root)}
+    if graphs:
+        environment[GRAPHS_ENV] = "on"
+    yield from ready_server(environment, log_path)
 
 
 outputs = output_pixels

@@ -10,14 +10,13 @@ import pytest
 import torch
 from conftest import load_engine
 from PIL import Image
-from test_inpainting import FAR, SIZE, box_mask, photo, png
+from test_inpainting import FAR, SIZE, box_mask, photo
 from test_safety import checked_root
 
 from fastsd import images, variants
 from fastsd.gpu import GRAPHS_ENV, postprocess
 from fastsd.safety import SafetyChecker
 from fastsd_testing import random_models
-from fastsd_testing.cog_server import data_uri, output_pixels, ready_server
 
 
 def as_tensor(image: Image.Image) -> torch.Tensor:
@@ -156,26 +155,3 @@ def test_graphed_safety_check_withholds_what_the_eager_one_does(weights_root, tm
     assert (result.withheld, result.images) == (2, [])
     unchecked = graphed.validate(prompt="a kite", seed=2, width=64, height=64, disable_safety_checker=True)
     assert len(graphed.generate(unchecked).images) == 1
-
-
-@pytest.fixture(scope="module")
-def graphed_server(weights_root, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("logs") / "graphs-on-inpainting.log"
-    environment = {"FASTSD_VARIANT": "sd-turbo", "FASTSD_WEIGHTS_ROOT": str(weights_root), GRAPHS_ENV: "on"}
-    yield from ready_server(environment, log_path)
-
-
-def test_through_the_server_graphed_inpainting_keeps_the_unmasked_pixels(graphed_server):
-    original = photo()
-    response = graphed_server.predict(
-        prompt="a red door",
-        image=data_uri(png(original)),
-        mask=data_uri(png(box_mask(24, 16, 64, 40))),
-        seed=3,
-        num_outputs=2,
-        output_format="png",
-    )
-    assert "inpainting:" in response["logs"]
-    for result in output_pixels(response):
-        assert np.array_equal(result[FAR], np.asarray(original, dtype=int)[FAR])
-        assert np.abs(result[20:36, 28:60] - np.asarray(original, dtype=int)[20:36, 28:60]).mean() > 10
