@@ -98,6 +98,16 @@ class PromptCache:
         with self._lock:
             return self._get(prompt, negative_prompt, guidance, loras)
 
+    def check(self, prompt: str, negative_prompt: str | None, count_tokens: bool = True) -> None:
+        """Refuse bad syntax and (count_tokens) prompts past fastsd.prompts' limits, with one sentence."""
+        texts = [(prompts.parse(prompt, "prompt"), "prompt")]
+        if negative_prompt is not None:
+            texts.append((prompts.parse(negative_prompt, "negative_prompt"), "negative_prompt"))
+        if count_tokens:
+            with self._lock:  # the tokenizers are the encoder's: one thread at a time
+                for parsed, name in texts:
+                    self._encoder.check(parsed, name)
+
     def _get(self, prompt: str, negative_prompt: str | None, guidance: bool, loras: tuple) -> dict[str, torch.Tensor]:
         key = (prompt, negative_prompt, guidance, loras)
         if key in self._entries:
@@ -233,10 +243,11 @@ class Engine:
                 f"vae must be one of {', '.join(self.pipelines.vae_choices)} on this deployment, got {request.vae!r}: "
                 f"the tiny autoencoder {self.variant.tiny_vae} is not installed."
             )
-        # Bad weighting syntax is answered before the request queues (the parse is kept for encoding).
-        prompts.parse(request.prompt, "prompt")
-        if self._negative_prompt(request) is not None:
-            prompts.parse(request.negative_prompt, "negative_prompt")
+        # Bad weighting syntax and prompts past the chunk and pass limits are answered before the request
+        # queues (the parse is kept for encoding). A LoRA's new tokens are not in the tokenizer yet:
+        # those prompts are counted when they are encoded.
+        adds_tokens = any(lora.embeddings is not None for lora, _ in request.loras)
+        self.prompts.check(request.prompt, self._negative_prompt(request), count_tokens=not adds_tokens)
         return request
 
     def _negative_prompt(self, request: GenerationRequest) -> str | None:

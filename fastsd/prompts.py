@@ -1,8 +1,7 @@
 """Prompts as people write them: weighted words and prompts longer than CLIP's 77 tokens.
 
-One rule set (docs/prompts.md): compel's syntax, `word+`, `word-`, `(words)1.3`, `.blend()`,
-`.and()`, plus the Automatic1111 forms people paste, translated into it first: `(words:1.3)`,
-`(words)` = 1.1, `((words))` = 1.21, `[words]` = 1/1.1, `\\(` for a literal parenthesis.
+The rules are those of fastsd.prompt_syntax (docs/prompts.md): Automatic1111's forms and compel's,
+read in one linear scan into compel's own structures, which compel then encodes.
 
 A prompt without weighting that fits in 77 tokens is encoded by the pipeline's own encode_prompt,
 exactly as before this module existed. Anything else goes through compel, which encodes the text
@@ -13,21 +12,23 @@ the negative prompt to the same number of chunks with the empty prompt's embeddi
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import pyparsing
 import torch
-from compel import Compel, PromptParser, ReturnedEmbeddingsType
-from compel.prompt_parser import Blend, Conjunction, CrossAttentionControlSubstitute, FlattenedPrompt
+from compel import Compel, ReturnedEmbeddingsType
+from compel.prompt_parser import Blend, Conjunction, FlattenedPrompt, Fragment
 
+from . import prompt_syntax
 from .errors import InputError
+from .prompt_syntax import MAX_WEIGHT
 
 MAX_CHUNKS = 8  # 8 x 75 words' tokens: several times what Civitai prompts use, a bounded cost
-MAX_WEIGHT = 10.0  # far past where images break down (about 1.6 for SD1.5), short of overflowing
-A1111_EMPHASIS = 1.1  # (words) multiplies by this, [words] divides by it
+# Text-encoder passes for one prompt: one per 77-token chunk, and one more per chunk for each group
+# weighted below 1 (compel encodes the prompt again without it), for each part of a .blend() or
+# .and(). A plain 8-chunk prompt takes 8; the bound keeps the worst prompt a few times that.
+MAX_ENCODER_PASSES = 32
 
 OUTPUT_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
@@ -36,11 +37,6 @@ OUTPUT_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds
 # ("cat+", "dog--,"; not "x-ray", "a - b").
 _BRACKETS = set("()[]\\")
 _SIGN_WEIGHT = re.compile(r"\S[+-]+(?!\w)")
-_ESCAPABLE = "()[]"
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
-# What compel reads as a weight right after a closing parenthesis: a number, +/-, or an operator.
-_COMPEL_WEIGHT = re.compile(r"[+-]|\d|\.\d|\.(?:blend|and|swap)\(")
-_OPERATOR_BEFORE = re.compile(r"\.(?:blend|and|swap)$")
 
 
 @dataclass(frozen=True)
@@ -50,7 +46,15 @@ class Prompt:
     text: str  # as written: the cache keys on this
     plain: str | None  # the text the pipeline's encode_prompt reads, when nothing in it is weighted
     words: str  # the text with the syntax taken out: what SDXL's pooled embedding reads
-    conjunction: Conjunction  # compel's parse of the translated text
+    conjunction: Conjunction  # compel's structure: the parts, their fragments and weights
+
+
+def _fragment(text: str, weight: float) -> Fragment:
+    fragment = Fragment("", 1.0)
+    # Set, not passed: Fragment's constructor would read backslash sequences in the text again. A
+    # blank run has no tokens; weighed below 1 it would still cost compel an encoder pass.
+    fragment.text, fragment.weight = text, weight if text.strip() else 1.0
+    return fragment
 
 
 @functools.lru_cache(maxsize=256)  # Engine.validate reads a prompt first, then the encoder
@@ -58,149 +62,26 @@ def parse(text: str, name: str = "prompt") -> Prompt:
     """Read a prompt by the rules above; bad syntax is one InputError sentence naming the input."""
     if not _BRACKETS.intersection(text) and not _SIGN_WEIGHT.search(text):
         return Prompt(text, text, text, Conjunction([FlattenedPrompt([(text, 1.0)])]))
-    translated, has_syntax = translate(text, name)
-    try:
-        conjunction = Compel.parse_prompt_string(translated)
-    except (ValueError, TypeError, IndexError, PromptParser.ParsingException, pyparsing.ParseBaseException) as error:
-        raise InputError(f"{name} could not be read as weighted text ({error}); see docs/prompts.md.") from None
-    if not conjunction.prompts:  # only empty groups, "()" or "[]": nothing to weigh
-        conjunction = Conjunction([FlattenedPrompt([("", 1.0)])])
-    if conjunction.lora_weights:
-        raise InputError(f"{name}: withLora() is not read here; send the LoRA as lora_weights or extra_lora.")
-    parts = [part for prompt in conjunction.prompts for part in _flattened(prompt)]
-    fragments = [fragment for part in parts for fragment in part.children]
-    if any(isinstance(fragment, CrossAttentionControlSubstitute) for fragment in fragments):
-        raise InputError(f"{name}: .swap() (prompt-to-prompt editing) is not supported; use .blend() or weights.")
-    for fragment in fragments:
-        if not 0 <= fragment.weight <= MAX_WEIGHT:
-            raise InputError(
-                f"{name}: the weight of {fragment.text!r} comes to {fragment.weight:g}; a weight must come to "
-                f"between 0 and {MAX_WEIGHT:g}."
-            )
-    words = " ".join(fragment.text for fragment in fragments if fragment.text)
-    unweighted = (
-        len(conjunction.prompts) == 1
-        and isinstance(conjunction.prompts[0], FlattenedPrompt)
-        and conjunction.weights == [1.0]
-        and all(fragment.weight == 1.0 for fragment in fragments)
-    )
-    plain = (text if not has_syntax else words) if unweighted else None
-    return Prompt(text, plain, plain if plain is not None else words, conjunction)
+    parsed = prompt_syntax.parse(text, name)
+    for runs in parsed.parts:
+        for words, weight in runs:
+            if words.strip() and not 0 <= weight <= MAX_WEIGHT:
+                raise InputError(
+                    f"{name}: the weight of {words.strip()[:60]!r} comes to {weight:g}; a weight must come to "
+                    f"between 0 and {MAX_WEIGHT:g}."
+                )
+    flat = [FlattenedPrompt([_fragment(words, weight) for words, weight in runs]) for runs in parsed.parts]
+    if parsed.operator == "blend":
+        conjunction = Conjunction([Blend(flat, list(parsed.weights), normalize_weights=parsed.normalize)])
+    else:
+        conjunction = Conjunction(flat, list(parsed.weights))
+    texts = ["".join(words for words, _ in runs) for runs in parsed.parts]
+    unweighted = parsed.operator is None and all(fragment.weight == 1.0 for fragment in flat[0].children)
+    return Prompt(text, texts[0] if unweighted else None, " ".join(texts), conjunction)
 
 
 def _flattened(prompt) -> list[FlattenedPrompt]:
     return list(prompt.prompts) if isinstance(prompt, Blend) else [prompt]
-
-
-def translate(text: str, name: str = "prompt") -> tuple[str, bool]:
-    """The Automatic1111 forms rewritten in compel's syntax; compel's own syntax passes unchanged.
-    Returns (compel text, whether any bracket or escape was read as syntax). An unmatched bracket
-    is read as the character itself."""
-    pairs = _matched_brackets(text)
-    translated = _translate_range(text, 0, len(text), pairs, name)
-    return translated, bool(pairs) or bool(re.search(r"\\[()\[\]]", text))
-
-
-def _matched_brackets(text: str) -> dict[int, int]:
-    """Opening index -> closing index of each matched ( ) and [ ] pair, escaped ones skipped."""
-    stack: list[int] = []
-    pairs: dict[int, int] = {}
-    index = 0
-    while index < len(text):
-        character = text[index]
-        if character == "\\" and index + 1 < len(text) and text[index + 1] in _ESCAPABLE:
-            index += 2
-            continue
-        if character in "([":
-            stack.append(index)
-        elif character in ")]":
-            opening = "(" if character == ")" else "["
-            if stack and text[stack[-1]] == opening:
-                pairs[stack.pop()] = index
-            elif opening in (text[i] for i in stack):
-                # A closing bracket of another kind inside: the ones opened since are unmatched.
-                while text[stack[-1]] != opening:
-                    stack.pop()
-                pairs[stack.pop()] = index
-        index += 1
-    return pairs
-
-
-def _translate_range(text: str, start: int, end: int, pairs: dict[int, int], name: str) -> str:
-    out: list[str] = []
-    index = start
-    while index < end:
-        character = text[index]
-        close = pairs.get(index)
-        escape = character == "\\" and index + 1 < end and text[index + 1] in _ESCAPABLE
-        if escape or close is None or close >= end:  # escaped, or unmatched: the character itself
-            literal = text[index + 1] if escape else character
-            index += 2 if escape else 1
-            out.append("\\" + literal if literal in "()" else literal)  # compel reads [ ] as text already
-            if literal in "()" and index < end and text[index] in "(\\":
-                out.append(" ")  # compel reads "\\((a)1.1" all as text; "\\( (a)1.1" as meant
-            continue
-        explicit = character == "(" and _has_explicit_weight(text, index, close, pairs)
-        if character == "(" and (
-            _OPERATOR_BEFORE.search(text, 0, index) or (not explicit and _COMPEL_WEIGHT.match(text, close + 1))
-        ):
-            # compel's own: (words)1.3, (words)+, ("a", "b").blend(...), and the operators' arguments
-            out.append("(" + _translate_range(text, index + 1, close, pairs, name) + ")")
-        else:
-            out.append(_emphasis(text, index, close, pairs, name))
-            if close + 1 < end and not text[close + 1].isspace() and text[close + 1] not in ")]":
-                out.append(" ")  # so that what follows is not read as part of the weight
-        index = close + 1
-    return "".join(out)
-
-
-def _emphasis(text: str, opening: int, close: int, pairs: dict[int, int], name: str) -> str:
-    """An Automatic1111 group in compel's syntax: (words:w) -> (words)w, (words) -> (words)1.1,
-    [words] -> (words)0.909..."""
-    weight = A1111_EMPHASIS if text[opening] == "(" else 1 / A1111_EMPHASIS
-    colon = _last_top_level_colon(text, opening, close, pairs)
-    inner_end = close
-    if colon is not None:
-        after = text[colon + 1 : close].strip()
-        if text[opening] == "[":
-            raise InputError(
-                f"{name}: {text[opening : close + 1]!r} is Automatic1111's prompt editing, which is not supported; "
-                "write [words] to weaken words, or \\[ for a literal bracket."
-            )
-        if _NUMBER.fullmatch(after):
-            weight, inner_end = float(after), colon
-        elif after[:1].isdigit() or after[:1] in "+-.":
-            raise InputError(
-                f"{name}: the weight in {text[opening : close + 1]!r} is not a number; write it like (words:1.3)."
-            )
-    if text[opening] == "[" and "|" in text[opening + 1 : close]:
-        raise InputError(
-            f"{name}: {text[opening : close + 1]!r} is Automatic1111's alternation, which is not supported; "
-            "write \\[ for a literal bracket."
-        )
-    if weight < 0 or not math.isfinite(weight):
-        raise InputError(f"{name}: the weight in {text[opening : close + 1]!r} must be from 0 to {MAX_WEIGHT:g}.")
-    return "(" + _translate_range(text, opening + 1, inner_end, pairs, name) + ")" + repr(weight)
-
-
-def _has_explicit_weight(text: str, opening: int, close: int, pairs: dict[int, int]) -> bool:
-    colon = _last_top_level_colon(text, opening, close, pairs)
-    return colon is not None and _NUMBER.fullmatch(text[colon + 1 : close].strip()) is not None
-
-
-def _last_top_level_colon(text: str, opening: int, close: int, pairs: dict[int, int]) -> int | None:
-    found, index = None, opening + 1
-    while index < close:
-        if text[index] == "\\":
-            index += 2
-            continue
-        if index in pairs:
-            index = pairs[index] + 1
-            continue
-        if text[index] == ":":
-            found = index
-        index += 1
-    return found
 
 
 class _AsThePipelineCalls:
@@ -306,12 +187,7 @@ class PromptEncoder:
             negative = parse("", "negative_prompt")  # what encode_prompt uses for none
         texts = [positive] + ([negative] if negative is not None else [])
         for text, name in zip(texts, ("prompt", "negative_prompt"), strict=False):
-            chunks = self._chunk_count(compels[0], text)
-            if chunks > MAX_CHUNKS:
-                raise InputError(
-                    f"{name} takes {chunks} chunks of 77 tokens; at most {MAX_CHUNKS} (about {MAX_CHUNKS * 75} "
-                    "tokens) are encoded: shorten it."
-                )
+            self._check(compels[0], text, name)
         per_encoder = []
         for compel in compels:
             built = [compel.build_conditioning_tensor_for_conjunction(text.conjunction)[0] for text in texts]
@@ -338,17 +214,33 @@ class PromptEncoder:
             result["negative_pooled_prompt_embeds"] = torch.zeros_like(result["pooled_prompt_embeds"])
         return result
 
+    def check(self, prompt: Prompt, name: str) -> None:
+        """Refuse, with one sentence, a prompt past MAX_CHUNKS or MAX_ENCODER_PASSES (tokenizing only)."""
+        if prompt.plain is None or not self._fits(prompt):
+            self._check(self._compels_for(())[0], prompt, name)
+
     @staticmethod
-    def _chunk_count(compel: Compel, prompt: Prompt) -> int:
-        """The 77-token chunks compel will encode (it splits at sentence ends where it can)."""
+    def _check(compel: Compel, prompt: Prompt, name: str) -> None:
+        """The 77-token chunks compel will encode (it splits at sentence ends where it can: a .and()'s
+        parts end to end, a .blend()'s side by side) and its text-encoder passes (MAX_ENCODER_PASSES)."""
         provider = compel.conditioning_provider
-        counts = []
+        chunks = passes = 0
         for part in prompt.conjunction.prompts:
-            lengths = [
-                provider.get_token_ids_and_expand_weights(
-                    [f.text for f in flat.children], [f.weight for f in flat.children], device="cpu"
-                )[0].shape[0]
-                for flat in _flattened(part)
-            ]
-            counts.append(max(lengths) // provider.max_token_count)
-        return sum(counts)
+            lengths = []
+            for flat in _flattened(part):
+                texts, weights = [f.text for f in flat.children], [f.weight for f in flat.children]
+                length = provider.get_token_ids_and_expand_weights(texts, weights, device="cpu")[0].shape[0]
+                lengths.append(length // provider.max_token_count)
+                weakened = sum(1 for f in flat.children if f.weight < 1 and f.text.strip())
+                passes += lengths[-1] * (1 + weakened)
+            chunks += max(lengths)
+        if chunks > MAX_CHUNKS:
+            raise InputError(
+                f"{name} takes {chunks} chunks of 77 tokens; at most {MAX_CHUNKS} (about {MAX_CHUNKS * 75} "
+                "tokens) are encoded: shorten it."
+            )
+        if passes > MAX_ENCODER_PASSES:
+            raise InputError(
+                f"{name} takes {passes} text-encoder passes (one per 77-token chunk of each part, and one more "
+                f"for each group weighted below 1); at most {MAX_ENCODER_PASSES}: shorten it or weaken fewer groups."
+            )
