@@ -86,8 +86,21 @@ def _number(name: str, value: Any) -> float:
 
 
 def _shown(value: float) -> str:
-    """A number as a person wrote it: whole numbers in full (4294967295, not 4.29497e+09)."""
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    """A number as a person wrote it: whole numbers in full (4294967295, not 4.29497e+09), and one
+    too long to read (10**400, which no float holds) by its first digits."""
+    if isinstance(value, int):
+        digits = str(value) if abs(value) < 10**30 else f"{str(value)[:12]}... ({len(str(abs(value)))} digits)"
+        return digits
+    return str(int(value)) if value.is_integer() else f"{value:g}"
+
+
+def steps_for_strength(steps: int, strength: float, max_steps: int) -> int:
+    """Image-to-image runs int(steps x strength) of the steps asked for: how many to ask for so that
+    `steps` run (at most max_steps). A strength outside (0, 1] leaves the steps as they are."""
+    if not 0 < strength <= 1:
+        return steps
+    needed = steps / strength  # inf for a strength of 5e-324: past any max_steps
+    return max_steps if needed > max_steps else math.ceil(needed - 1e-9)
 
 
 def _in_range(name: str, value: float, low: float, high: float) -> None:
@@ -220,7 +233,7 @@ def _validate(
     variant: Variant,
     large: list[str],
     *,
-    prompt: Any,
+    prompt: Any = None,
     negative_prompt: Any = "",
     image: Path | str | None = None,
     mask: Path | str | None = None,
@@ -298,7 +311,7 @@ def _validate(
         if source is not None and not variant.recipe.scheduler.timesteps:
             # Image-to-image runs int(steps * strength) steps: keep the variant's step count. (A
             # recipe with fixed timesteps keeps them: strength picks the last of those it runs.)
-            steps = min(variant.max_steps, math.ceil(steps / max(strength, 1e-6) - 1e-9))
+            steps = steps_for_strength(steps, strength, variant.max_steps)
     else:
         steps = _whole_number("num_inference_steps", num_inference_steps)
         _in_range("num_inference_steps", steps, 1, variant.max_steps)

@@ -10,14 +10,18 @@ import time
 
 import uvicorn
 
+from fastsd.realtime.settings import Limits
+from fastsd.realtime.transport import server_config
+
 
 @contextlib.contextmanager
-def serving(app, ws_max_size: int = 16 * 1024 * 1024):
-    """Yields the server's base URL (http://127.0.0.1:PORT) once it accepts connections."""
+def serving(app, limits: Limits | None = None):
+    """Yields the server's base URL (http://127.0.0.1:PORT) once it accepts connections: the app on
+    the HTTP layer the command runs (fastsd.realtime.transport)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=ws_max_size)
+    config = server_config(app, "127.0.0.1", port, limits or Limits(), log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="realtime-server", daemon=True)
     thread.start()

@@ -189,6 +189,16 @@ def test_bad_frames_and_parameters_are_answered_naming_them_and_the_session_goes
             ({"type": "params", "colour": "red"}, "colour", "not a parameter"),
             ({"type": "dance"}, "type", "params, refine or stats"),
             ("{not json", "message", "JSON object"),
+            # What a probe sent (each once dropped the connection or answered a Python error):
+            (png_header(60000, 60000), "image", "at most 9216 pixels"),
+            ({"type": "params", "output_format": ["jpg"]}, "output_format", "jpg or webp"),
+            ('{"type": "params", "seed": ' + "[" * 30000 + "]" * 30000 + "}", "message", "JSON object"),
+            ({"type": "params", "strength": 5e-324}, "strength", "strength x num_inference_steps must be at least 1"),
+            ('{"type": "params", "strength": NaN}', "strength", "strength must be a finite number, got NaN."),
+            ('{"type": "params", "guidance_scale": Infinity}', "guidance_scale", "a finite number, got Infinity."),
+            ('{"type": "params", "guidance_scale": 1e309}', "guidance_scale", "a finite number, got 1e309."),
+            ({"type": "params", "seed": 10**400}, "seed", "seed must be between 0 and 4294967295, got 100000"),
+            ({"type": "params", "num_inference_steps": 10**400}, "num_inference_steps", "(401 digits)"),
         ]
         for sent, field, words in cases:
             if isinstance(sent, bytes):
@@ -205,6 +215,29 @@ def test_bad_frames_and_parameters_are_answered_naming_them_and_the_session_goes
         ws.send_bytes(jpeg((200, 30, 30)))
         again = latest(ws)
         assert again["image"].tobytes() == shown
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims this size: only decoding it would find the lie."""
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height, then its checksum
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_first_parameters_without_a_prompt_are_told_the_prompt_is_required(engine):
+    with serve(engine) as client, client.websocket_connect(WS) as ws:
+        assert receive(ws)["type"] == "ready"
+        ws.send_json({"type": "params", "width": 64, "height": 64})
+        error = until(ws, "error")
+        assert (error["field"], error["message"]) == ("prompt", "prompt is required.")
+        ws.send_json(SMALL)
+        assert until(ws, "result")["image"].size == (64, 64)
 
 
 def test_a_safety_withheld_frame_sends_a_notice_and_no_image(weights_root, tmp_path, monkeypatch):
@@ -244,6 +277,9 @@ def test_other_origins_and_missing_tokens_are_refused():
     assert access.refusal({"host": "a:8000", "origin": "http://a:8000"}, {"token": "s3cret"}) is None
     assert access.refusal({"host": "a:8000", "origin": "https://paint.example"}, {"token": "s3cret"}) is None
     assert access.refusal({"host": "a:8000", "authorization": "Bearer s3cret"}, {}) is None
+    assert access.refusal({"host": "a:8000", "authorization": "bearer s3cret"}, {}) is None  # any case
+    assert "token" in access.refusal({"host": "a:8000", "authorization": "s3cret"}, {})  # no scheme: refused
+    assert "token" in access.refusal({"host": "a:8000", "authorization": "Basic s3cret"}, {})
     with pytest.raises(ValueError, match="FASTSD_REALTIME_TOKEN"):
         Access.for_host("0.0.0.0", token="")
     assert Access.for_host("127.0.0.1", token="").refusal({"host": "127.0.0.1:8000"}, {}) is None
@@ -336,7 +372,7 @@ def test_the_cog_backend_renders_through_the_real_cog_server(cog):
     with TestClient(create_app(backend), base_url="http://127.0.0.1") as client:
         with client.websocket_connect(WS) as ws:
             hello = receive(ws)
-            assert hello["backend"].endswith(f"{cog.url}/predictions")
+            assert hello["backend"] == "sd-turbo through a Cog server"  # not its address
             ws.send_json({**SMALL, "seed": 11})
             ws.send_bytes(jpeg((200, 30, 30)))
             results = [until(ws, "result")]
@@ -370,10 +406,11 @@ def test_the_one_command_serves_the_page_and_the_socket(weights_root, tmp_path):
     )
     assert refused.returncode == 1 and "needs FASTSD_REALTIME_TOKEN" in refused.stderr
     log_path = tmp_path / "realtime.log"
+    token, near_miss = "a-long-secret-4f9c2e", "a-long-secret-4f9c2f"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "fastsd.realtime", "--port", str(port), "--max-frame-bytes", "30000"],
-            env=environment,
+            env={**environment, "FASTSD_REALTIME_TOKEN": token},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -389,10 +426,12 @@ def test_the_one_command_serves_the_page_and_the_socket(weights_root, tmp_path):
                 return False
 
         wait_for(healthy, "the server to start", timeout=300)
-        with urllib.request.urlopen(base, timeout=10) as answer:
+        with urllib.request.urlopen(f"{base}/?token={token}", timeout=10) as answer:
             assert b'<script src="realtime.js"' in answer.read()
             assert "default-src 'self'" in answer.headers["content-security-policy"]
-        with connect_socket(f"ws://127.0.0.1:{port}/ws") as ws:
+        with connect_socket(f"ws://127.0.0.1:{port}/ws?token={near_miss}") as ws:
+            assert "token is missing or wrong" in json.loads(ws.recv())["message"]
+        with connect_socket(f"ws://127.0.0.1:{port}/ws?token={token}") as ws:
             hello = json.loads(ws.recv())
             assert hello["type"] == "ready" and hello["limits"]["max_frame_bytes"] == 30000, hello
             ws.send(json.dumps(SMALL))
@@ -404,6 +443,39 @@ def test_the_one_command_serves_the_page_and_the_socket(weights_root, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+    logged = log_path.read_text()
+    assert "GET /?token=[redacted]" in logged and "/ws?token=[redacted]" in logged, logged[-2000:]
+    assert token not in logged and near_miss not in logged  # neither the token nor a guess at it
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(engine, monkeypatch):
+    import socket
+
+    from fastsd.realtime import transport
+    from fastsd_testing.realtime_server import serving
+
+    monkeypatch.setattr(transport, "HEADER_DEADLINE_S", 0.5)
+    backend = EngineBackend(engine, Batcher(engine))
+    with serving(create_app(backend)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+            started = time.monotonic()
+            assert slow.recv(1024) == b""  # closed by the server, not by the test's timeout
+            assert time.monotonic() - started < 20
+        with urllib_get(f"{base}/health") as answer:  # the server goes on
+            assert json.loads(answer.read())["status"] == "ready"
+
+
+def urllib_get(url: str):
+    import urllib.request
+
+    return urllib.request.urlopen(url, timeout=10)
+
+
+def test_clients_are_not_shown_the_backends_address():
+    backend = CogBackend("http://10.0.0.7:5000", variants.VARIANTS["sd-turbo"])
+    assert "10.0.0.7" not in backend.description and backend.endpoint == "http://10.0.0.7:5000/predictions"
 
 
 def test_the_image_and_the_package_carry_the_page():

@@ -169,3 +169,29 @@ def test_a_loaded_photo_and_the_webcam_become_frames(page, app, tmp_path):
     wait_for(lambda: session.image != first_camera_frame, "the next webcam frame")  # the pattern moves
     page.click("#webcam")  # off again
     assert page.get_attribute("#webcam", "aria-pressed") == "false"
+
+
+def test_the_page_at_1200x900_shows_no_broken_image_and_no_cut_field(browser, url, gate):
+    """Before the first image the frame is empty (no broken-image icon), and the widest values fit
+    their fields: the steps placeholder and a 10-digit seed."""
+    gate.hold()  # no image arrives while the empty page is looked at
+    opened = browser.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        opened.goto(url)
+        until_true(opened, "window.fastsd && window.fastsd.hello !== null")
+        assert opened.evaluate("document.querySelector('#output').hidden") is True
+        opened.fill("#seed", "4294967295")
+        for field in ("#steps", "#seed"):
+            fits = f"(f => f.scrollWidth <= f.clientWidth)(document.querySelector('{field}'))"
+            assert opened.evaluate(fits), field
+        steps_text = opened.evaluate("document.querySelector('#steps').placeholder")
+        assert steps_text.startswith("auto (")
+        width_needed = opened.evaluate(
+            """(f => { const c = document.createElement('canvas').getContext('2d');
+                       c.font = getComputedStyle(f).font; return c.measureText(f.placeholder).width; })
+               (document.querySelector('#steps'))"""
+        )
+        assert width_needed <= opened.evaluate("document.querySelector('#steps').clientWidth")
+    finally:
+        gate.open()
+        opened.close()

@@ -26,6 +26,7 @@ from ..variants import DEFAULT_VARIANT, get_variant
 from .app import create_app
 from .backend import CogBackend, EngineBackend
 from .settings import Access, Limits
+from .transport import server_config
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     query = "?token=<FASTSD_REALTIME_TOKEN>" if access.token else ""
     logging.info("realtime page: http://%s:%d/%s", shown, args.port, query)
-    uvicorn.run(app, host=args.host, port=args.port, ws_max_size=limits.max_message_bytes, log_level="info")
+    if args.backend:
+        logging.info("rendering through %s", backend.endpoint)
+    uvicorn.Server(server_config(app, args.host, args.port, limits)).run()
 
 
 if __name__ == "__main__":

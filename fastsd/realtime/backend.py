@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import os
 import re
 import tempfile
@@ -26,6 +25,7 @@ from .. import images
 from ..batching import Batcher
 from ..engine import Engine
 from ..errors import ContentWithheld, InputError
+from ..inputs import steps_for_strength
 from ..variants import FULL_VAE, TINY_VAE, Variant
 
 # What a client may set (Cog's input names); "image" is set by binary frames, or cleared with null.
@@ -102,8 +102,8 @@ class Passes:
         if steps is None:
             steps = self.refined_steps if refined else self.fast_steps
             strength = params.get("strength", 0.8)
-            if has_image and self.scales_with_strength and isinstance(strength, (int, float)) and 0 < strength <= 1:
-                steps = min(self.max_steps, math.ceil(steps / strength - 1e-9))
+            if has_image and self.scales_with_strength and isinstance(strength, (int, float)):
+                steps = steps_for_strength(steps, strength, self.max_steps)
             vae = self.refined_vae if refined else self.fast_vae
         else:
             vae = FULL_VAE if refined else self.fast_vae
@@ -200,7 +200,8 @@ class CogBackend:
         self.endpoint = trimmed if trimmed.endswith("/predictions") else f"{trimmed}/predictions"
         self.variant = variant
         self.passes = Passes.for_variant(variant)
-        self.description = f"{variant.name} through {self.endpoint}"
+        # What clients see (the page, /health): not the address, which is the operator's business.
+        self.description = f"{variant.name} through a Cog server"
         token = token or next((os.environ[name] for name in self.TOKEN_ENVS if os.environ.get(name)), None)
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx2.AsyncClient(timeout=timeout)

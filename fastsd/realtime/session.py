@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +29,16 @@ log = logging.getLogger(__name__)
 FRAME_FORMATS = ("JPEG", "PNG", "WEBP")
 MAX_TEXT_MESSAGE = 65536
 COUNTED = ("inputs", "replaced", "generations", "skipped", "errors", "withheld")  # what stats reports
+
+
+class NotFinite(str):
+    """A number the JSON reader met that no finite float holds (NaN, Infinity, 1e309): kept as
+    written, so that the input it was given for is refused by name."""
+
+
+def _finite_or_not(text: str) -> float | NotFinite:
+    value = float(text)
+    return value if math.isfinite(value) else NotFinite(text)
 
 
 @dataclass
@@ -83,6 +94,9 @@ class Session:
         try:
             with Image.open(io.BytesIO(data)) as header:  # the header only: nothing is decoded yet
                 kind, (width, height) = header.format, header.size
+        except Image.DecompressionBombError:  # a header claiming far more pixels than any frame has
+            await self.error("image", f"a frame must have at most {self.limits.max_frame_pixels} pixels.")
+            return
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             await self.error("image", "a frame must be a JPEG, PNG or WebP image; this one could not be read.")
             return
@@ -102,8 +116,9 @@ class Session:
             await self.error("message", f"a text message must be at most {MAX_TEXT_MESSAGE} characters.")
             return
         try:
-            message = json.loads(text)
-        except ValueError:
+            # NaN, Infinity and numbers past a float's range are no numbers (as the Cog server says).
+            message = json.loads(text, parse_constant=NotFinite, parse_float=_finite_or_not)
+        except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
             message = None
         if not isinstance(message, dict):
             await self.error("message", 'a text message must be a JSON object with a "type": params, refine or stats.')
@@ -128,7 +143,13 @@ class Session:
         if "image" in changes and changes["image"] is not None:
             await self.error("image", "image is set by binary frames; send null to go back to text-to-image.")
             return
-        if "output_format" in changes and changes["output_format"] not in OUTPUT_FORMATS:
+        for name, value in changes.items():
+            if isinstance(value, NotFinite):
+                await self.error(name, f"{name} must be a finite number, got {value}.")
+                return
+        if "output_format" in changes and (
+            not isinstance(changes["output_format"], str) or changes["output_format"] not in OUTPUT_FORMATS
+        ):
             allowed, given = " or ".join(OUTPUT_FORMATS), changes["output_format"]
             await self.error("output_format", f"output_format must be {allowed}, got {given!r}.")
             return

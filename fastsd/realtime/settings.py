@@ -51,6 +51,13 @@ class Limits:
         return cls(**values)
 
 
+def bearer_token(authorization: str) -> str:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case, RFC 9110);
+    "" for any other scheme or none."""
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def is_loopback(host: str) -> bool:
     if host in LOOPBACK_NAMES:
         return True
@@ -97,7 +104,7 @@ class Access:
             if not (own or origin.rstrip("/") in self.allowed_origins):
                 return f"origin {origin} is not allowed (set {ORIGINS_ENV} to allow it)"
         if self.token is not None:
-            given = query_params.get("token") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+            given = query_params.get("token") or bearer_token(headers.get("authorization", ""))
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 return f"the token is missing or wrong ({TOKEN_ENV}; the page takes it as /?token=...)"
         return None

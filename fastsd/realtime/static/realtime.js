@@ -73,6 +73,7 @@ function onImage(blob) {
   const output = $("output");
   const previous = output.src;
   output.src = URL.createObjectURL(blob);
+  output.hidden = false;
   if (previous.startsWith("blob:")) URL.revokeObjectURL(previous);
   page.count += 1;
   page.shown = page.shown.slice(-99).concat({ input: meta.input, pass: meta.pass });
