@@ -253,7 +253,7 @@ def _compile(modules, device: str, frozen: bool = True) -> None:
     """
     import torch._inductor.config as inductor_config
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(weights_root() / ".torch-compile-cache"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(weights_root() / "weights" / ".torch-compile-cache"))
     # Where the weights never change after setup (no LoRA slots), freezing folds them into the
     # graph as constants and prepacks them for oneDNN once, rather than at every call (CPU only).
     inductor_config.freezing = device == "cpu" and frozen

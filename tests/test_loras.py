@@ -326,3 +326,24 @@ def test_a_failed_connection_reads_the_same_whatever_the_cause(cog, lora_server)
     tls_to_plain_http = failure(cog, lora_weights=lora_server.url("/style.safetensors").replace("http:", "https:"))
     sentence = "lora_weights could not be fetched from 127.0.0.1: could not connect."
     assert refused.endswith(sentence) and tls_to_plain_http.endswith(sentence), (refused, tls_to_plain_http)
+
+
+def test_a_users_lora_is_cached_where_git_and_the_image_leave_it_out(lora_server, tmp_path, monkeypatch):
+    """The cache sits under weights/ (docs/loras.md): a LoRA tried locally is never committed nor
+    baked into the next `cog build`."""
+    import subprocess
+
+    from conftest import PROJECT_ROOT
+    from test_weights import dockerignore_excludes
+
+    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(tmp_path))
+    monkeypatch.delenv("FASTSD_LORA_CACHE", raising=False)
+    monkeypatch.setenv(remote.ALLOW_PRIVATE_ENV, "1")
+    loras.resolve("lora_weights", lora_server.url("/style.safetensors"))
+    written = [path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*") if path.is_file()]
+    assert written and all(path.startswith("weights/.lora-cache/") for path in written), written
+    patterns = [line for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines() if line[:1] not in ("", "#")]
+    for path in written:
+        assert dockerignore_excludes(patterns, path), path
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=PROJECT_ROOT)
+        assert ignored.returncode == 0, f"{path} is not ignored by .gitignore"

@@ -155,7 +155,9 @@ def test_missing_weights_fail_setup_naming_the_fetch_command(tmp_path):
         state = cog.wait_for_setup()
         assert state["status"] == "SETUP_FAILED"
         text = state["setup"]["logs"] + cog.log_path.read_text()
-        assert "python scripts/download_weights.py sdxl-lcm" in text
+        # The command as a person at the project's root runs it: the .venv's python (a bare `python`
+        # there has no fastsd), since this server runs from the .venv.
+        assert ".venv/bin/python scripts/download_weights.py sdxl-lcm" in text
         assert "lcm-lora-sdxl" in text and "sdxl-vae-fp16-fix" in text
     finally:
         cog.stop()

@@ -67,7 +67,7 @@ def _adapter_name(digest: str) -> str:
 
 
 def cache_folder() -> Path:
-    return Path(os.environ.get("FASTSD_LORA_CACHE", weights_root() / ".lora-cache"))
+    return Path(os.environ.get("FASTSD_LORA_CACHE", weights_root() / "weights" / ".lora-cache"))
 
 
 _cache_lock = threading.Lock()

@@ -13,6 +13,7 @@ a new recipe needs no code here.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,12 +126,17 @@ def required_sources(variant: Variant) -> list[Source]:
     return [source for source in sources(variant) if not source.optional]
 
 
+def python_command() -> str:
+    """How a person at the project's root runs this Python: the project's .venv where this is it
+    (a bare `python` there lacks fastsd), else `python` (the image's)."""
+    venv = PROJECT_ROOT / ".venv"
+    return ".venv/bin/python" if Path(sys.prefix).resolve() == venv.resolve() else "python"
+
+
 def fetch_command(variant: Variant) -> str:
     controlnets = f" --controlnet {','.join(variant.controlnets)}" if variant.controlnets else ""
     controlnets += "" if variant.safety_checker else " --no-safety-checker"
+    script = f"{python_command()} scripts/download_weights.py"
     if variant.is_custom:
-        return (
-            f"python scripts/download_weights.py --model {variant.model} --acceleration {variant.recipe.name}"
-            + controlnets
-        )
-    return f"python scripts/download_weights.py {variant.name}{controlnets}"
+        return f"{script} --model {variant.model} --acceleration {variant.recipe.name}{controlnets}"
+    return f"{script} {variant.name}{controlnets}"

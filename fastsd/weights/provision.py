@@ -20,7 +20,17 @@ from pathlib import Path
 from ..errors import ConfigurationError
 from ..variants import SDXL_VAE_FP16_FIX, TINY_VAE_FOR, Variant, all_recipes, custom_acceleration
 from . import download, fetch, manifest
-from .layout import MODEL, Source, fetch_command, is_local_path, model_folder, required_sources, sources, weights_root
+from .layout import (
+    MODEL,
+    Source,
+    fetch_command,
+    is_local_path,
+    model_folder,
+    python_command,
+    required_sources,
+    sources,
+    weights_root,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +131,7 @@ def _fetch_from_hub(variant: Variant, absent: list[Source]) -> None:
     unfetchable = (
         f"Weights for variant {variant.name} are missing: {listed}. Fetch them with: "
         f"{fetch_command(variant)}, or set {WEIGHTS_URL_ENV} to a weights tar "
-        "(python scripts/pack_weights.py makes one)"
+        f"({python_command()} scripts/pack_weights.py makes one)"
     )
     if _hub_offline():
         raise WeightsMissing(unfetchable + "; HF_HUB_OFFLINE is set, so the hub was not asked.")
@@ -159,7 +169,7 @@ def ensure_model_folder(model: str, url: str | None = None) -> None:
         optional = [extra for extra in sorted(_acceleration_folders()) if not (root / extra).is_dir()]
         fetch.fetch_archive(url, root, [folder.relative_to(root)], optional=optional, log=log.info)
         return
-    command = f"python scripts/download_weights.py --model {model} --acceleration {custom_acceleration()}"
+    command = f"{python_command()} scripts/download_weights.py --model {model} --acceleration {custom_acceleration()}"
     if _hub_offline():
         raise WeightsMissing(
             f"The weights of {model} are missing ({folder}). Fetch them with: {command}, or set "
