@@ -93,19 +93,40 @@ def server_environment(port: int, scratch: Path, env: dict[str, str] | None = No
     return environment
 
 
-class CogServer:
-    """`python -m cog.server.http` on a free loopback port, with the given environment, and the
-    prediction slots a built image would have."""
+def run_folder(folder: Path, predictor: str, schema: bool = True) -> Path:
+    """The folder the server runs in, as the image's /src: the predictor's file (linked from the
+    project) and, as `cog build` writes it, the input schema (fastsd_testing.cog_schema), so that
+    coglet validates as in the image; schema=False runs it without one (every input reaches run()).
+    Its own folder, never the project's: a schema left there would change every later server."""
+    from .cog_schema import SCHEMA_PATH, write
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    module = predictor.split(":")[0]
+    link = folder / module
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        link.symlink_to(PROJECT_ROOT / module)
+    if schema:
+        write(folder, predictor)
+    else:
+        (folder / SCHEMA_PATH).unlink(missing_ok=True)
+    return folder
+
+
+class CogServer:
+    """`python -m cog.server.http` on a free loopback port, with the given environment, the
+    prediction slots and the input schema a built image would have."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, schema: bool = True):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
+        environment = server_environment(self.port, log_path.parent, env)
+        folder = run_folder(log_path.parent / f"cog-run-{self.port}", environment["COG_PREDICT_TYPE_STUB"], schema)
         self.process = subprocess.Popen(
             server_command(),
-            cwd=PROJECT_ROOT,
-            env=server_environment(self.port, log_path.parent, env),
+            cwd=folder,
+            env=environment,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -159,6 +180,16 @@ class CogServer:
         if status != 200:
             raise RuntimeError(f"POST /predictions answered {status}: {answer}")
         return answer
+
+    def refusal(self, **inputs) -> str:
+        """What a refused request is told: coglet's 422 for what the input schema refuses (each
+        input's name and Cog's message), or the failed prediction's error (fastsd's sentence)."""
+        status, answer = self.post(inputs)
+        if status == 422:
+            return "; ".join(f"{item['loc'][-1]}: {item['msg']}" for item in answer["detail"])
+        if status != 200 or answer.get("status") != "failed":
+            raise AssertionError(f"expected a refusal, got {status}: {str(answer)[:300]}")
+        return answer["error"]
 
     def predict_retrying(self, prediction_id: str | None = None, attempts: int = 100, **inputs) -> dict:
         """One prediction as docs/serving.md tells clients to send it: Cog 0.23 can answer 409 to

@@ -130,7 +130,7 @@ def test_a_missing_checker_stops_setup_with_the_command_that_fetches_it(weights_
     with pytest.raises(provision.WeightsMissing) as missing:
         provision.require_weights(variant)
     assert "safety_checker/config.json" in str(missing.value)
-    assert str(missing.value).endswith("Fetch them with: python scripts/download_weights.py sd-turbo")
+    assert str(missing.value).endswith("Fetch them with: .venv/bin/python scripts/download_weights.py sd-turbo")
     provision.require_weights(variant.with_safety_checker(False))  # off: not needed
 
 

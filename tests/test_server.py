@@ -132,21 +132,41 @@ def _bad_inputs(variant: variants.Variant) -> list[tuple[str, dict]]:
             "strength x num_inference_steps",
             {"image": data_uri(png_bytes(64, 64)), "num_inference_steps": 1, "strength": 0.5},
         ),
-        ("bogus", {"bogus": True}),
     ]
 
 
 def test_bad_inputs_fail_clearly_and_the_server_stays_ready(server):
+    """Each is refused naming its input: by the input schema, as in the image (422), or by fastsd."""
     for named_input, inputs in _bad_inputs(server.variant):
         inputs = {"prompt": "a tree", **inputs} if "prompt" not in inputs and inputs else inputs
         if inputs.get("prompt") is None:
             inputs.pop("prompt", None)
-        response = server.predict(**inputs)
-        assert response["status"] == "failed", (inputs, response)
-        assert named_input in response["error"], (named_input, response["error"])
-        assert "Traceback" not in response["error"]
+        error = server.refusal(**inputs)
+        assert named_input in error, (named_input, error)
+        assert "Traceback" not in error
         assert server.is_ready_again(), server.health()
     succeeded(server.predict(prompt="after all that, a tree", **SMALL))
+
+
+def test_an_input_the_image_does_not_declare_is_dropped_as_the_image_drops_it(server):
+    """coglet strips inputs its schema does not list (a typo such as widht): the request runs with
+    the default, as a built image runs it."""
+    typo = server.predict(prompt="a tree", widht=72, width=64, height=64, seed=3, output_format="png")
+    assert succeeded(typo)[0][1].size == (64, 64)
+
+
+def test_without_the_schema_fastsd_itself_refuses_what_the_schema_would(weights_root, tmp_path):
+    """Outside an image (no schema) every input reaches run(): fastsd's own checks give the sentence."""
+    environment = {"FASTSD_VARIANT": "sd-turbo", "FASTSD_WEIGHTS_ROOT": str(weights_root)}
+    cog = CogServer(environment, tmp_path / "server.log", schema=False)
+    try:
+        assert cog.wait_for_setup()["status"] == "READY"
+        for named_input, inputs in [("strength", {"strength": 1.5}), ("output_format", {"output_format": "gif"})]:
+            error = cog.refusal(prompt="a tree", **inputs)
+            assert error.endswith(".") and named_input in error and "InputError" in error, error
+        assert "unexpected keyword argument 'bogus'" in cog.refusal(prompt="a tree", bogus=True)
+    finally:
+        cog.stop()
 
 
 def test_missing_weights_fail_setup_naming_the_fetch_command(tmp_path):
