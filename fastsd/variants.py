@@ -255,13 +255,14 @@ _CUSTOM_SHAPE = {
 }
 
 
-def get_variant(name: str) -> Variant:
+def get_variant(name: str, setting: str = "FASTSD_VARIANT") -> Variant:
+    """The preset of that name; setting is where the name came from (a variable or an option), for
+    the error."""
     try:
         return VARIANTS[name]
     except KeyError:
-        raise ConfigurationError(
-            f"FASTSD_VARIANT={name!r} is not a known variant; choose one of: {', '.join(VARIANTS)}."
-        ) from None
+        given = f"{setting} {name!r}" if setting.startswith("--") else f"{setting}={name!r}"
+        raise ConfigurationError(f"{given} is not a known variant; choose one of: {', '.join(VARIANTS)}.") from None
 
 
 def detect_architecture(model_folder: Path) -> str:

@@ -596,6 +596,16 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def quiet() -> None:
+    """Random weights in tiny configs: the libraries' advice about them is noise on a newcomer's screen."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    quiet_library_noise()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", nargs="+", help="variant names (see fastsd.variants)")
@@ -605,16 +615,27 @@ def main() -> None:
     )
     parser.add_argument("--fp16-only", action="store_true", help="only the fp16 files, as download_weights.py fetches")
     args = parser.parse_args()
-    import diffusers
-    import transformers
-
-    # Random weights in tiny configs: the libraries' advice about them is noise on a newcomer's screen.
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    quiet_library_noise()
+    quiet()
     for name in args.variant:
-        build_variant(variants.get_variant(name), args.root, args.size, fp16_only=args.fp16_only)
+        variant = variants.get_variant(name)
+        build_variant(variant, args.root, args.size, fp16_only=args.fp16_only)
+        write_manifests(variant, args.root)
         print(f"built {name} ({args.size}) under {args.root}")
+
+
+def write_manifests(variant: variants.Variant, root: Path) -> None:
+    """A manifest in each folder the variant loads, as download_weights.py leaves one: the server's
+    boot check then verifies the files (and has nothing to warn about)."""
+    from fastsd.weights import manifest
+
+    origin = "fastsd_testing.random_models"
+    for source in disk.sources(variant):
+        folder = root / source.relative_folder
+        if source.is_local or not folder.is_dir():
+            continue
+        existing = manifest.load(folder)
+        if existing is None or existing.get("origin") == origin:  # never over a download's manifest
+            manifest.write(folder, manifest.describe_local(folder), origin=origin)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from fastsd.engine import Engine
 from fastsd.errors import ConfigurationError, InputError
+from fastsd.variants import get_variant
+from fastsd.weights.layout import python_command
 
 
 def main() -> int:
@@ -38,10 +40,10 @@ def main() -> int:
     parser.add_argument("--output-quality", type=int, default=80)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.variant:
-        os.environ["FASTSD_VARIANT"] = args.variant
-
     try:
+        if args.variant:
+            get_variant(args.variant, "--variant")  # a wrong name is the option's, not FASTSD_VARIANT's
+            os.environ["FASTSD_VARIANT"] = args.variant
         engine = Engine.from_environment()
         request = engine.validate(
             prompt=args.prompt,
@@ -62,7 +64,7 @@ def main() -> int:
         if "are missing" in str(error):
             variant = os.environ.get("FASTSD_VARIANT", "sd-turbo")
             print(
-                f"No hub access? `.venv/bin/python -m fastsd_testing.random_models {variant}` writes a tiny "
+                f"No hub access? `{python_command()} -m fastsd_testing.random_models {variant}` writes a tiny "
                 "random-weight model in the real layout, to try every command (its images are noise).",
                 file=sys.stderr,
             )

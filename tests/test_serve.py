@@ -77,3 +77,107 @@ def test_serve_refuses_a_port_out_of_range():
         [PROJECT_ROOT / "scripts" / "serve", "--port", "99999"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode != 0 and "--port must be from 1 to 65535" in result.stderr
+
+
+def test_a_newcomers_first_server_from_random_weights_to_an_image_file(tmp_path):
+    """The README's quick start on an empty weights folder: scripts/serve --random-weights writes the
+    tiny model (with its manifests: no warning at start), serves with the image's input schema, and
+    scripts/predict.py turns the answer into an image file."""
+    import sys
+
+    from PIL import Image
+
+    port = _free_port()
+    root = tmp_path / "root"
+    environment = dict(os.environ, FASTSD_VARIANT="sd-turbo", FASTSD_WEIGHTS_ROOT=str(root), TMPDIR=str(tmp_path))
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [PROJECT_ROOT / "scripts" / "serve", "--random-weights", "--port", str(port)],
+            env=environment,
+            stdout=log,
+            stderr=log,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, state = time.monotonic() + 300, {}
+        while time.monotonic() < deadline and state.get("status") not in ("READY", "SETUP_FAILED"):
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                state = _get(f"{url}/health-check", timeout=5)
+            except OSError:
+                pass
+            time.sleep(0.3)
+        assert state.get("status") == "READY", log_path.read_text()[-3000:]
+        assert "has no .fastsd-manifest.json" not in log_path.read_text()
+
+        def predict(*inputs: str) -> subprocess.CompletedProcess:
+            command = [sys.executable, PROJECT_ROOT / "scripts" / "predict.py", *inputs, "--url", url]
+            return subprocess.run(command + ["--out", str(tmp_path / "out")], capture_output=True, text=True)
+
+        made = predict('prompt="a lighthouse at dawn"', "seed=5", "width=64", "height=64")
+        assert made.returncode == 0, made.stderr
+        assert made.stdout.split() == [str(tmp_path / "out" / "fastsd-seed-5.webp")]
+        assert Image.open(made.stdout.strip()).size == (64, 64) and '"seed": 5' in made.stderr
+        refused = predict("prompt=a", "width=4096")  # the image's schema answers, as a built image does
+        assert refused.returncode == 1 and "width: 4096 is greater than the maximum of 2048" in refused.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_serve_without_the_hub_says_so_and_names_the_random_model(tmp_path):
+    import sys
+
+    closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: the hub cannot be reached
+    environment = dict(os.environ, FASTSD_VARIANT="sd-turbo", FASTSD_WEIGHTS_ROOT=str(tmp_path), HF_ENDPOINT=closed)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastsd_testing.serve", "--port", str(_free_port())],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "cannot be reached" in result.stderr and "scripts/serve --random-weights" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_wrong_variant_option_is_named_as_the_option():
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fastsd.realtime", "--variant", "sdxl-turbo-v2"], capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "--variant 'sdxl-turbo-v2' is not a known variant" in result.stderr
+
+
+def test_the_schema_reads_predict_py_as_cog_itself_does():
+    """fastsd_testing.cog_schema reads run()'s source as Cog's static generator does; Cog's Python
+    side (cog._inspector, the same pins) reads the imported signature: they must agree on every
+    input's order, type, default, bounds, choices and description."""
+    import sys
+
+    from cog import _inspector
+    from cog._adt import Repetition
+
+    from fastsd_testing import cog_schema
+
+    sys.path.insert(0, str(PROJECT_ROOT))
+    try:
+        info = _inspector.create_predictor("predict", "Predictor")
+    finally:
+        sys.path.remove(str(PROJECT_ROOT))
+    ours = cog_schema.read_inputs(PROJECT_ROOT / "predict.py")
+    assert [field["name"] for field in ours] == [
+        name for name, _ in sorted(info.inputs.items(), key=lambda i: i[1].order)
+    ]
+    for field in ours:
+        theirs = info.inputs[field["name"]]
+        assert cog_schema._JSON_TYPES[field["type"]] == theirs.type.primitive.json_type(), field["name"]
+        assert field["nullable"] == (theirs.type.repetition is Repetition.OPTIONAL), field["name"]
+        for keyword in ("default", "ge", "le", "choices", "description"):
+            assert field.get(keyword) == getattr(theirs, keyword), (field["name"], keyword)
+    schema = cog_schema.openapi_schema()["components"]["schemas"]
+    assert schema["Input"]["required"] == ["prompt"]
+    assert schema["output_format"]["enum"] == ["webp", "jpg", "png"]

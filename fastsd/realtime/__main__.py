@@ -19,6 +19,7 @@ import sys
 
 import uvicorn
 
+from .. import metrics
 from ..batching import Batcher
 from ..engine import Engine
 from ..errors import ConfigurationError
@@ -58,11 +59,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_backend(args: argparse.Namespace):
     if args.variant:
+        get_variant(args.variant, "--variant")  # a wrong name is the option's, not FASTSD_VARIANT's
         os.environ["FASTSD_VARIANT"] = args.variant
     if args.backend:
         return CogBackend(args.backend, get_variant(os.environ.get("FASTSD_VARIANT", "").strip() or DEFAULT_VARIANT))
     engine = Engine.from_environment()
-    return EngineBackend(engine, Batcher(engine))
+    batcher = Batcher(engine)
+    metrics.serve_from_environment(batcher)
+    return EngineBackend(engine, batcher)
 
 
 def main(argv: list[str] | None = None) -> None:
