@@ -16,6 +16,7 @@ import sys
 import cog
 from cog import BaseRunner, Input, Path
 
+from fastsd import metrics
 from fastsd.batching import Batcher
 from fastsd.engine import Engine
 from fastsd.errors import InputError
@@ -27,6 +28,7 @@ class Predictor(BaseRunner):
     def setup(self, weights: str | None = None) -> None:
         self.engine = Engine.from_environment(weights_url=weights)
         self.batcher = Batcher(self.engine)
+        metrics.serve_from_environment(self.batcher)  # FASTSD_METRICS_PORT: the queue, for an autoscaler
         # A decoded input image takes up to 160 MB before it is fitted: two decodes at a time.
         self.decoding = asyncio.Semaphore(2)
 

@@ -16,6 +16,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .engine import Engine, Interrupted, Result, batch_key
@@ -50,7 +51,10 @@ class Batcher:
         variant = engine.variant
         self.max_images, self.max_pixels = variant.max_batch_images, variant.max_batch_pixels
         self._queue: list[Job] = []
+        self._running: list[Job] = []
         self._ready = threading.Condition()
+        # Told of every call (fastsd.metrics): its requests' queue times, images, seconds and outcome.
+        self.on_call: Callable[[list[float], int, float, str], None] | None = None
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="fastsd-batcher", daemon=True)
         self._worker.start()
@@ -81,6 +85,12 @@ class Batcher:
         except asyncio.CancelledError:
             self.cancel(job)
             raise
+
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def running(self) -> int:
+        return len(self._running)
 
     def close(self) -> None:
         with self._ready:
@@ -128,11 +138,15 @@ class Batcher:
 
     def _run(self, batch: list[Job]) -> None:
         started = time.perf_counter()
+        self._running = batch
+        outcome = "failed"
         try:
             results = self.engine.generate_batch(
                 [job.request for job in batch], interrupted=lambda: all(job.canceled for job in batch)
             )
+            outcome = "succeeded"
         except Interrupted:
+            outcome = "canceled"
             for job in batch:
                 job.future.set_exception(Canceled())
             return
@@ -148,7 +162,13 @@ class Batcher:
                     job.future.set_exception(Canceled())
                 else:
                     self._run([job])
+            outcome = "retried"  # each request's own call was counted
             return
+        finally:
+            self._running = []
+            if self.on_call is not None and outcome != "retried":
+                waits = [started - job.submitted for job in batch]
+                self.on_call(waits, sum(job.images for job in batch), time.perf_counter() - started, outcome)
         for job, result in zip(batch, results, strict=True):
             result.timings["queue_time"] = started - job.submitted
             if job.canceled:
