@@ -436,3 +436,28 @@ def test_bad_syntax_fails_with_one_sentence_and_the_next_request_is_unchanged(se
     assert response["status"] == "failed" and "at most 8 (about 600 tokens) are encoded" in response["error"]
     assert server.is_ready_again()
     assert np.array_equal(image(server, "a (lighthouse:1.2)"), before)
+
+
+def test_the_probes_prompts_are_answered_at_once_and_the_worker_stays_free(served):
+    """Prompts that once held the worker's CPU for minutes (compel's parser backtracks): each is
+    answered within seconds, and a plain request after them is served as before."""
+    server, _ = served
+    before = image(server, "a lighthouse")
+    hostile = [
+        "[" * 16 + "a" + "]" * 16,  # 33 characters: once more than 95 s
+        "(" * 300 + "a" + ")" * 300,
+        "(" * 6 + "a" + ").and()" * 6,
+        "a" + "+" * 9999,
+        "(" + ", ".join(['"a"'] * 1000) + ").blend()",
+        '("a", "b").blend(1e400, nan)',
+    ]
+    for prompt in hostile:
+        started = time.monotonic()
+        response = server.predict(prompt=prompt, **SMALL)
+        assert time.monotonic() - started < 30, prompt[:40]  # the request's own work, not minutes
+        if response["status"] == "failed":
+            assert response["error"].endswith(".") and "Traceback" not in response["error"], response["error"]
+    assert server.is_ready_again()
+    started = time.monotonic()
+    assert np.array_equal(image(server, "a lighthouse"), before)
+    assert time.monotonic() - started < 30
