@@ -13,14 +13,12 @@ Deployment on fastsd_queue_time_seconds with them (deploy/kubernetes/).
 from __future__ import annotations
 
 import logging
-import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
 # Seconds: from a free worker (milliseconds) to a queue several batches deep on a slow model.
-PORT_ENV = "FASTSD_METRICS_PORT"
 QUEUE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -57,17 +55,3 @@ class ServerMetrics:
         """GET /metrics on its own port, from a daemon thread."""
         start_http_server(port, addr=host, registry=self.registry)
         log.info("metrics: http://%s:%d/metrics", host, port)
-
-
-def serve_from_environment(batcher) -> ServerMetrics | None:
-    """The batcher's metrics on FASTSD_METRICS_PORT, when it is set."""
-    text = os.environ.get(PORT_ENV, "").strip()
-    if not text:
-        return None
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        from .errors import ConfigurationError
-
-        raise ConfigurationError(f"{PORT_ENV} must be a port from 1 to 65535, got {text!r}.")
-    metrics = ServerMetrics(batcher)
-    metrics.serve(int(text))
-    return metrics

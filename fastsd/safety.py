@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +52,8 @@ class SafetyChecker:
         self._nsfw_index = labels[NSFW_LABEL]
 
     @classmethod
-    def load(cls, variant: Variant, device: str, dtype: torch.dtype) -> SafetyChecker | None:
+    def load(cls, variant: Variant, root: Path, device: str, dtype: torch.dtype) -> SafetyChecker | None:
+        """The two checkers from their folders under the weights root; None when switched off."""
         if not variant.safety_checker:
             log.warning("safety checking is off (%s=off): every image is returned unchecked", SAFETY_ENV)
             return None
@@ -58,14 +61,14 @@ class SafetyChecker:
         from transformers import AutoImageProcessor, AutoModelForImageClassification, CLIPImageProcessor
 
         started = time.perf_counter()
-        checker_folder = Source(SAFETY_CHECKER, SAFETY_CHECKER_REPO).folder
-        classifier_folder = Source(NSFW_CLASSIFIER, NSFW_CLASSIFIER_REPO).folder
+        checker_folder = Source(SAFETY_CHECKER, SAFETY_CHECKER_REPO).folder(root)
+        classifier_folder = Source(NSFW_CLASSIFIER, NSFW_CLASSIFIER_REPO).folder(root)
         weights = "fp16" if (checker_folder / "safety_checker" / "model.fp16.safetensors").is_file() else None
-        checker = StableDiffusionSafetyChecker.from_pretrained(
+        checker: Any = StableDiffusionSafetyChecker.from_pretrained(
             checker_folder / "safety_checker", variant=weights, use_safetensors=True, dtype=dtype, local_files_only=True
         )
         extractor = CLIPImageProcessor.from_pretrained(checker_folder / "feature_extractor")
-        classifier = AutoModelForImageClassification.from_pretrained(
+        classifier: Any = AutoModelForImageClassification.from_pretrained(
             classifier_folder, use_safetensors=True, dtype=dtype, local_files_only=True
         )
         processor = AutoImageProcessor.from_pretrained(classifier_folder)

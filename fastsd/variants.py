@@ -13,12 +13,12 @@ Where each row comes from, and the weights' licences: docs/recipes.md.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigurationError
+from .settings import Settings
 
 # Architectures, as detected from a model's configs (detect_architecture).
 SD15 = "sd1.5"  # SD 1.x: CLIP-L text encoder, cross-attention width 768
@@ -223,8 +223,8 @@ ACCELERATIONS: dict[str, dict[str, Recipe]] = {
 
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-_XL = dict(max_pixels=1536 * 1536, max_batch_pixels=8 * 1024 * 1024)
-_XL_FAST = dict(_XL, vae=SDXL_VAE_FP16_FIX)  # fp16-safe VAE: decodes in half precision, no upcast
+_XL: dict[str, Any] = dict(max_pixels=1536 * 1536, max_batch_pixels=8 * 1024 * 1024)
+_XL_FAST: dict[str, Any] = dict(_XL, vae=SDXL_VAE_FP16_FIX)  # fp16-safe VAE: decodes in half precision, no upcast
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -248,7 +248,7 @@ DEFAULT_VARIANT = "sd-turbo"
 
 # A custom model of an architecture gets the size and limits of that architecture's presets (and
 # the SDXL ones the fp16-safe VAE).
-_CUSTOM_SHAPE = {
+_CUSTOM_SHAPE: dict[str, dict[str, Any]] = {
     SD15: dict(width=512, height=512),
     SD2: dict(width=512, height=512),
     SDXL: dict(width=1024, height=1024, **_XL_FAST),
@@ -304,37 +304,15 @@ def custom_variant(model: str, model_folder: Path, acceleration: str) -> Variant
     return Variant(f"custom:{model}", model, architecture, recipe, **_CUSTOM_SHAPE[architecture])
 
 
-def variant_from_environment(model_folder_of) -> Variant:
-    """The preset this server runs: FASTSD_MODEL (with FASTSD_ACCELERATION) or FASTSD_VARIANT.
-
-    model_folder_of maps a model reference to the folder its weights are in.
-    """
-    model = os.environ.get("FASTSD_MODEL", "").strip()
-    if model:
-        variant = custom_variant(model, model_folder_of(model), custom_acceleration())
+def variant_for(settings: Settings, model_folder_of) -> Variant:
+    """The preset this server runs: Settings.model (with its acceleration) or Settings.variant, with
+    the ControlNets and safety checking the settings name. model_folder_of maps a model reference
+    to the folder its weights are in (a fine-tune's architecture is read from its configs)."""
+    if settings.model:
+        variant = custom_variant(settings.model, model_folder_of(settings.model), settings.acceleration)
     else:
-        variant = get_variant(os.environ.get("FASTSD_VARIANT", DEFAULT_VARIANT).strip() or DEFAULT_VARIANT)
-    variant = variant.with_controlnets(controlnets_from(os.environ.get(CONTROLNETS_ENV, "")))
-    return variant.with_safety_checker(safety_checker_from(os.environ.get(SAFETY_ENV, "")))
-
-
-def safety_checker_from(text: str) -> bool:
-    """FASTSD_SAFETY_CHECKER: on unless it says off."""
-    value = text.strip().lower()
-    if value in ("", "1", "on", "true", "yes"):
-        return True
-    if value in ("0", "off", "false", "no"):
-        return False
-    raise ConfigurationError(f"{SAFETY_ENV} must be on or off, got {text!r}.")
-
-
-def controlnets_from(text: str) -> tuple[str, ...]:
-    """FASTSD_CONTROLNETS (and --controlnet options): names separated by commas or spaces."""
-    return tuple(name for name in text.replace(",", " ").split() if name)
-
-
-def custom_acceleration() -> str:
-    return os.environ.get("FASTSD_ACCELERATION", "lcm-lora").strip() or "lcm-lora"
+        variant = get_variant(settings.variant)
+    return variant.with_controlnets(settings.controlnets).with_safety_checker(settings.safety_checker)
 
 
 def all_recipes() -> list[Recipe]:

@@ -1,25 +1,24 @@
 """The hub download: which files each repo contributes, and failing fast and clearly offline.
 
-The repos' file lists below are written down as data, as the hub lists them (root single-file
-checkpoints, .bin/.ckpt pickles, ONNX, Flax and OpenVINO exports, safety checkers and images
-included), so the selection is tested without the network.
+The repos' file lists are recorded data (tests/data/hub_repos.json), as the hub lists them, so the
+selection is tested without the network.
 """
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from fastsd import variants
+from fastsd.settings import Settings
 from fastsd.weights import download, layout, provision
+from fastsd_testing.loopback import LoopbackServer, reply
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,351 +39,10 @@ def index(pipeline: str, *components: str, unloaded=("safety_checker", "feature_
     return entry
 
 
-SD_COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "unet", "vae")
-SDXL_COMPONENTS = (*SD_COMPONENTS, "text_encoder_2", "tokenizer_2")
-
-REPOS = {
-    "stabilityai/sd-turbo": dict(
-        index=index("StableDiffusionPipeline", *SD_COMPONENTS),
-        files=[
-            ".gitattributes",
-            "README.md",
-            "LICENSE.md",
-            "image_quality_one_step.png",
-            "output_tile.jpg",
-            "prompt_alignment_one_step.png",
-            "sd_turbo.safetensors",
-            "model_index.json",
-            "scheduler/scheduler_config.json",
-            *files_in("text_encoder", ["config.json", "model.fp16.safetensors", "model.safetensors"]),
-            *files_in("tokenizer", TOKENIZER),
-            *files_in(
-                "unet",
-                ["config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
-            ),
-            *files_in(
-                "vae",
-                ["config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
-            ),
-        ],
-    ),
-    "stabilityai/sdxl-turbo": dict(
-        index=index("StableDiffusionXLPipeline", *SDXL_COMPONENTS, unloaded=()),
-        files=[
-            ".gitattributes",
-            "README.md",
-            "LICENSE.md",
-            "image_quality_one_step.png",
-            "output_tile.jpg",
-            "prompt_alignment_one_step.png",
-            "sd_xl_turbo_1.0.safetensors",
-            "sd_xl_turbo_1.0_fp16.safetensors",
-            "model_index.json",
-            "scheduler/scheduler_config.json",
-            *files_in("text_encoder", ["config.json", "model.fp16.safetensors", "model.safetensors"]),
-            *files_in("text_encoder_2", ["config.json", "model.fp16.safetensors", "model.safetensors"]),
-            *files_in("tokenizer", TOKENIZER),
-            *files_in("tokenizer_2", TOKENIZER),
-            *files_in(
-                "unet",
-                ["config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
-            ),
-            *files_in(
-                "vae",
-                ["config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
-            ),
-        ],
-    ),
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": dict(
-        index=index("StableDiffusionPipeline", *SD_COMPONENTS, "safety_checker", "feature_extractor", unloaded=()),
-        files=[
-            ".gitattributes",
-            "README.md",
-            "v1-5-pruned-emaonly.ckpt",
-            "v1-5-pruned-emaonly.safetensors",
-            "v1-5-pruned.ckpt",
-            "v1-5-pruned.safetensors",
-            "v1-inference.yaml",
-            "model_index.json",
-            "feature_extractor/preprocessor_config.json",
-            *files_in(
-                "safety_checker",
-                [
-                    "config.json",
-                    "flax_model.msgpack",
-                    "model.fp16.safetensors",
-                    "model.safetensors",
-                    "pytorch_model.bin",
-                    "pytorch_model.fp16.bin",
-                ],
-            ),
-            "scheduler/scheduler_config.json",
-            *files_in(
-                "text_encoder",
-                [
-                    "config.json",
-                    "flax_model.msgpack",
-                    "model.fp16.safetensors",
-                    "model.safetensors",
-                    "pytorch_model.bin",
-                    "pytorch_model.fp16.bin",
-                ],
-            ),
-            *files_in("tokenizer", TOKENIZER),
-            *files_in(
-                "unet",
-                [
-                    "config.json",
-                    "diffusion_flax_model.msgpack",
-                    "diffusion_pytorch_model.bin",
-                    "diffusion_pytorch_model.fp16.bin",
-                    "diffusion_pytorch_model.fp16.safetensors",
-                    "diffusion_pytorch_model.non_ema.bin",
-                    "diffusion_pytorch_model.non_ema.safetensors",
-                    "diffusion_pytorch_model.safetensors",
-                ],
-            ),
-            *files_in(
-                "vae",
-                [
-                    "config.json",
-                    "diffusion_flax_model.msgpack",
-                    "diffusion_pytorch_model.bin",
-                    "diffusion_pytorch_model.fp16.bin",
-                    "diffusion_pytorch_model.fp16.safetensors",
-                    "diffusion_pytorch_model.safetensors",
-                ],
-            ),
-        ],
-    ),
-    "stabilityai/stable-diffusion-xl-base-1.0": dict(
-        index=index("StableDiffusionXLPipeline", *SDXL_COMPONENTS, unloaded=()),
-        files=[
-            ".gitattributes",
-            "01.png",
-            "comparison.png",
-            "pipeline.png",
-            "LICENSE.md",
-            "README.md",
-            "model_index.json",
-            "sd_xl_base_1.0.safetensors",
-            "sd_xl_base_1.0_0.9vae.safetensors",
-            "sd_xl_offset_example-lora_1.0.safetensors",
-            "scheduler/scheduler_config.json",
-            *files_in(
-                "text_encoder",
-                [
-                    "config.json",
-                    "flax_model.msgpack",
-                    "model.fp16.safetensors",
-                    "model.onnx",
-                    "model.safetensors",
-                    "openvino_model.bin",
-                    "openvino_model.xml",
-                ],
-            ),
-            *files_in(
-                "text_encoder_2",
-                [
-                    "config.json",
-                    "flax_model.msgpack",
-                    "model.fp16.safetensors",
-                    "model.onnx",
-                    "model.onnx_data",
-                    "model.safetensors",
-                    "openvino_model.bin",
-                    "openvino_model.xml",
-                ],
-            ),
-            *files_in("tokenizer", TOKENIZER),
-            *files_in("tokenizer_2", TOKENIZER),
-            *files_in(
-                "unet",
-                [
-                    "config.json",
-                    "diffusion_flax_model.msgpack",
-                    "diffusion_pytorch_model.fp16.safetensors",
-                    "diffusion_pytorch_model.safetensors",
-                    "model.onnx",
-                    "model.onnx_data",
-                    "openvino_model.bin",
-                    "openvino_model.xml",
-                ],
-            ),
-            *files_in(
-                "vae",
-                [
-                    "config.json",
-                    "diffusion_flax_model.msgpack",
-                    "diffusion_pytorch_model.fp16.safetensors",
-                    "diffusion_pytorch_model.safetensors",
-                ],
-            ),
-            *files_in(
-                "vae_1_0",
-                ["config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"],
-            ),
-            *files_in("vae_decoder", ["config.json", "model.onnx", "openvino_model.bin", "openvino_model.xml"]),
-            *files_in("vae_encoder", ["config.json", "model.onnx", "openvino_model.bin", "openvino_model.xml"]),
-        ],
-    ),
-    "SimianLuo/LCM_Dreamshaper_v7": dict(
-        index=index(
-            "LatentConsistencyModelPipeline", *SD_COMPONENTS, "safety_checker", "feature_extractor", unloaded=()
-        ),
-        files=[
-            ".gitattributes",
-            "README.md",
-            "LCM_Dreamshaper_v7_4k.safetensors",
-            "lcm_pipeline.py",
-            "lcm_scheduler.py",
-            "model_index.json",
-            "feature_extractor/preprocessor_config.json",
-            *files_in("safety_checker", ["config.json", "model.safetensors", "pytorch_model.bin"]),
-            "scheduler/scheduler_config.json",
-            *files_in("text_encoder", ["config.json", "model.safetensors", "pytorch_model.bin"]),
-            *files_in("tokenizer", TOKENIZER),
-            *files_in("unet", ["config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors"]),
-            *files_in("vae", ["config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors"]),
-        ],
-    ),
-    "madebyollin/sdxl-vae-fp16-fix": dict(
-        files=[
-            ".gitattributes",
-            "README.md",
-            "config.json",
-            "diffusion_pytorch_model.bin",
-            "diffusion_pytorch_model.safetensors",
-            "sdxl.vae.safetensors",
-            "sdxl_vae.safetensors",
-            "images/activation-magnitudes.jpg",
-        ]
-    ),
-    "madebyollin/taesd": dict(
-        files=[
-            ".gitattributes",
-            "README.md",
-            "config.json",
-            "diffusion_pytorch_model.bin",
-            "diffusion_pytorch_model.safetensors",
-            "taesd_decoder.pth",
-            "taesd_encoder.pth",
-        ]
-    ),
-    "madebyollin/taesdxl": dict(
-        files=[
-            ".gitattributes",
-            "README.md",
-            "config.json",
-            "diffusion_pytorch_model.bin",
-            "diffusion_pytorch_model.safetensors",
-            "taesdxl_decoder.pth",
-            "taesdxl_encoder.pth",
-        ]
-    ),
-    "latent-consistency/lcm-lora-sdv1-5": dict(
-        files=[
-            ".gitattributes",
-            "README.md",
-            "image.png",
-            "pytorch_lora_weights.safetensors",
-        ]
-    ),
-    "latent-consistency/lcm-lora-sdxl": dict(
-        files=[
-            ".gitattributes",
-            "README.md",
-            "image.png",
-            "pytorch_lora_weights.safetensors",
-        ]
-    ),
-    # The repos of the 2024 recipes: many root files, of which a preset takes one.
-    "ByteDance/SDXL-Lightning": dict(
-        files=[
-            ".gitattributes",
-            "LICENSE.md",
-            "README.md",
-            "comfyui/sdxl_lightning_workflow_full.json",
-            "comfyui/sdxl_lightning_workflow_lora.json",
-            "sdxl_lightning_report.pdf",
-            *[f"sdxl_lightning_{n}step{kind}.safetensors" for n in (2, 4, 8) for kind in ("", "_lora", "_unet")],
-            "sdxl_lightning_1step_unet_x0.safetensors",
-            "sdxl_lightning_1step_x0.safetensors",
-        ]
-    ),
-    "ByteDance/Hyper-SD": dict(
-        files=[
-            ".gitattributes",
-            "LICENSE.md",
-            "README.md",
-            "hypersd_tearser.jpg",
-            "comfyui/Hyper-SDXL-1step-Unet-workflow.json",
-            *[f"Hyper-SD15-{n}-lora.safetensors" for n in ("1step", "2steps", "4steps", "8steps", "8steps-CFG")],
-            *[f"Hyper-SDXL-{n}-lora.safetensors" for n in ("1step", "2steps", "4steps", "8steps", "8steps-CFG")],
-            "Hyper-SD15-12steps-CFG-lora.safetensors",
-            "Hyper-SDXL-12steps-CFG-lora.safetensors",
-            "Hyper-SDXL-1step-Unet.safetensors",
-            "Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors",
-        ]
-    ),
-    "h1t/TCD-SD15-LoRA": dict(
-        files=[".gitattributes", "README.md", "assets/teaser.jpeg", "pytorch_lora_weights.safetensors"]
-    ),
-    "h1t/TCD-SDXL-LoRA": dict(
-        files=[".gitattributes", "README.md", "assets/teaser.jpeg", "pytorch_lora_weights.safetensors"]
-    ),
-    # ControlNets: fp16 safetensors beside the full ones and the pickles; the SD 2.1 ones a pickle only.
-    **{
-        repo: dict(
-            files=[
-                ".gitattributes",
-                "README.md",
-                "config.json",
-                "diffusion_pytorch_model.bin",
-                "diffusion_pytorch_model.fp16.bin",
-                "diffusion_pytorch_model.fp16.safetensors",
-                "diffusion_pytorch_model.safetensors",
-                "images/input.png",
-            ]
-        )
-        for repo in (
-            "lllyasviel/control_v11p_sd15_canny",
-            "lllyasviel/control_v11f1p_sd15_depth",
-            "diffusers/controlnet-canny-sdxl-1.0",
-            "diffusers/controlnet-depth-sdxl-1.0",
-        )
-    },
-    **{
-        repo: dict(files=[".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.bin"])
-        for repo in ("thibaud/controlnet-sd21-canny-diffusers", "thibaud/controlnet-sd21-depth-diffusers")
-    },
-    "tianweiy/DMD2": dict(
-        files=[
-            ".gitattributes",
-            "README.md",
-            "dmd2_sdxl_4step_lora.safetensors",
-            "dmd2_sdxl_4step_lora_fp16.safetensors",
-            "dmd2_sdxl_4step_unet_fp16.bin",
-            "dmd2_sdxl_4step_unet_fp16.safetensors",
-            "model/sdxl/sdxl_cond999_8node_lr5e-7_denoising4step_checkpoint_model_019000/pytorch_model.bin",
-        ]
-    ),
-}
-
-# The second-stage safety classifier: a transformers ViT (its pickled copy and the card's optional
-# YOLOv9 ONNX export beside it are never fetched).
-REPOS["Falconsai/nsfw_image_detection"] = dict(
-    files=[
-        ".gitattributes",
-        "README.md",
-        "config.json",
-        "model.safetensors",
-        "preprocessor_config.json",
-        "pytorch_model.bin",
-        "falconsai_yolov9_nsfw_model_quantized.pt",
-        "labels.json",
-    ]
-)
+# Each repo's model_index.json (where it has one) and its file list as the hub lists them: root
+# single-file checkpoints, .bin/.ckpt pickles, ONNX, Flax and OpenVINO exports, safety checkers
+# and images included. Recorded once; the selection is tested against them without the network.
+REPOS = json.loads((Path(__file__).parent / "data" / "hub_repos.json").read_text())
 
 SD_FP16 = [
     "model_index.json",
@@ -618,38 +276,24 @@ def test_unknown_variant_and_list_work_offline(tmp_path):
     assert "ByteDance/Hyper-SD/Hyper-SDXL-1step-lora.safetensors" in done.stdout
 
 
-class FakeHub:
+class FakeHub(LoopbackServer):
     """Answers model_info the way the hub does for a gated repo, a missing one, or a bad token."""
 
+    ANSWERS = {
+        "/api/models/org/gated": (401, "GatedRepo"),
+        "/api/models/org/missing": (404, "RepoNotFound"),
+        "/api/models/org/forbidden": (403, None),
+        "/api/models/org/broken": (500, None),
+    }
+
     def __init__(self):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+        super().__init__()
+        self.url = self.root
 
-            def do_GET(self):
-                answers = {
-                    "/api/models/org/gated": (401, "GatedRepo"),
-                    "/api/models/org/missing": (404, "RepoNotFound"),
-                    "/api/models/org/forbidden": (403, None),
-                    "/api/models/org/broken": (500, None),
-                }
-                status, code = answers.get(self.path.split("?")[0], (404, "RepoNotFound"))
-                body = json.dumps({"error": "no"}).encode()
-                self.send_response(status)
-                if code:
-                    self.send_header("X-Error-Code", code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def respond(self, handler, send_body: bool) -> None:
+        status, code = self.ANSWERS.get(handler.path.split("?")[0], (404, "RepoNotFound"))
+        headers = {"Content-Type": "application/json", **({"X-Error-Code": code} if code else {})}
+        reply(handler, status, json.dumps({"error": "no"}).encode(), headers, send_body)
 
 
 @pytest.fixture(scope="module")
@@ -678,7 +322,7 @@ def test_gated_missing_and_forbidden_repos_are_one_sentence(repo, message, fake_
 # --- a whole download, from a stand-in hub on loopback ------------------------------------------
 
 
-class LocalHub:
+class LocalHub(LoopbackServer):
     """Serves folders as hub repos, the way huggingface_hub reads them: model_info with file
     metadata, the recursive tree listing, HEAD and GET (with Range) on /resolve/. Extra files
     (root checkpoints, pickles) are added to each repo to prove they are not fetched."""
@@ -714,96 +358,53 @@ class LocalHub:
             repo: {name: entry(data, name.endswith((".safetensors", ".bin"))) for name, data in files.items()}
             for repo, files in self.files.items()
         }
-        hub = self
+        super().__init__()
+        self.url = self.root
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def respond(self, handler, send_body: bool) -> None:
+        path = handler.path.split("?")[0]
+        if path.startswith("/api/models/"):
+            self._model_info(handler, path[len("/api/models/") :])
+            return
+        marker = f"/resolve/{self.SHA}/"
+        if marker not in path:
+            reply(handler, 404, send_body=send_body)
+            return
+        repo, name = path.split(marker, 1)
+        repo = repo.lstrip("/")
+        data = self.files.get(repo, {}).get(name)
+        if data is None:
+            reply(handler, 404, headers={"X-Error-Code": "EntryNotFound"}, send_body=send_body)
+            return
+        entry = self.meta[repo][name]
+        headers = {"X-Repo-Commit": self.SHA, "ETag": f'"{entry["sha256"] if entry["lfs"] else entry["blob"]}"'}
+        if send_body:
+            self.gets.append(f"{repo}/{name}")
+        requested = handler.headers.get("Range")
+        if requested and send_body:
+            start = int(requested.split("=")[1].split("-")[0])
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            reply(handler, 206, data[start:], headers)
+            return
+        reply(handler, 200, data, headers, send_body)
 
-            def log_message(self, *args):
-                pass
-
-            def reply(self, status, body=b"", headers=None, send_body=True):
-                self.send_response(status)
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if send_body:
-                    self.wfile.write(body)
-
-            def route(self, send_body):
-                path = self.path.split("?")[0]
-                if path.startswith("/api/models/"):
-                    rest = path[len("/api/models/") :]
-                    repo, _, tail = rest.partition("/tree/") if "/tree/" in rest else (rest, "", "")
-                    repo = repo.split("/revision/")[0]
-                    if repo not in hub.files:
-                        return self.reply(404, b"{}", {"X-Error-Code": "RepoNotFound"})
-                    meta = hub.meta[repo]
-                    if "/tree/" in rest:
-                        listing = [
-                            dict(
-                                type="file",
-                                path=name,
-                                size=len(hub.files[repo][name]),
-                                oid=m["blob"],
-                                **(
-                                    {"lfs": dict(oid=m["sha256"], size=len(hub.files[repo][name]), pointerSize=134)}
-                                    if m["lfs"]
-                                    else {}
-                                ),
-                            )
-                            for name, m in meta.items()
-                        ]
-                        return self.reply(200, json.dumps(listing).encode(), {"Content-Type": "application/json"})
-                    siblings = [
-                        dict(
-                            rfilename=name,
-                            size=len(hub.files[repo][name]),
-                            blobId=m["blob"],
-                            **(
-                                {"lfs": dict(sha256=m["sha256"], size=len(hub.files[repo][name]), pointerSize=134)}
-                                if m["lfs"]
-                                else {}
-                            ),
-                        )
-                        for name, m in meta.items()
-                    ]
-                    body = json.dumps(dict(id=repo, modelId=repo, sha=hub.SHA, siblings=siblings)).encode()
-                    return self.reply(200, body, {"Content-Type": "application/json"})
-                marker = f"/resolve/{hub.SHA}/"
-                if marker in path:
-                    repo, name = path.split(marker, 1)
-                    repo = repo.lstrip("/")
-                    data = hub.files.get(repo, {}).get(name)
-                    if data is None:
-                        return self.reply(404, b"", {"X-Error-Code": "EntryNotFound"})
-                    m = hub.meta[repo][name]
-                    headers = {"X-Repo-Commit": hub.SHA, "ETag": f'"{m["sha256"] if m["lfs"] else m["blob"]}"'}
-                    if send_body:
-                        hub.gets.append(f"{repo}/{name}")
-                    requested = self.headers.get("Range")
-                    if requested and send_body:
-                        start = int(requested.split("=")[1].split("-")[0])
-                        headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-                        return self.reply(206, data[start:], headers)
-                    return self.reply(200, data, headers, send_body)
-                return self.reply(404)
-
-            def do_GET(self):
-                self.route(True)
-
-            def do_HEAD(self):
-                self.route(False)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def _model_info(self, handler, rest: str) -> None:
+        """model_info with file metadata, or the recursive tree listing."""
+        repo = (rest.partition("/tree/")[0] if "/tree/" in rest else rest).split("/revision/")[0]
+        if repo not in self.files:
+            reply(handler, 404, b"{}", {"X-Error-Code": "RepoNotFound"})
+            return
+        listed = []
+        for name, entry in self.meta[repo].items():
+            size = len(self.files[repo][name])
+            if "/tree/" in rest:
+                lfs = {"lfs": dict(oid=entry["sha256"], size=size, pointerSize=134)} if entry["lfs"] else {}
+                listed.append(dict(type="file", path=name, size=size, oid=entry["blob"], **lfs))
+            else:
+                lfs = {"lfs": dict(sha256=entry["sha256"], size=size, pointerSize=134)} if entry["lfs"] else {}
+                listed.append(dict(rfilename=name, size=size, blobId=entry["blob"], **lfs))
+        body = listed if "/tree/" in rest else dict(id=repo, modelId=repo, sha=self.SHA, siblings=listed)
+        reply(handler, 200, json.dumps(body).encode(), {"Content-Type": "application/json"})
 
 
 def test_download_fetches_exactly_the_selection_writes_manifests_and_repairs(weights_root, tmp_path):
@@ -853,15 +454,9 @@ def test_download_fetches_exactly_the_selection_writes_manifests_and_repairs(wei
 
 
 def with_root(root: Path, function, *args):
-    saved = os.environ.get("FASTSD_WEIGHTS_ROOT")
-    os.environ["FASTSD_WEIGHTS_ROOT"] = str(root)
-    try:
-        return function(*args)
-    finally:
-        if saved is None:
-            del os.environ["FASTSD_WEIGHTS_ROOT"]
-        else:
-            os.environ["FASTSD_WEIGHTS_ROOT"] = saved
+    """function(*args) on this weights root: the root, or settings naming it, as the function takes."""
+    settings = Settings.from_environment(weights_root=root)
+    return function(*args, root if function is provision.require_weights else settings)
 
 
 def test_full_precision_on_request():
@@ -941,7 +536,7 @@ def test_a_controlnet_published_as_a_pickle_is_converted_once_and_never_unpickle
 
         from fastsd import pipelines
 
-        controlnet = with_root(root, pipelines._load_controlnet, sd_turbo, "canny", torch.float32)
+        controlnet = pipelines._load_controlnet(sd_turbo, "canny", torch.float32, root)
         assert controlnet.dtype == torch.float32  # loaded from the safetensors: no pickle is left to read
     finally:
         hub.close()

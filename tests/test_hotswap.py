@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import load_engine
 
 from fastsd import variants
 from fastsd.errors import ConfigurationError, InputError
 from fastsd.loras import hotswap, remote
+from fastsd.settings import Settings
+from fastsd_testing.helpers import load_engine
 from fastsd_testing.random_models import KOHYA, PEFT
 from fastsd_testing.user_loras import FileServer, write_user_lora
 
@@ -57,6 +58,7 @@ def image(engine, **inputs) -> np.ndarray:
     return np.asarray(engine.generate(request).images[0], dtype=int)
 
 
+@pytest.mark.slow
 def test_switching_loras_on_a_compiled_unet_never_recompiles_and_matches_the_uncompiled_images(
     engines, lora_server, monkeypatch
 ):
@@ -98,7 +100,7 @@ def test_a_lora_the_slots_cannot_hold_fails_cleanly_and_the_next_request_is_serv
 
 def test_max_rank_zero_refuses_loras_on_a_compiled_deployment(monkeypatch):
     monkeypatch.setenv(hotswap.MAX_RANK_ENV, "0")
-    assert hotswap.max_rank() == 0
+    assert Settings.from_environment().lora_max_rank == 0
     monkeypatch.setenv(hotswap.MAX_RANK_ENV, "lots")
-    with pytest.raises(ConfigurationError, match="FASTSD_LORA_MAX_RANK must be a whole number"):
-        hotswap.max_rank()
+    with pytest.raises(ConfigurationError, match="FASTSD_LORA_MAX_RANK must be a whole number from 0 to 1024"):
+        Settings.from_environment()

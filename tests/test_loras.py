@@ -8,18 +8,20 @@ import json
 import os
 import re
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from conftest import load_engine
 
 from fastsd import variants
 from fastsd.engine import Engine
 from fastsd.errors import InputError
 from fastsd.loras import references as loras
 from fastsd.loras import remote
+from fastsd.settings import Settings
 from fastsd_testing.cog_server import CogServer, decode_output
+from fastsd_testing.helpers import load_engine
 from fastsd_testing.user_loras import (
     KOHYA,
     PEFT,
@@ -208,12 +210,21 @@ def private_urls(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTSD_LORA_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture
+def sdxl_private(sdxl, private_urls, monkeypatch):
+    """The SDXL engine fetching LoRAs by this test's settings (loopback allowed, its own cache)."""
+    rules = loras.Rules.from_settings(Settings.from_environment())
+    monkeypatch.setattr(sdxl, "served", replace(sdxl.served, lora_rules=rules))
+    return sdxl
+
+
 def generate(engine: Engine, **inputs) -> np.ndarray:
     request = engine.validate(seed=3, **SMALL, **inputs)
     return np.asarray(engine.generate(request).images[0], dtype=int)
 
 
-def test_a_replicate_training_tar_brings_its_tokens(sdxl, weights_root, private_urls):
+def test_a_replicate_training_tar_brings_its_tokens(sdxl_private, weights_root):
+    sdxl = sdxl_private
     tar = replicate_training_tar(weights_root / "weights" / variants.VARIANTS["sdxl-turbo"].model)
     with FileServer({"/trained_model.tar": tar}) as server:
         url = server.url("/trained_model.tar")
@@ -228,7 +239,8 @@ def test_a_replicate_training_tar_brings_its_tokens(sdxl, weights_root, private_
     assert np.array_equal(generate(sdxl, prompt="a photo of TOK"), original)
 
 
-def test_a_lora_for_another_base_is_refused_before_loading(sdxl, lora_server, private_urls):
+def test_a_lora_for_another_base_is_refused_before_loading(sdxl_private, lora_server):
+    sdxl = sdxl_private
     loaded = sdxl.adapters.loaded
     with pytest.raises(InputError, match="lora_weights is a LoRA for SD 1.5 models; sdxl-turbo is an SDXL model"):
         sdxl.validate(prompt="x", lora_weights=lora_server.url("/style.safetensors"))
@@ -245,12 +257,12 @@ def test_the_architecture_is_read_from_the_shapes(files):
 
 
 def test_the_cache_keeps_within_its_size(lora_server, private_urls, monkeypatch):
-    monkeypatch.setattr(loras, "CACHE_BYTES", 1)  # room for the newest only
-    first = loras.resolve("lora_weights", lora_server.url("/style.safetensors"))
-    loras.resolve("lora_weights", lora_server.url("/second.safetensors"))
+    rules = replace(loras.Rules.from_settings(Settings.from_environment()), cache_bytes=1)  # the newest only
+    first = loras.resolve("lora_weights", lora_server.url("/style.safetensors"), rules)
+    loras.resolve("lora_weights", lora_server.url("/second.safetensors"), rules)
     assert first.path.exists()  # used in the last ten minutes: kept for the request using it
     os.utime(first.path.parent, (0, 0))  # as if last used long ago
-    loras.resolve("lora_weights", lora_server.url("/sdxl.safetensors"))
+    loras.resolve("lora_weights", lora_server.url("/sdxl.safetensors"), rules)
     assert not first.path.exists()
 
 
@@ -286,8 +298,10 @@ def test_loopback_and_http_urls_are_refused_without_the_setting(lora_server, mon
 
 def test_every_redirect_is_checked_again(lora_server, monkeypatch, tmp_path):
     """The first hop is allowed (as a public host would be); its redirect to a private address is not."""
-    answers = iter([True, True])  # the scheme and the address of the first hop
-    monkeypatch.setattr(remote, "private_urls_allowed", lambda: next(answers, False))
+    allowed, first_hop = iter([True]), remote.target  # the first hop only
+    monkeypatch.setattr(
+        remote, "target", lambda name, url, allow_private=False: first_hop(name, url, next(allowed, False))
+    )
     before = lora_server.requests.get("/moved", 0)
     with pytest.raises(InputError, match="lora_weights must be an https URL"):
         remote.fetch("lora_weights", lora_server.url("/moved"), tmp_path / "x", 1 << 20)
@@ -296,7 +310,8 @@ def test_every_redirect_is_checked_again(lora_server, monkeypatch, tmp_path):
 
 
 def test_a_compiled_deployment_refuses_loras_before_fetching(sdxl, lora_server, monkeypatch):
-    monkeypatch.setattr(sdxl, "_refuses_loras", True)  # as FASTSD_COMPILE with FASTSD_LORA_MAX_RANK=0 sets it
+    # As FASTSD_COMPILE with FASTSD_LORA_MAX_RANK=0 serves it: no rules for fetching LoRAs.
+    monkeypatch.setattr(sdxl, "served", replace(sdxl.served, lora_rules=None))
     before = dict(lora_server.requests)
     with pytest.raises(
         InputError,
@@ -334,13 +349,14 @@ def test_a_users_lora_is_cached_where_git_and_the_image_leave_it_out(lora_server
     baked into the next `cog build`."""
     import subprocess
 
-    from conftest import PROJECT_ROOT
-    from test_weights import dockerignore_excludes
+    from fastsd_testing.helpers import PROJECT_ROOT, dockerignore_excludes
 
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(tmp_path))
     monkeypatch.delenv("FASTSD_LORA_CACHE", raising=False)
     monkeypatch.setenv(remote.ALLOW_PRIVATE_ENV, "1")
-    loras.resolve("lora_weights", lora_server.url("/style.safetensors"))
+    loras.resolve(
+        "lora_weights", lora_server.url("/style.safetensors"), loras.Rules.from_settings(Settings.from_environment())
+    )
     written = [path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*") if path.is_file()]
     assert written and all(path.startswith("weights/.lora-cache/") for path in written), written
     patterns = [line for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines() if line[:1] not in ("", "#")]

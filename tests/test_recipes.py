@@ -15,6 +15,7 @@ from model_cards import CARDS
 from fastsd import variants
 from fastsd.engine import Engine
 from fastsd.errors import ConfigurationError
+from fastsd.settings import Settings
 from fastsd_testing.cog_server import CogServer, data_uri, decode_output
 
 SMALL = dict(width=64, height=64)
@@ -109,7 +110,7 @@ def unet_timesteps(engine: Engine, **raw) -> list[int]:
 
 
 def test_dmd2_runs_the_timesteps_it_was_trained_on(use_weights):
-    engine = Engine.load(variants.VARIANTS["dmd2-sdxl"], "cpu", torch.float32)
+    engine = Engine.load(variants.VARIANTS["dmd2-sdxl"], Settings.from_environment(), "cpu", torch.float32)
     assert unet_timesteps(engine) == [999, 749, 499, 249]
     # Another step count gets the LCM scheduler's own spacing, not a truncated copy of these.
     assert unet_timesteps(engine, num_inference_steps=2) == [999, 499]
@@ -119,10 +120,10 @@ def test_tcd_recipes_pass_their_eta_and_turbo_its_trailing_timesteps(use_weights
     import logging
 
     with caplog.at_level(logging.INFO, logger="fastsd"):
-        engine = Engine.load(variants.VARIANTS["tcd-sd15"], "cpu", torch.float32)
+        engine = Engine.load(variants.VARIANTS["tcd-sd15"], Settings.from_environment(), "cpu", torch.float32)
         engine.generate(engine.validate(prompt="a fox", seed=1, **SMALL))
     assert "eta 0.3" in caplog.text
-    lightning = Engine.load(variants.VARIANTS["sdxl-lightning"], "cpu", torch.float32)
+    lightning = Engine.load(variants.VARIANTS["sdxl-lightning"], Settings.from_environment(), "cpu", torch.float32)
     assert unet_timesteps(lightning) == [999, 749, 499, 249]  # Euler, trailing spacing, 4 steps
 
 
@@ -156,7 +157,7 @@ def test_a_fine_tune_runs_with_any_acceleration_made_for_its_architecture(
 ):
     monkeypatch.setenv("FASTSD_MODEL", str(fine_tunes[architecture]))
     monkeypatch.setenv("FASTSD_ACCELERATION", acceleration)
-    engine = Engine.from_environment()
+    engine = Engine.from_settings(Settings.from_environment())
     assert engine.variant.recipe is variants.ACCELERATIONS[acceleration][architecture]
     assert type(engine.pipelines.text_to_image.scheduler).__name__ == scheduler
     result = engine.generate(engine.validate(prompt="a fox", seed=1, **SMALL))
@@ -177,10 +178,10 @@ def test_an_acceleration_that_does_not_exist_for_the_architecture_names_those_th
     monkeypatch.setenv("FASTSD_MODEL", str(fine_tunes[architecture]))
     monkeypatch.setenv("FASTSD_ACCELERATION", acceleration)
     with pytest.raises(ConfigurationError, match=f"for it choose one of: {allowed}\\.$"):
-        Engine.from_environment()
+        Engine.from_settings(Settings.from_environment())
 
 
 def test_a_lora_made_for_another_architecture_is_a_setup_error_not_a_silent_no_op(use_weights):
     wrong = dataclasses.replace(variants.VARIANTS["hyper-sdxl"], recipe=variants.ACCELERATIONS["hyper"][variants.SD15])
     with pytest.raises(ConfigurationError, match=r"Hyper-SD15-1step-lora.safetensors is not a LoRA for .*an SDXL"):
-        Engine.load(wrong, "cpu", torch.float32)
+        Engine.load(wrong, Settings.from_environment(), "cpu", torch.float32)

@@ -5,7 +5,6 @@ which applies them to a LoRA reference before its disk cache."""
 
 from __future__ import annotations
 
-import http.server
 import ipaddress
 import re
 import select
@@ -21,10 +20,17 @@ from fastsd import variants
 from fastsd.errors import InputError
 from fastsd.loras import references as loras
 from fastsd.loras import remote
+from fastsd.settings import Settings
 from fastsd_testing.cog_server import data_uri, ready_server
+from fastsd_testing.loopback import LoopbackServer, reply
 from fastsd_testing.user_loras import FileServer, write_user_lora
 
 NAME = "lora_weights"
+
+
+def fetch(*args, **kwargs):
+    """remote.fetch as a deployment with these settings calls it (FASTSD_ALLOW_PRIVATE_URLS)."""
+    return remote.fetch(*args, allow_private=Settings.from_environment().allow_private_urls, **kwargs)
 
 
 @pytest.fixture
@@ -170,7 +176,7 @@ def test_a_host_naming_this_machine_in_any_form_is_refused_before_connecting(str
     listener = Listener("::1" if host == "[::1]" else "127.0.0.1")
     try:
         with pytest.raises(InputError, match=rf"^{NAME}: \S+ resolves to a non-public address \(\S+\)"):
-            remote.fetch(NAME, f"https://{host}:{listener.port}/x.safetensors", tmp_path / "x", 1 << 20)
+            fetch(NAME, f"https://{host}:{listener.port}/x.safetensors", tmp_path / "x", 1 << 20)
         assert not listener.was_connected()
     finally:
         listener.close()
@@ -183,7 +189,7 @@ def test_a_host_naming_this_machine_in_any_form_is_refused_before_connecting(str
 )  # fmt: skip
 def test_the_metadata_address_in_any_form_is_refused(strict, host, tmp_path):
     with pytest.raises(InputError, match=r"resolves to a non-public address"):
-        remote.fetch(NAME, f"https://{host}/latest/meta-data/", tmp_path / "x", 1 << 20)
+        fetch(NAME, f"https://{host}/latest/meta-data/", tmp_path / "x", 1 << 20)
 
 
 # --- the URL ----------------------------------------------------------------------------------
@@ -220,7 +226,7 @@ REFUSED_URLS = [
 @pytest.mark.parametrize("url, expected", REFUSED_URLS, ids=[url[:40] for url, _ in REFUSED_URLS])
 def test_a_bad_url_is_refused_with_one_sentence_naming_the_input(strict, url, expected, tmp_path):
     with pytest.raises(InputError) as refused:
-        remote.fetch(NAME, url, tmp_path / "x", 1 << 20)
+        fetch(NAME, url, tmp_path / "x", 1 << 20)
     message = str(refused.value)
     assert message.startswith(NAME) and re.search(expected, message), message
     assert message.endswith(".") and "\n" not in message and len(message) < 300, message
@@ -229,45 +235,25 @@ def test_a_bad_url_is_refused_with_one_sentence_naming_the_input(strict, url, ex
     assert not (tmp_path / "x").exists()
 
 
-class RecordingServer(http.server.ThreadingHTTPServer):
+class RecordingServer(LoopbackServer):
     """Answers every GET with a small file and keeps each request's line and headers."""
 
-    daemon_threads = True
-
     def __init__(self, host: str):
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.seen: list[tuple[str, dict]] = []
-        server = self
+        super().__init__(host)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                server.seen.append((self.path, dict(self.headers)))
-                self.send_response(200)
-                self.send_header("Content-Length", "5")
-                self.end_headers()
-                self.wfile.write(b"hello")
-
-        super().__init__((host, 0), Handler)
-        self.port = self.server_address[1]
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.shutdown()
-        self.server_close()
+    def respond(self, handler, send_body: bool) -> None:
+        self.seen.append((handler.path, dict(handler.headers)))
+        reply(handler, 200, b"hello", send_body=send_body)
 
 
 @pytest.mark.parametrize("host, shown", [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")])
 def test_the_host_header_is_the_host_and_port_only(private_urls, host, shown, tmp_path):
     server = RecordingServer(host)
     try:
-        remote.fetch(NAME, f"http://{shown}:{server.port}/dir/ü.safetensors?v=1", tmp_path / "x", 1 << 20)
+        fetch(NAME, f"http://{shown}:{server.port}/dir/ü.safetensors?v=1", tmp_path / "x", 1 << 20)
         with pytest.raises(InputError, match="without a user name or password"):
-            remote.fetch(NAME, f"http://user:secret@{shown}:{server.port}/other", tmp_path / "y", 1 << 20)
+            fetch(NAME, f"http://user:secret@{shown}:{server.port}/other", tmp_path / "y", 1 << 20)
     finally:
         server.close()
     assert (tmp_path / "x").read_bytes() == b"hello"
@@ -336,7 +322,7 @@ def test_a_trickling_sender_meets_the_deadline_wherever_it_trickles(private_urls
     try:
         url = server.url.replace("http", scheme, 1) + "/x.safetensors"
         with pytest.raises(InputError, match=rf"^{NAME} took too long to download; the limit is the deployment's"):
-            remote.fetch(NAME, url, tmp_path / "x", 1 << 20, timeout=5, deadline_s=1)
+            fetch(NAME, url, tmp_path / "x", 1 << 20, timeout=5, deadline_s=1)
         assert server.reached_end == 0  # given up at the deadline, long before the sender was done
     finally:
         server.close()
@@ -347,7 +333,7 @@ def test_the_deadline_covers_every_redirect(private_urls, tmp_path):
     server = TrickleServer(SLOW_REDIRECT, GAP)  # each hop's headers take 0.6 s
     try:
         with pytest.raises(InputError, match=rf"^{NAME} took too long to download"):
-            remote.fetch(NAME, server.url + "/start", tmp_path / "x", 1 << 20, timeout=5, deadline_s=1)
+            fetch(NAME, server.url + "/start", tmp_path / "x", 1 << 20, timeout=5, deadline_s=1)
         assert server.connections <= 2
     finally:
         server.close()
@@ -423,7 +409,7 @@ def test_every_failed_connection_gives_the_same_sentence(private_urls, cause, cl
         else:
             url = f"http://127.0.0.1:{closed_port}/x"
         with pytest.raises(InputError) as failed:
-            remote.fetch(NAME, url, tmp_path / "x", 1 << 20, timeout=0.5, deadline_s=60)
+            fetch(NAME, url, tmp_path / "x", 1 << 20, timeout=0.5, deadline_s=60)
     finally:
         for running in (server, files):
             if running:
@@ -476,7 +462,7 @@ def test_a_lora_cached_where_private_urls_were_allowed_is_refused_where_they_are
     with monkeypatch.context() as allowed:  # a server with the setting fetched it into the shared cache
         allowed.setenv(remote.ALLOW_PRIVATE_ENV, "1")
         allowed.setenv("FASTSD_LORA_CACHE", str(shared_cache))
-        assert loras.resolve(NAME, url).path.is_file()
+        assert loras.resolve(NAME, url, loras.Rules.from_settings(Settings.from_environment())).path.is_file()
     fetched = dict(lora_files.requests)
     error = failure(cog_without_the_setting, lora_weights=url)
     assert error.endswith(f"{NAME} must be an https URL, got {url!r}."), error  # what a fresh cache says

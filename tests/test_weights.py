@@ -17,12 +17,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT, script_module
 
 from fastsd import variants
 from fastsd.engine import Engine
 from fastsd.errors import ConfigurationError
+from fastsd.settings import Settings
 from fastsd.weights import fetch, layout, manifest, provision
+from fastsd_testing.helpers import PROJECT_ROOT, current_root, dockerignore_excludes, script_module
 from fastsd_testing.loopback import LoopbackServer, reply
 
 pack_weights = script_module("scripts/pack_weights.py")
@@ -67,14 +68,14 @@ def test_folder_without_manifest_loads_and_says_so(root, caplog):
 
     caplog.set_level(logging.INFO, logger="fastsd.weights.provision")
     provision._logged_unverified.clear()
-    provision.ensure_weights(SD_TURBO)
-    engine = Engine.load(SD_TURBO)
+    provision.ensure_weights(SD_TURBO, Settings.from_environment())
+    engine = Engine.load(SD_TURBO, Settings.from_environment())
     assert engine.pipelines.text_to_image is not None
-    assert f"{layout.model_folder(SD_TURBO.model)} has no .fastsd-manifest.json" in caplog.text
+    assert f"{layout.model_folder(current_root(), SD_TURBO.model)} has no .fastsd-manifest.json" in caplog.text
 
 
 def test_a_truncated_file_in_a_folder_without_manifest_fails_setup_naming_it(root):
-    unet = layout.model_folder(SD_TURBO.model) / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    unet = layout.model_folder(current_root(), SD_TURBO.model) / "unet" / "diffusion_pytorch_model.fp16.safetensors"
     with open(unet, "r+b") as file:
         file.truncate(unet.stat().st_size // 2)
     with pytest.raises(
@@ -82,36 +83,36 @@ def test_a_truncated_file_in_a_folder_without_manifest_fails_setup_naming_it(roo
         match=re.escape(str(unet)) + r" \(\d+ bytes, expected \d+ from its "
         r"header\).*python scripts/download_weights.py sd-turbo",
     ):
-        provision.require_weights(SD_TURBO)
+        provision.require_weights(SD_TURBO, current_root())
 
 
 def test_a_mangled_header_or_missing_component_weights_fail_setup_without_manifest(root):
-    vae = layout.model_folder(SD_TURBO.model) / "vae"
+    vae = layout.model_folder(current_root(), SD_TURBO.model) / "vae"
     (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"\x0a\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(provision.WeightsMissing, match="unreadable safetensors header"):
-        provision.require_weights(SD_TURBO)
+        provision.require_weights(SD_TURBO, current_root())
     for file in vae.glob("*.safetensors"):
         file.unlink()
     with pytest.raises(provision.WeightsMissing, match=re.escape(str(vae)) + r" \(missing: no .safetensors weights\)"):
-        provision.require_weights(SD_TURBO)
+        provision.require_weights(SD_TURBO, current_root())
 
 
 def test_complete_folder_with_manifest_passes(root):
-    for folder in {source.folder for source in layout.sources(SD15_LCM)}:
+    for folder in {source.folder(current_root()) for source in layout.sources(SD15_LCM)}:
         if folder.is_dir():
             add_manifest(folder)
-    provision.ensure_weights(SD15_LCM)  # no error
+    provision.ensure_weights(SD15_LCM, Settings.from_environment())  # no error
 
 
 def test_truncated_file_fails_setup_naming_it_and_the_fetch_command(root):
-    folder = layout.model_folder(SD_TURBO.model)
+    folder = layout.model_folder(current_root(), SD_TURBO.model)
     add_manifest(folder)
     unet = sorted((folder / "unet").glob("*.safetensors"))[0]
     size = unet.stat().st_size
     with open(unet, "r+b") as stream:
         stream.truncate(size // 2)
     with pytest.raises(provision.WeightsMissing) as raised:
-        provision.ensure_weights(SD_TURBO)
+        provision.ensure_weights(SD_TURBO, Settings.from_environment())
     message = str(raised.value)
     assert f"{unet} ({size // 2} bytes, expected {size})" in message
     assert "python scripts/download_weights.py sd-turbo" in message
@@ -119,26 +120,26 @@ def test_truncated_file_fails_setup_naming_it_and_the_fetch_command(root):
 
 
 def test_missing_file_listed_in_manifest_fails_setup(root):
-    folder = SD15_LCM_LORA.folder
+    folder = SD15_LCM_LORA.folder(current_root())
     add_manifest(folder)
-    provision.require_weights(SD15_LCM)
+    provision.require_weights(SD15_LCM, current_root())
     (folder / SD15_LCM_LORA.filename).rename(folder / "moved-away")
     with pytest.raises(provision.WeightsMissing, match="missing") as raised:
-        provision.require_weights(SD15_LCM)
+        provision.require_weights(SD15_LCM, current_root())
     assert SD15_LCM_LORA.filename in str(raised.value)
     assert "python scripts/download_weights.py sd15-lcm" in str(raised.value)
 
 
 def test_missing_config_file_named_by_manifest(root):
-    folder = layout.model_folder(SD_TURBO.model)
+    folder = layout.model_folder(current_root(), SD_TURBO.model)
     add_manifest(folder)
     (folder / "unet" / "config.json").unlink()
     with pytest.raises(provision.WeightsMissing, match=re.escape(str(folder / "unet" / "config.json") + " (missing)")):
-        provision.require_weights(SD_TURBO)
+        provision.require_weights(SD_TURBO, current_root())
 
 
 def test_verify_catches_a_changed_byte_that_the_size_check_cannot(root):
-    folder = SD15_LCM_LORA.folder
+    folder = SD15_LCM_LORA.folder(current_root())
     add_manifest(folder)
     path = folder / SD15_LCM_LORA.filename
     data = bytearray(path.read_bytes())
@@ -149,10 +150,10 @@ def test_verify_catches_a_changed_byte_that_the_size_check_cannot(root):
 
 
 def test_unreadable_manifest_is_reported_not_a_traceback(root):
-    folder = layout.model_folder(SD_TURBO.model)
+    folder = layout.model_folder(current_root(), SD_TURBO.model)
     manifest.manifest_path(folder).write_text("{not json")
     with pytest.raises(provision.WeightsMissing, match="not a valid fastsd manifest"):
-        provision.require_weights(SD_TURBO)
+        provision.require_weights(SD_TURBO, current_root())
 
 
 def test_missing_weights_without_url_and_without_hub_fail_clearly(tmp_path, monkeypatch):
@@ -161,7 +162,7 @@ def test_missing_weights_without_url_and_without_hub_fail_clearly(tmp_path, monk
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(provision.WeightsMissing) as raised:
-        provision.ensure_weights(SD_TURBO)
+        provision.ensure_weights(SD_TURBO, Settings.from_environment())
     message = str(raised.value)
     assert message.startswith("Weights for variant sd-turbo are missing:")
     assert "python scripts/download_weights.py sd-turbo" in message and "FASTSD_WEIGHTS_URL" in message
@@ -173,7 +174,7 @@ def test_hub_not_asked_when_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv(provision.WEIGHTS_URL_ENV, raising=False)
     with pytest.raises(provision.WeightsMissing, match="HF_HUB_OFFLINE is set"):
-        provision.ensure_weights(SD_TURBO)
+        provision.ensure_weights(SD_TURBO, Settings.from_environment())
 
 
 # --- a local HTTP server for the weights tar ----------------------------------------------------
@@ -233,7 +234,7 @@ def small_chunks(monkeypatch):
 @pytest.fixture
 def sd_turbo_tar(root, tmp_path) -> bytes:
     out = tmp_path / "sd-turbo.tar"
-    pack_weights.pack(SD_TURBO, out, report=lambda line: None)
+    pack_weights.pack(SD_TURBO, current_root(), out, report=lambda line: None)
     return out.read_bytes()
 
 
@@ -246,7 +247,7 @@ def test_a_tar_holds_the_checkers_but_not_the_rest_of_their_repo_and_can_leave_t
     assert f"weights/{variants.NSFW_CLASSIFIER_REPO}/model.safetensors" in names
     assert not [name for name in names if name.startswith(f"{sd15}unet/") or name == f"{sd15}model_index.json"]
     unchecked = tmp_path / "unchecked.tar"
-    pack_weights.pack(SD_TURBO.with_safety_checker(False), unchecked, report=lambda line: None)
+    pack_weights.pack(SD_TURBO.with_safety_checker(False), current_root(), unchecked, report=lambda line: None)
     names = tarfile.open(unchecked).getnames()
     assert not [name for name in names if name.startswith((sd15, f"weights/{variants.NSFW_CLASSIFIER_REPO}"))]
 
@@ -258,6 +259,7 @@ def empty_root(tmp_path, monkeypatch) -> Path:
     return fresh
 
 
+@pytest.mark.slow
 def test_setup_fetches_a_missing_variant_from_the_tar_with_parallel_range_requests(
     sd_turbo_tar, small_chunks, tmp_path, monkeypatch, caplog
 ):
@@ -266,7 +268,7 @@ def test_setup_fetches_a_missing_variant_from_the_tar_with_parallel_range_reques
     fresh = empty_root(tmp_path, monkeypatch)
     caplog.set_level(logging.INFO, logger="fastsd.weights.provision")
     with TarServer(sd_turbo_tar) as server:
-        provision.ensure_weights(SD_TURBO, server.url)
+        provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
     ranges = [r for r in server.requests if r]
     assert len(ranges) == len(server.requests) >= len(sd_turbo_tar) // (64 * 1024)
     assert "bytes=0-65535" in ranges
@@ -274,21 +276,23 @@ def test_setup_fetches_a_missing_variant_from_the_tar_with_parallel_range_reques
     assert manifest.load(folder) is not None and manifest.check(folder) == []
     assert not list(fresh.glob(".fastsd-incoming-*"))
     assert "secret" not in caplog.text  # the signed URL's query stays out of the logs
-    Engine.load(SD_TURBO)
+    Engine.load(SD_TURBO, Settings.from_environment())
 
 
+@pytest.mark.slow
 def test_weights_url_from_the_environment(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
     fresh = empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar) as server:
         monkeypatch.setenv(provision.WEIGHTS_URL_ENV, server.url)
-        provision.ensure_weights(SD_TURBO)
+        provision.ensure_weights(SD_TURBO, Settings.from_environment())
     assert (fresh / "weights" / SD_TURBO.model / "model_index.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_dropped_connection_resumes_from_the_byte_it_reached(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
     fresh = empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar, drop=3) as server:
-        provision.ensure_weights(SD_TURBO, server.url)
+        provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
     # A resumed request starts inside a chunk, not at a multiple of the chunk size.
     starts = [int(re.match(r"bytes=(\d+)-", r)[1]) for r in server.requests]
     assert any(start % (64 * 1024) for start in starts)
@@ -302,7 +306,7 @@ def test_a_connection_that_keeps_dropping_fails_clearly_and_leaves_nothing(
     monkeypatch.setattr(fetch, "ATTEMPTS", 2)
     with TarServer(sd_turbo_tar, drop=10_000) as server:
         with pytest.raises(fetch.ArchiveError, match=r"failed at byte \d+ after 2 attempts") as raised:
-            provision.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
     assert "secret" not in str(raised.value)
     assert list(fresh.iterdir()) == []
 
@@ -310,7 +314,7 @@ def test_a_connection_that_keeps_dropping_fails_clearly_and_leaves_nothing(
 def test_a_server_without_range_support_is_read_as_one_stream(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
     fresh = empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar, ranges=False) as server:
-        provision.ensure_weights(SD_TURBO, server.url)
+        provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
     assert len(server.requests) == 1
     assert manifest.check(fresh / "weights" / SD_TURBO.model) == []
 
@@ -319,14 +323,14 @@ def test_a_dropped_connection_without_range_support_is_a_clear_error(sd_turbo_ta
     empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar, ranges=False, drop=1) as server:
         with pytest.raises(ConfigurationError, match="cannot resume|damaged"):
-            provision.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
 
 
 def test_http_error_is_one_sentence(small_chunks, tmp_path, monkeypatch):
     empty_root(tmp_path, monkeypatch)
     with TarServer(b"", status=403) as server:
         with pytest.raises(fetch.ArchiveError, match=r"answered HTTP 403 .*signed URL may have expired"):
-            provision.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
 
 
 def test_a_corrupt_archive_is_refused(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
@@ -335,18 +339,19 @@ def test_a_corrupt_archive_is_refused(sd_turbo_tar, small_chunks, tmp_path, monk
     damaged[100:400] = b"\x07" * 300  # inside the first member's header: its checksum fails
     with TarServer(bytes(damaged)) as server:
         with pytest.raises(fetch.ArchiveError, match="damaged or not a tar"):
-            provision.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
     with TarServer(b"this is not a tar at all" * 1000) as server:
         with pytest.raises(fetch.ArchiveError, match="damaged or not a tar"):
-            provision.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
     assert list(fresh.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_truncated_archive_is_refused(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
     empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar[: len(sd_turbo_tar) // 2]) as server:
         with pytest.raises(fetch.ArchiveError, match="damaged or not a tar"):
-            provision.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
 
 
 def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
@@ -363,8 +368,9 @@ def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
     return info, data
 
 
+@pytest.mark.slow
 def test_a_file_of_the_wrong_size_in_the_tar_is_refused(root, small_chunks, tmp_path, monkeypatch):
-    folder = layout.model_folder(SD_TURBO.model)
+    folder = layout.model_folder(current_root(), SD_TURBO.model)
     files = add_manifest(folder)
     members = []
     for name in sorted(files):
@@ -382,7 +388,7 @@ def test_a_file_of_the_wrong_size_in_the_tar_is_refused(root, small_chunks, tmp_
             match=r"does not match its manifest: .*unet/config.json \(\d+ bytes, "
             r"expected \d+\)",
         ):
-            provision.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
     assert list(fresh.iterdir()) == []
 
 
@@ -392,7 +398,7 @@ def test_path_traversal_is_refused(name, small_chunks, tmp_path, monkeypatch):
     payload = _tar([_file(f"weights/{SD_TURBO.model}/model_index.json", b"{}"), _file(name, b"owned")])
     with TarServer(payload) as server:
         with pytest.raises(fetch.ArchiveError, match="leads outside its folder"):
-            provision.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
     assert not (tmp_path / "escaped").exists() and not Path("/tmp/escaped").exists()
     assert list(fresh.iterdir()) == []
 
@@ -403,24 +409,25 @@ def test_links_and_members_outside_weights_are_refused(small_chunks, tmp_path, m
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     with TarServer(_tar([(link, None)])) as server:
         with pytest.raises(fetch.ArchiveError, match="a link"):
-            provision.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
     with TarServer(_tar([_file("predict.py", b"print('replaced')")])) as server:
         with pytest.raises(fetch.ArchiveError, match="outside weights/ and lora/"):
-            provision.ensure_weights(SD_TURBO, server.url)
+            provision.ensure_weights(SD_TURBO, Settings.from_environment(), server.url)
 
 
+@pytest.mark.slow
 def test_a_tar_for_another_variant_is_refused(sd_turbo_tar, small_chunks, tmp_path, monkeypatch):
     empty_root(tmp_path, monkeypatch)
     with TarServer(sd_turbo_tar) as server:
         with pytest.raises(fetch.ArchiveError, match="it was packed for another variant"):
-            provision.ensure_weights(SD15_LCM, server.url)
+            provision.ensure_weights(SD15_LCM, Settings.from_environment(), server.url)
 
 
 def test_a_local_tar_path_works_too(sd_turbo_tar, tmp_path, monkeypatch):
     fresh = empty_root(tmp_path, monkeypatch)
     path = tmp_path / "local.tar"
     path.write_bytes(sd_turbo_tar)
-    provision.ensure_weights(SD_TURBO, str(path))
+    provision.ensure_weights(SD_TURBO, Settings.from_environment(), str(path))
     assert manifest.check(fresh / "weights" / SD_TURBO.model) == []
 
 
@@ -443,14 +450,14 @@ def test_pget_is_used_when_on_path_and_its_output_is_checked(sd_turbo_tar, tmp_p
     archive.write_bytes(sd_turbo_tar)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("SOURCE_TAR", str(archive))
-    provision.ensure_weights(SD_TURBO, "https://example.invalid/sd-turbo.tar")
+    provision.ensure_weights(SD_TURBO, Settings.from_environment(), "https://example.invalid/sd-turbo.tar")
     assert record.read_text().split()[:2] == ["-x", "https://example.invalid/sd-turbo.tar"]
     assert manifest.check(fresh / "weights" / SD_TURBO.model) == []
 
     shutil.rmtree(fresh / "weights")
     monkeypatch.setenv("ADD_LINK", "1")
     with pytest.raises(fetch.ArchiveError, match="a link or special file"):
-        provision.ensure_weights(SD_TURBO, "https://example.invalid/sd-turbo.tar")
+        provision.ensure_weights(SD_TURBO, Settings.from_environment(), "https://example.invalid/sd-turbo.tar")
 
 
 # --- packing ------------------------------------------------------------------------------------
@@ -458,11 +465,11 @@ def test_pget_is_used_when_on_path_and_its_output_is_checked(sd_turbo_tar, tmp_p
 
 def test_pack_writes_a_manifest_for_a_folder_without_one(root, tmp_path):
     out = tmp_path / "out.tar"
-    pack_weights.pack(SD15_LCM, out, report=lambda line: None)
+    pack_weights.pack(SD15_LCM, current_root(), out, report=lambda line: None)
     with tarfile.open(out) as archive:
         names = archive.getnames()
         model_manifest = json.load(archive.extractfile(f"weights/{SD15_LCM.model}/{manifest.MANIFEST_NAME}"))
-    folder = layout.model_folder(SD15_LCM.model)
+    folder = layout.model_folder(current_root(), SD15_LCM.model)
     assert set(model_manifest["files"]) == set(manifest.local_files(folder))
     unet = next(n for n in model_manifest["files"] if n.startswith("unet/") and n.endswith(".safetensors"))
     assert model_manifest["files"][unet]["sha256"] == manifest.sha256_of(folder / unet)
@@ -472,17 +479,17 @@ def test_pack_writes_a_manifest_for_a_folder_without_one(root, tmp_path):
 
 
 def test_pack_keeps_to_the_manifest_and_refuses_a_damaged_folder(root, tmp_path):
-    folder = SD15_LCM_LORA.folder
+    folder = SD15_LCM_LORA.folder(current_root())
     add_manifest(folder)
     (folder / "notes.txt").write_text("not listed in the manifest")
     out = tmp_path / "out.tar"
-    pack_weights.pack(SD15_LCM, out, report=lambda line: None)
+    pack_weights.pack(SD15_LCM, current_root(), out, report=lambda line: None)
     with tarfile.open(out) as archive:
         assert f"lora/{SD15_LCM_LORA.repo}/notes.txt" not in archive.getnames()
     with open(folder / SD15_LCM_LORA.filename, "r+b") as stream:
         stream.truncate(10)
     with pytest.raises(ConfigurationError, match="does not match its manifest"):
-        pack_weights.pack(SD15_LCM, out, report=lambda line: None)
+        pack_weights.pack(SD15_LCM, current_root(), out, report=lambda line: None)
 
 
 def test_pack_takes_only_what_the_preset_loads_from_shared_folders(weights_root, tmp_path, monkeypatch):
@@ -492,7 +499,7 @@ def test_pack_takes_only_what_the_preset_loads_from_shared_folders(weights_root,
     hyper_sdxl = variants.VARIANTS["hyper-sdxl"]
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
     out = tmp_path / "hyper-sdxl.tar"
-    pack_weights.pack(hyper_sdxl, out, report=lambda line: None)
+    pack_weights.pack(hyper_sdxl, current_root(), out, report=lambda line: None)
     with tarfile.open(out) as archive:
         names = archive.getnames()
         lora_manifest = json.load(archive.extractfile(f"lora/ByteDance/Hyper-SD/{manifest.MANIFEST_NAME}"))
@@ -503,26 +510,11 @@ def test_pack_takes_only_what_the_preset_loads_from_shared_folders(weights_root,
     assert f"{base}/vae/config.json" in names
     assert not [name for name in names if name.startswith(f"{base}/vae/") and name.endswith(".safetensors")]
     fresh = empty_root(tmp_path, monkeypatch)
-    provision.ensure_weights(hyper_sdxl, str(out))
+    provision.ensure_weights(hyper_sdxl, Settings.from_environment(), str(out))
     assert (fresh / "lora" / "ByteDance" / "Hyper-SD" / "Hyper-SDXL-1step-lora.safetensors").is_file()
 
 
 # --- baking one variant into an image -----------------------------------------------------------
-
-
-def dockerignore_excludes(patterns: list[str], path: str) -> bool:
-    """Docker's .dockerignore rule, enough for these patterns: the last pattern that matches the
-    path or one of its parent folders decides; `!` re-includes; `**` spans folders."""
-    excluded = False
-    parts = path.split("/")
-    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    for pattern in patterns:
-        negated = pattern.startswith("!")
-        body = pattern[1:] if negated else pattern
-        regex = re.escape(body).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
-        if any(re.fullmatch(regex, prefix) for prefix in prefixes):
-            excluded = not negated
-    return excluded
 
 
 def test_select_variant_writes_dockerignore_and_cog_yaml(tmp_path):
@@ -641,16 +633,16 @@ def test_fnmatch_is_not_used_by_the_selection_escape():
 
 def test_a_custom_model_is_fetched_from_the_tar_before_its_configs_are_read(root, tmp_path, monkeypatch):
     """FASTSD_MODEL=<hub id>: the engine must fetch the folder before custom_variant reads it."""
-    shutil.copytree(layout.model_folder(SD15_LCM.model), root / "weights" / "someone" / "custom-sd15")
+    shutil.copytree(layout.model_folder(current_root(), SD15_LCM.model), root / "weights" / "someone" / "custom-sd15")
     out = tmp_path / "custom.tar"
     assert pack_weights.main(["custom", str(out), "--model", "someone/custom-sd15"]) == 0
     fresh = empty_root(tmp_path, monkeypatch)
     monkeypatch.setenv("FASTSD_MODEL", "someone/custom-sd15")
     monkeypatch.setenv("FASTSD_ACCELERATION", "lcm-lora")
-    variant = Engine.from_environment(weights_url=str(out)).variant  # what setup() does
+    variant = Engine.from_settings(Settings.from_environment(), weights_url=str(out)).variant  # what setup() does
     assert variant.recipe.loras == SD15_LCM.recipe.loras
     assert (fresh / SD15_LCM_LORA.relative_folder / SD15_LCM_LORA.filename).is_file()  # came along, optional
-    provision.ensure_weights(variant, str(out))  # nothing left to fetch
+    provision.ensure_weights(variant, Settings.from_environment(), str(out))  # nothing left to fetch
     assert manifest.check(fresh / "weights" / "someone" / "custom-sd15") == []
 
 
@@ -664,4 +656,4 @@ def test_a_custom_model_without_tar_or_hub_is_one_clear_error(tmp_path, monkeypa
         match=r"python scripts/download_weights.py --model someone/x "
         r"--acceleration lcm-lora.*cannot be reached",
     ):
-        provision.ensure_model_folder("someone/x")
+        provision.ensure_model_folder("someone/x", Settings.from_environment())

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import script_module
 from PIL import Image
 
 from fastsd.variants import VARIANTS
+from fastsd_testing.helpers import script_module
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yaml"))

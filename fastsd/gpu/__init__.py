@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import torch
 
-from ..errors import ConfigurationError
 from .graphs import Executor, GraphedModule
 from .loop import pin_device
 from .plan import CapturePlan, batch_sizes
@@ -24,14 +22,6 @@ from .plan import CapturePlan, batch_sizes
 log = logging.getLogger(__name__)
 
 GRAPHS_ENV = "FASTSD_GRAPHS"
-_SETTINGS = {"on": True, "off": False, "": False}
-
-
-def graphs_setting() -> bool:
-    value = os.environ.get(GRAPHS_ENV, "").strip().lower()
-    if value not in _SETTINGS:
-        raise ConfigurationError(f"{GRAPHS_ENV}={value!r} is not allowed; choose on or off (the default).")
-    return _SETTINGS[value]
 
 
 def hot_modules(loaded) -> dict[str, torch.nn.Module]:
@@ -43,7 +33,7 @@ def hot_modules(loaded) -> dict[str, torch.nn.Module]:
     main = loaded.text_to_image
     modules = {name: getattr(main, name) for name in ("text_encoder", "text_encoder_2") if getattr(main, name, None)}
     modules["unet"] = main.unet
-    for (_, _, controlnet), pipeline in loaded.by_mode.items():
+    for (_, _, controlnet), pipeline in loaded.by_key.items():
         if controlnet:  # one ControlNet module serves every task and vae
             modules[f"controlnet_{controlnet}"] = pipeline.controlnet
     # diffusers casts an fp16 VAE marked force_upcast to fp32 around each decode: new weight tensors
@@ -71,14 +61,15 @@ class Graphs:
         return cls({}, "cpu", 1)
 
     @classmethod
-    def for_pipelines(cls, loaded, budget: int, compiled: bool) -> Graphs:
-        if not graphs_setting():
+    def for_pipelines(cls, loaded, budget: int, compiled: bool, enabled: bool) -> Graphs:
+        """The pipelines' hot modules graphed where enabled (Settings.graphs, FASTSD_GRAPHS)."""
+        if not enabled:
             return cls.off()
         if compiled:
             log.info("graphs: %s=on is left to torch.compile, since FASTSD_COMPILE is set", GRAPHS_ENV)
             return cls.off()
         graphs = cls(hot_modules(loaded), loaded.device, budget)
-        for pipeline in loaded.by_mode.values():
+        for pipeline in loaded.by_key.values():
             pin_device(pipeline, loaded.device)  # per-call module walks, answered once (fastsd.gpu.loop)
         kind = "CUDA graphs" if graphs.executor.cuda else "the eager stand-in (no CUDA)"
         log.info("graphs: %s for %s, batch sizes %s", kind, ", ".join(graphs.modules), graphs.plan.sizes)

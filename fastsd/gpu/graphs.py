@@ -64,7 +64,7 @@ def signature_of(leaves: list, spec) -> Signature | None:
     if not tensors:
         return None
     batch = tensors[0].shape[0] if tensors[0].dim() else None
-    described = []
+    described: list[tuple] = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             shape = tuple(leaf.shape)
@@ -123,13 +123,14 @@ class Graph:
         started = time.perf_counter()
         args, kwargs = pytree.tree_unflatten(self._leaves, spec)
         if executor.cuda:
+            assert executor.stream is not None  # made with the executor, on CUDA
             # Warm up outside the capture: lazy initialisation, cuDNN and cuBLAS plans, on the side
             # stream the capture uses.
             executor.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(executor.stream):
                 forward(*args, **kwargs)
             torch.cuda.current_stream().wait_stream(executor.stream)
-            self._graph = torch.cuda.CUDAGraph()
+            self._graph: torch.cuda.CUDAGraph | None = torch.cuda.CUDAGraph()
             # thread_local: the server's other threads (encoding the last request's outputs) may use
             # CUDA meanwhile; only this thread's calls are checked for what a capture forbids.
             with torch.cuda.graph(
@@ -142,7 +143,7 @@ class Graph:
         self._outputs, self._output_spec = pytree.tree_flatten(outputs)
         self.capture_s = time.perf_counter() - started
 
-    def run(self, leaves: list) -> object:
+    def run(self, leaves: list) -> list:
         for position in self._positions:
             self._leaves[position].copy_(leaves[position])
         if self._graph is not None:
@@ -201,6 +202,7 @@ class GraphedModule:
             self.eager_calls += 1
             return self.eager(*args, **kwargs)
         self.replays += 1
+        assert signature is not None  # a graph was found for it
         return self._replay(graph, signature, leaves)
 
     def _weights_current(self) -> bool:
@@ -230,7 +232,7 @@ class GraphedModule:
 
     def _replay(self, graph: Graph, signature: Signature, leaves: list):
         batch, padded = signature.batch, graph.signature.batch
-        if padded != batch:
+        if padded != batch and batch is not None and padded is not None:
             leaves = [
                 _pad(leaf, batch, padded) if isinstance(leaf, torch.Tensor) and leaf.dim() and leaf.shape[0] == batch
                 else leaf
@@ -238,7 +240,7 @@ class GraphedModule:
             ]  # fmt: skip
         with self.executor.lock:
             outputs = graph.run(leaves)
-        if padded != batch:
+        if padded != batch and batch is not None and padded is not None:
             outputs = [
                 output[:batch] if isinstance(output, torch.Tensor) and output.dim() and output.shape[0] == padded
                 else output

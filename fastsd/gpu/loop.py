@@ -1,12 +1,11 @@
 """The loop around the graphs: per-call Python work of diffusers' pipeline call that a profile shows
 and that cannot change between calls, done once.
 
-Measured with cProfile on the CPU (tiny sd-turbo, 64x64, 1 step; docs/performance.md): the
-pipeline's `_execution_device` walks every module of every component on each call, looking for
-offloading hooks (group offloading, then accelerate's), and then asks `device`, which reads the
-pipeline's signature: 11 ms per call on the tiny model, and it grows with the number of modules
-(a full UNet has several times the tiny one's). fastsd never offloads: every component lives on
-the one device the pipelines were moved to, so both answers are fixed at setup.
+A profile showed it (docs/performance.md has the figures): the pipeline's `_execution_device`
+walks every module of every component on each call, looking for offloading hooks, then asks
+`device`, which reads the pipeline's signature; the cost grows with the number of modules. fastsd
+never offloads: every component lives on the one device the pipelines were moved to, so both
+answers are fixed at setup.
 """
 
 from __future__ import annotations

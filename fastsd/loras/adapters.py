@@ -11,7 +11,6 @@ parts go into fixed slots instead (fastsd.loras.hotswap), so that switching neve
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -23,7 +22,6 @@ from ..variants import Variant
 from .hotswap import UnetSlots
 
 log = logging.getLogger(__name__)
-LOADED_ENV = "FASTSD_LORAS_LOADED"
 UNSETTLED = None  # Adapters._active while the modules may hold part of a change
 
 
@@ -49,7 +47,7 @@ def load_split(pipeline, path: Path, adapter: str) -> tuple[tuple | None, list[s
 
     tensors, alphas = pipeline.lora_state_dict(_readable(pipeline, path))
     unet_part = {key: value for key, value in tensors.items() if key.startswith("unet.")}
-    encoders = []
+    encoders: list[str] = []
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipeline, name, None)
         if encoder is None or not any(key.startswith(f"{name}.") for key in tensors):
@@ -127,14 +125,14 @@ class Adapters:
     the failed one.
     """
 
-    def __init__(self, pipeline, variant: Variant, slots: UnetSlots | None = None):
+    def __init__(self, pipeline, variant: Variant, slots: UnetSlots | None = None, capacity: int = 4):
         self._pipeline = pipeline
         self._variant = variant
         self._slots = slots  # a compiled UNet's: its LoRA parts go there, not into adapters
-        self._unet_parts: dict[str, tuple] = {}  # with slots: adapter -> its UNet part
+        self._unet_parts: dict[str, tuple | None] = {}  # with slots: adapter -> its UNet part
         self._encoders: dict[str, list[str]] = {}  # with slots: adapter -> text encoders holding it
         self._loaded: OrderedDict[str, object] = OrderedDict()  # adapter name -> LoraFile
-        self._capacity = max(1, int(os.environ.get(LOADED_ENV, "4")))
+        self._capacity = max(1, capacity)  # FASTSD_LORAS_LOADED
         # The (adapter, scale) pairs the modules apply now; UNSETTLED while a change is under way or
         # after one failed.
         self._active: tuple | None = ()
@@ -187,7 +185,10 @@ class Adapters:
             raise
         if problem is not None:
             self._delete(lora.adapter)
-            raise InputError(f"{lora.name} {lora.reference} does not fit {self._variant.model}: {problem.rstrip('.')}.")
+            raise InputError(
+                f"{lora.name} {lora.reference} does not fit {self._variant.model}: {problem.rstrip('.')}.",
+                field=lora.name,
+            )
         self._loaded[lora.adapter] = lora
         log.info("loaded LoRA %s as %s (%d loaded)", lora.reference, lora.adapter, len(self._loaded))
         return True
@@ -232,16 +233,19 @@ class Adapters:
             set_adapters_for_text_encoder,
         )
 
-        for index in range(len(self._slots.holding)):
+        slots = self._slots
+        assert slots is not None  # only a compiled UNet's adapters go into slots
+        for index in range(len(slots.holding)):
             lora, scale = loras[index] if index < len(loras) else (None, 0.0)
             adapter = lora.adapter if lora else None
             try:
-                self._slots.hold(index, adapter, self._unet_parts.get(adapter), scale)
+                slots.hold(index, adapter, self._unet_parts.get(adapter) if adapter else None, scale)
             except ValueError as error:
                 if lora is None:  # emptying a slot failed: the deployment's fault, not the request's
                     raise RuntimeError(f"LoRA slot {index} could not be emptied: {error}") from None
                 raise InputError(
-                    f"{lora.name} {lora.reference} does not fit this compiled deployment's LoRA slot: {error}."
+                    f"{lora.name} {lora.reference} does not fit this compiled deployment's LoRA slot: {error}.",
+                    field=lora.name,
                 ) from None
         for name in ("text_encoder", "text_encoder_2"):
             encoder = getattr(self._pipeline, name, None)
@@ -275,7 +279,8 @@ class Adapters:
             width = encoder.get_input_embeddings().weight.shape[-1]
             if vectors.ndim != 2 or vectors.shape[-1] != width or max(indices, default=-1) >= len(vectors):
                 raise InputError(
-                    f"{lora.name} {lora.reference}: its token embeddings do not fit {self._variant.model}."
+                    f"{lora.name} {lora.reference}: its token embeddings do not fit {self._variant.model}.",
+                    field=lora.name,
                 )
             targets.append((tokenizer, encoder, vectors))
         for tokenizer, encoder, vectors in targets:

@@ -15,17 +15,13 @@ a change. The text encoders are not compiled: there a LoRA stays an ordinary ada
 from __future__ import annotations
 
 import logging
-import os
 import re
 
 import torch
 
-from ..errors import ConfigurationError
-
 log = logging.getLogger(__name__)
 
 MAX_RANK_ENV = "FASTSD_LORA_MAX_RANK"
-DEFAULT_MAX_RANK = 64
 SLOTS = ("fastsd_slot_0", "fastsd_slot_1")  # lora_weights, extra_lora
 PART_COPIED = ("part copied",)  # UnetSlots.holding of a slot while a copy into it is under way
 # The UNet layers of kohya's default network (attention, feed-forward, the transformer blocks'
@@ -33,14 +29,6 @@ PART_COPIED = ("part copied",)  # UnetSlots.holding of a slot while a copy into 
 # layers. Not the ResNet and resampling 3x3 convolutions (LoCon, LyCORIS): on the CPU two rank-64
 # slots there cost a fifth of an sd-turbo UNet step even when empty; without them, about 6%.
 TARGETS = r".*\.(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|time_emb_proj)"
-
-
-def max_rank() -> int:
-    """FASTSD_LORA_MAX_RANK: the slots' rank on a compiled deployment; 0 serves no LoRAs there."""
-    text = os.environ.get(MAX_RANK_ENV, "").strip() or str(DEFAULT_MAX_RANK)
-    if not text.isdigit() or int(text) > 1024:
-        raise ConfigurationError(f"{MAX_RANK_ENV} must be a whole number from 0 to 1024, got {text!r}.")
-    return int(text)
 
 
 def _fits(shape: tuple, slot: tuple | None, rank_dim: int) -> bool:
@@ -72,8 +60,11 @@ class UnetSlots:
         self._empty = self._zeros()
         log.info("%d LoRA slots of rank %d in the UNet, for hot-swapping (%s)", len(SLOTS), rank, MAX_RANK_ENV)
 
-    def refusal(self, part: tuple) -> str | None:
-        """Why a LoRA's UNet part cannot go into a slot, or None."""
+    def refusal(self, part: tuple | None) -> str | None:
+        """Why a LoRA's UNet part cannot go into a slot, or None (a LoRA of the text encoders only
+        has no UNet part: nothing to refuse)."""
+        if part is None:
+            return None
         layers = {key.split(".lora_", 1)[0].removeprefix("unet.") for key in part[0]}
         outside = sorted(layer for layer in layers if not re.fullmatch(TARGETS, layer))
         if outside:
@@ -111,11 +102,12 @@ class UnetSlots:
         """Put one LoRA's UNet part (its peft-keyed tensors and alphas) into slot index at this
         scale; adapter None empties the slot. Raises ValueError, leaving the slot empty, when it
         does not fit."""
-        wanted = None if adapter is None or part is None else (adapter, scale)
-        if self.holding[index] == wanted:
+        if adapter is None or part is None:
+            if self.holding[index] is not None:
+                self._swap(index, self._empty, None, None)
             return
-        if wanted is None:
-            self._swap(index, self._empty, None, None)
+        wanted = (adapter, scale)
+        if self.holding[index] == wanted:
             return
         tensors, alphas = part
         # In fp32: a published fp16 factor times 1.5 would round, where an adapter's scaling does not.

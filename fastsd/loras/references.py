@@ -31,13 +31,34 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ..errors import InputError
+from ..settings import Settings
 from ..variants import ARCHITECTURE_NAMES, SD2, SD15, SDXL
-from ..weights.layout import weights_root
 from . import remote
 
-MAX_BYTES = int(float(os.environ.get("FASTSD_LORA_MAX_MB", "2048")) * 2**20)
-CACHE_BYTES = int(float(os.environ.get("FASTSD_LORA_CACHE_GB", "20")) * 2**30)
-DOWNLOAD_DEADLINE_S = float(os.environ.get("FASTSD_LORA_TIMEOUT_S", "300"))
+
+@dataclass(frozen=True)
+class Rules:
+    """What fetching a stranger's LoRA may take: the deployment's FASTSD_LORA_* settings."""
+
+    cache: Path  # the cache folder
+    max_bytes: int = 2048 * 2**20  # one file
+    cache_bytes: int = 20 * 2**30  # the whole cache; the least recently used go first
+    deadline_s: float = 300.0  # the whole download
+    allow_private: bool = False  # FASTSD_ALLOW_PRIVATE_URLS (tests): any address, http too
+    hub: str = "https://huggingface.co"  # where owner/name references are looked up
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Rules:
+        return cls(
+            settings.lora_cache_folder,
+            int(settings.lora_max_mb * 2**20),
+            int(settings.lora_cache_gb * 2**30),
+            settings.lora_timeout_s,
+            settings.allow_private_urls,
+            settings.hub,
+        )
+
+
 # The width of cross-attention keys (attn2.to_k's input) says which base a LoRA was made for.
 _ARCHITECTURE_OF_WIDTH = {768: SD15, 1024: SD2, 2048: SDXL}
 _PICKLE_STARTS = (b"PK\x03\x04", b"\x80")  # torch's zip format, a raw pickle
@@ -66,33 +87,31 @@ def _adapter_name(digest: str) -> str:
     return f"user_{digest[:16]}"
 
 
-def cache_folder() -> Path:
-    return Path(os.environ.get("FASTSD_LORA_CACHE", weights_root() / "weights" / ".lora-cache"))
-
-
 _cache_lock = threading.Lock()
 _fetching: dict[str, threading.Lock] = {}  # one download per reference; a second request waits for it
 # Two downloads at a time: 16 requests naming 16 new LoRAs must not stage 16 x FASTSD_LORA_MAX_MB at once.
 _downloads = threading.Semaphore(2)
 
 
-def resolve(name: str, reference: str) -> LoraFile:
+def resolve(name: str, reference: str, rules: Rules) -> LoraFile:
     """The LoRA a request names, fetched (or found in the cache) and checked."""
     reference = reference.strip()
     if not reference:
-        raise InputError(f"{name} is empty: give an https URL of a .safetensors file or a Hugging Face repo id.")
+        raise InputError(
+            f"{name} is empty: give an https URL of a .safetensors file or a Hugging Face repo id.", field=name
+        )
     if "://" in reference:
         # The URL rules before the cache: a file fetched where they were lifted (FASTSD_ALLOW_PRIVATE_URLS)
         # or while the host's addresses were public is served only if it could be fetched now.
-        remote.check(name, reference)
-    folder = cache_folder() / hashlib.sha256(reference.encode()).hexdigest()[:32]
+        remote.check(name, reference, rules.allow_private)
+    folder = rules.cache / hashlib.sha256(reference.encode()).hexdigest()[:32]
     with _cache_lock:
         fetching = _fetching.setdefault(folder.name, threading.Lock())
     try:
         with fetching:
             if not (folder / "ready.json").is_file():
                 with _downloads:
-                    _fetch_to_cache(name, reference, folder)
+                    _fetch_to_cache(name, reference, folder, rules)
             os.utime(folder)  # most recently used: the last to go when the cache is over its size
             return _describe(name, reference, folder)
     finally:
@@ -101,34 +120,42 @@ def resolve(name: str, reference: str) -> LoraFile:
                 _fetching.pop(folder.name, None)
 
 
-def _fetch_to_cache(name: str, reference: str, folder: Path) -> None:
+def _fetch_to_cache(name: str, reference: str, folder: Path, rules: Rules) -> None:
     # A staging folder of its own: a partial download is never where a reader looks.
     staging = folder.with_name(f"{folder.name}.{uuid.uuid4().hex[:8]}.incoming")
     staging.mkdir(parents=True)
     try:
-        _fetch_into(name, reference, staging)
+        _fetch_into(name, reference, staging, rules)
         with _cache_lock:
             shutil.rmtree(folder, ignore_errors=True)
             staging.rename(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _trim_cache(keep=folder)
+    _trim_cache(folder, rules)
 
 
-def _fetch_into(name: str, reference: str, folder: Path) -> None:
+def _fetch_into(name: str, reference: str, folder: Path, rules: Rules) -> None:
     if "://" in reference:
         # Civitai's download links name no file: what arrived decides (a tar or a safetensors file).
-        download = remote.fetch(name, reference, folder / "download", MAX_BYTES, deadline_s=DOWNLOAD_DEADLINE_S)
+        download = remote.fetch(
+            name,
+            reference,
+            folder / "download",
+            rules.max_bytes,
+            deadline_s=rules.deadline_s,
+            allow_private=rules.allow_private,
+        )
         if tarfile.is_tarfile(download):
-            _unpack_training(name, download, folder)
+            _unpack_training(name, download, folder, rules.max_bytes)
         else:
             download.rename(folder / "lora.safetensors")
     elif _is_repo_reference(reference):
-        _fetch_from_hub(name, reference, folder)
+        _fetch_from_hub(name, reference, folder, rules)
     else:
         raise InputError(
             f"{name} must be an https URL of a .safetensors file or a Hugging Face repo id (owner/name), "
-            f"got {reference[:100]!r}."
+            f"got {reference[:100]!r}.",
+            field=name,
         )
     lora = folder / "lora.safetensors"
     check_safetensors(name, lora)
@@ -149,55 +176,72 @@ def _is_repo_reference(reference: str) -> bool:
     return all(re.fullmatch(r"[\w.\- ]+", part) for part in parts[2:])
 
 
-def _fetch_from_hub(name: str, reference: str, folder: Path) -> None:
+def _fetch_from_hub(name: str, reference: str, folder: Path, rules: Rules) -> None:
     """owner/name (its one .safetensors file) or owner/name/path/to/file.safetensors.
 
     Through fastsd.loras.remote rather than huggingface_hub's downloader: the same size cap, deadline and
     address checks on every redirect (the hub sends files from its CDN), and no token is sent, so a
     stranger's request can never read the deployment's private or gated repos."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    endpoint = rules.hub
     parts = reference.split("/")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     if not filename:
         missing = f"{name}: {repo} is not a public Hugging Face model repo."
         listing = remote.fetch(
-            name, f"{endpoint}/api/models/{repo}", folder / "listing.json", 16 * 2**20, not_found=missing
+            name,
+            f"{endpoint}/api/models/{repo}",
+            folder / "listing.json",
+            16 * 2**20,
+            not_found=missing,
+            allow_private=rules.allow_private,
         )
         try:
             files = [s["rfilename"] for s in json.loads(listing.read_text()).get("siblings", [])]
         except (ValueError, AttributeError, KeyError, TypeError):
-            raise InputError(f"{name}: the hub's answer for {repo} could not be read.") from None
+            raise InputError(f"{name}: the hub's answer for {repo} could not be read.", field=name) from None
         candidates = [f for f in files if f.endswith(".safetensors")]
         if len(candidates) != 1:
             found = ", ".join(candidates[:5]) or "none"
             raise InputError(
-                f"{name}: {repo} holds {len(candidates)} .safetensors files ({found}); name one: {repo}/FILE."
+                f"{name}: {repo} holds {len(candidates)} .safetensors files ({found}); name one: {repo}/FILE.",
+                field=name,
             )
         filename = candidates[0]
     if not filename.endswith(".safetensors"):
-        raise InputError(f"{name} must name a .safetensors file; pickles (.bin, .pt, .ckpt) are never loaded.")
+        raise InputError(
+            f"{name} must name a .safetensors file; pickles (.bin, .pt, .ckpt) are never loaded.", field=name
+        )
     url = f"{endpoint}/{repo}/resolve/main/{quote(filename)}"
     missing = f"{name}: {repo} is not a public Hugging Face model repo with a file {filename}."
-    remote.fetch(name, url, folder / "lora.safetensors", MAX_BYTES, deadline_s=DOWNLOAD_DEADLINE_S, not_found=missing)
+    remote.fetch(
+        name,
+        url,
+        folder / "lora.safetensors",
+        rules.max_bytes,
+        deadline_s=rules.deadline_s,
+        not_found=missing,
+        allow_private=rules.allow_private,
+    )
 
 
-def _unpack_training(name: str, archive: Path, folder: Path) -> None:
+def _unpack_training(name: str, archive: Path, folder: Path, max_bytes: int) -> None:
     """A Replicate training output: lora.safetensors, and embeddings.pti with special_params.json."""
     wanted = {"lora.safetensors", "embeddings.pti", "special_params.json"}
     try:
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 base = Path(member.name).name
-                if base in wanted and member.isfile() and member.size <= MAX_BYTES:
+                if base in wanted and member.isfile() and member.size <= max_bytes:
                     source = tar.extractfile(member)
+                    assert source is not None  # a file: it has a body
                     with open(folder / base, "wb") as out:
                         shutil.copyfileobj(source, out)
     except (tarfile.TarError, OSError):
-        raise InputError(f"{name} is not a readable tar of a LoRA training.") from None
+        raise InputError(f"{name} is not a readable tar of a LoRA training.", field=name) from None
     finally:
         archive.unlink(missing_ok=True)
     if not (folder / "lora.safetensors").is_file():
-        raise InputError(f"{name}: the tar holds no lora.safetensors.")
+        raise InputError(f"{name}: the tar holds no lora.safetensors.", field=name)
     if (folder / "embeddings.pti").is_file():
         check_safetensors(name, folder / "embeddings.pti")
     _rename_attention_processor_keys(name, folder / "lora.safetensors")
@@ -220,12 +264,14 @@ def _rename_attention_processor_keys(name: str, path: Path) -> None:
 def check_safetensors(name: str, path: Path) -> dict:
     """The file's safetensors header (name -> dtype, shape), after checking it is one: a pickle
     is refused by its first bytes and never opened further; a header must describe the file."""
-    not_safetensors = InputError(f"{name} is not a safetensors file.")
+    not_safetensors = InputError(f"{name} is not a safetensors file.", field=name)
     try:
         with open(path, "rb") as file:
             start = file.read(8)
             if start.startswith(_PICKLE_STARTS):
-                raise InputError(f"{name} is a pickle (a .bin, .pt or .ckpt file); only safetensors are loaded.")
+                raise InputError(
+                    f"{name} is a pickle (a .bin, .pt or .ckpt file); only safetensors are loaded.", field=name
+                )
             if len(start) < 8:
                 raise not_safetensors
             (length,) = struct.unpack("<Q", start)
@@ -246,7 +292,7 @@ def check_safetensors(name: str, path: Path) -> dict:
     except (TypeError, KeyError, IndexError, ValueError):
         raise not_safetensors from None
     if not tensors or not shapes_are_lists or 8 + length + end != size:
-        raise InputError(f"{name} is not a complete safetensors file.")
+        raise InputError(f"{name} is not a complete safetensors file.", field=name)
     return tensors
 
 
@@ -269,7 +315,7 @@ def _describe(name: str, reference: str, folder: Path) -> LoraFile:
             special = json.loads((folder / "special_params.json").read_text())
             placeholders = {str(k): str(v) for k, v in special.items()}
         except (ValueError, AttributeError):
-            raise InputError(f"{name}: special_params.json in the tar could not be read.") from None
+            raise InputError(f"{name}: special_params.json in the tar could not be read.", field=name) from None
     adapter = _adapter_name(ready["sha256"])
     placeholders = {k: re.sub(r"<s(\d+)>", rf"<{adapter}_s\1>", v) for k, v in placeholders.items() if k}
     text_encoder = any(key.startswith(("lora_te", "text_encoder", "te_")) for key in tensors)
@@ -290,7 +336,8 @@ def require_architecture(name: str, lora: LoraFile, architecture: str, served: s
     if lora.architecture is not None and lora.architecture != architecture:
         raise InputError(
             f"{name} is a LoRA for {ARCHITECTURE_NAMES[lora.architecture]} models; {served} is an "
-            f"{ARCHITECTURE_NAMES[architecture]} model."
+            f"{ARCHITECTURE_NAMES[architecture]} model.",
+            field=name,
         )
 
 
@@ -302,21 +349,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _trim_cache(keep: Path) -> None:
+def _trim_cache(keep: Path, rules: Rules) -> None:
     """Remove the least recently used entries until the cache is within its size, and downloads
     a stopped worker left half done."""
-    root = cache_folder()
+    root = rules.cache
     with _cache_lock:
         entries = [entry for entry in root.iterdir() if entry.is_dir()]
         for entry in [e for e in entries if e.name.endswith(".incoming")]:
             entries.remove(entry)
-            if entry.stat().st_mtime < time.time() - 2 * DOWNLOAD_DEADLINE_S:
+            if entry.stat().st_mtime < time.time() - 2 * rules.deadline_s:
                 shutil.rmtree(entry, ignore_errors=True)
         sizes = {entry: sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) for entry in entries}
         total = sum(sizes.values())
         recent = time.time() - 600  # in use by a request now, or about to be
         for entry in sorted(entries, key=lambda e: e.stat().st_mtime):
-            if total <= CACHE_BYTES:
+            if total <= rules.cache_bytes:
                 break
             if entry != keep and entry.stat().st_mtime < recent:
                 shutil.rmtree(entry, ignore_errors=True)

@@ -39,10 +39,6 @@ MAX_REDIRECTS = 5
 CHUNK = 1 << 16
 
 
-def private_urls_allowed() -> bool:
-    return os.environ.get(ALLOW_PRIVATE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 # --- which addresses are public ----------------------------------------------------------------
 
 _net = ipaddress.ip_network
@@ -116,31 +112,34 @@ _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _PRINTABLE = string.punctuation  # what the path keeps as it is; other characters are percent-encoded
 
 
-def target(name: str, url: str) -> Target:
+def target(name: str, url: str, allow_private: bool = False) -> Target:
     """The URL's parts, if this server may fetch it, with the public address its host resolves to;
-    otherwise one InputError sentence naming the input."""
+    otherwise one InputError sentence naming the input. allow_private (FASTSD_ALLOW_PRIVATE_URLS,
+    tests only): any address, http too."""
     url = url.strip()
     if _CONTROL_OR_SPACE.search(url):
-        raise InputError(f"{name} must be a URL without spaces or control characters (write a space as %20).")
-    bad_port = InputError(f"{name}: the port in the URL must be a number from 1 to 65535.")
+        raise InputError(
+            f"{name} must be a URL without spaces or control characters (write a space as %20).", field=name
+        )
+    bad_port = InputError(f"{name}: the port in the URL must be a number from 1 to 65535.", field=name)
     try:
         parts = urlsplit(url)
     except ValueError:  # an unclosed [ of an IPv6 address: not repeated, it may hold a password
-        raise InputError(f"{name} is not a valid URL.") from None
+        raise InputError(f"{name} is not a valid URL.", field=name) from None
     try:
         port = parts.port
     except ValueError:
         raise bad_port from None
     if "@" in parts.netloc:  # before anything repeats the URL: it may hold a password
-        raise InputError(f"{name} must be a URL without a user name or password (user:password@host).")
-    allowed = ("https", "http") if private_urls_allowed() else ("https",)
+        raise InputError(f"{name} must be a URL without a user name or password (user:password@host).", field=name)
+    allowed = ("https", "http") if allow_private else ("https",)
     if parts.scheme not in allowed or not parts.hostname:
-        raise InputError(f"{name} must be an https URL, got {url[:100]!r}.")
+        raise InputError(f"{name} must be an https URL, got {url[:100]!r}.", field=name)
     if port == 0:
         raise bad_port
     host = _ascii_host(name, parts.hostname)
     port = port or (443 if parts.scheme == "https" else 80)
-    family, address = _public_address(name, host, port)
+    family, address = _public_address(name, host, port, allow_private)
     path = quote(parts.path or "/", safe=_PRINTABLE)
     if parts.query:
         path += "?" + quote(parts.query, safe=_PRINTABLE)
@@ -155,7 +154,8 @@ def _ascii_host(name: str, host: str) -> str:
         pass
     invalid = InputError(
         f"{name}: the host in the URL is not a valid host name (dot-separated labels of 1 to 63 letters, digits "
-        "or hyphens)."
+        "or hyphens).",
+        field=name,
     )
     try:
         ascii_host = host.encode("idna").decode("ascii")
@@ -166,33 +166,34 @@ def _ascii_host(name: str, host: str) -> str:
     return ascii_host
 
 
-def _public_address(name: str, host: str, port: int) -> tuple[int, tuple]:
+def _public_address(name: str, host: str, port: int, allow_private: bool) -> tuple[int, tuple]:
     """The first address host resolves to, if every address it resolves to is public."""
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
-        raise InputError(f"{name}: the host {host[:100]} could not be resolved.") from None
-    if not private_urls_allowed():
+        raise InputError(f"{name}: the host {host[:100]} could not be resolved.", field=name) from None
+    if not allow_private:
         for *_, address in found:
-            if not is_public(address[0]):
+            if not is_public(str(address[0])):
                 raise InputError(
                     f"{name}: {host[:100]} resolves to a non-public address ({address[0]}); "
-                    "only public https URLs are fetched."
+                    "only public https URLs are fetched.",
+                    field=name,
                 )
     family, *_, address = found[0]
     return family, address
 
 
-def check(name: str, url: str) -> None:
+def check(name: str, url: str, allow_private: bool = False) -> None:
     """Raise the sentence fetch would raise before connecting: for a file cached from url earlier,
     which must be served only where it could be fetched now."""
-    target(name, url)
+    target(name, url, allow_private)
 
 
 # --- the exchange -------------------------------------------------------------------------------
 
 
-class _Bounded:
+class _Bounded(socket.socket):
     """A socket whose every read waits at most `idle` seconds and never past `deadline`: a sender
     trickling a byte at a time meets the deadline wherever it trickles (headers or body)."""
 
@@ -210,7 +211,7 @@ class _Bounded:
         return super().recv_into(*args, **kwargs)
 
 
-class _BoundedSocket(_Bounded, socket.socket):
+class _BoundedSocket(_Bounded):
     pass
 
 
@@ -227,8 +228,10 @@ def _request(connection: http.client.HTTPConnection, hop: Target, deadline: floa
         context = ssl.create_default_context()
         context.sslsocket_class = _BoundedTLSSocket
         sock.arm()  # the handshake, however many reads it takes, ends within this one timeout
-        connection.sock = context.wrap_socket(sock, server_hostname=hop.host)
-        connection.sock.deadline, connection.sock.idle = deadline, connection.timeout
+        tls = context.wrap_socket(sock, server_hostname=hop.host)
+        assert isinstance(tls, _BoundedTLSSocket)
+        tls.deadline, tls.idle = deadline, connection.timeout
+        connection.sock = tls
     connection.request("GET", hop.path, headers={"Host": hop.host_header, "User-Agent": "fastsd"})
     return connection.getresponse()
 
@@ -241,13 +244,16 @@ def fetch(
     timeout: float = 30,
     deadline_s: float = 300,
     not_found: str | None = None,
+    allow_private: bool = False,
 ) -> Path:
     """Download url to destination; every failure is one InputError sentence naming the input
     (not_found: the sentence for HTTP 401 and 404, where the server's status alone says little)."""
     deadline = time.monotonic() + deadline_s
-    too_long = InputError(f"{name} took too long to download; the limit is the deployment's ({deadline_s:g} s).")
+    too_long = InputError(
+        f"{name} took too long to download; the limit is the deployment's ({deadline_s:g} s).", field=name
+    )
     for _ in range(MAX_REDIRECTS + 1):
-        hop = target(name, url)
+        hop = target(name, url, allow_private)
         if time.monotonic() > deadline:
             raise too_long
         connection = http.client.HTTPConnection(hop.host, hop.port, timeout=timeout)
@@ -256,16 +262,18 @@ def fetch(
             if response.status in (301, 302, 303, 307, 308):
                 location = response.getheader("Location")
                 if not location:
-                    raise InputError(f"{name}: {hop.host} redirected without a location.")
+                    raise InputError(f"{name}: {hop.host} redirected without a location.", field=name)
                 url = urljoin(url, location)
                 continue
             if response.status in (401, 404) and not_found:
-                raise InputError(not_found)
+                raise InputError(not_found, field=name)
             if response.status != 200:
-                raise InputError(f"{name} could not be fetched: {hop.host} answered HTTP {response.status}.")
+                raise InputError(
+                    f"{name} could not be fetched: {hop.host} answered HTTP {response.status}.", field=name
+                )
             length = response.getheader("Content-Length")
             if length and length.isdigit() and int(length) > max_bytes:
-                raise InputError(_too_large(name, max_bytes, f"the file is {int(length) / 2**20:.1f} MiB"))
+                raise InputError(_too_large(name, max_bytes, f"the file is {int(length) / 2**20:.1f} MiB"), field=name)
             return _stream(name, response, destination, max_bytes, deadline, too_long)
         except (OSError, http.client.HTTPException) as error:
             if getattr(error, "filename", None):  # this machine's files (the cache folder), not the sender
@@ -273,10 +281,10 @@ def fetch(
             if time.monotonic() >= deadline:
                 raise too_long from None
             # One sentence for refused, reset, TLS failures, timeouts and non-HTTP answers alike.
-            raise InputError(f"{name} could not be fetched from {hop.host}: could not connect.") from None
+            raise InputError(f"{name} could not be fetched from {hop.host}: could not connect.", field=name) from None
         finally:
             connection.close()
-    raise InputError(f"{name}: more than {MAX_REDIRECTS} redirects.")
+    raise InputError(f"{name}: more than {MAX_REDIRECTS} redirects.", field=name)
 
 
 def _too_large(name: str, max_bytes: int, found: str) -> str:
@@ -293,7 +301,7 @@ def _stream(name: str, response, destination: Path, max_bytes: int, deadline: fl
             while chunk := response.read1(CHUNK):
                 received += len(chunk)
                 if received > max_bytes:
-                    raise InputError(_too_large(name, max_bytes, "the download went past it"))
+                    raise InputError(_too_large(name, max_bytes, "the download went past it"), field=name)
                 if time.monotonic() > deadline:
                     raise too_long
                 try:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigurationError
+from ..settings import Settings
 from ..variants import LORA_WEIGHT_NAME, Variant, custom_variant
 from . import manifest
 from .layout import (
@@ -52,8 +52,8 @@ PICKLED_WEIGHTS = "diffusion_pytorch_model.bin"
 CONVERTED_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PRECISIONS = (FP16, FULL)
 
-# The first call to the hub: short, so that an unreachable hub is reported in seconds.
-PROBE_TIMEOUT_S = float(os.environ.get("FASTSD_HUB_TIMEOUT", "10"))
+# Reads of a stalled connection give up after this many seconds (the library's default is 10).
+DOWNLOAD_TIMEOUT_S = 30
 
 
 class WeightsDownloadError(ConfigurationError):
@@ -126,45 +126,61 @@ def select_files(
     for path in files:
         folder, name = _split(path)
         by_folder.setdefault(folder, []).append(name)
-
     if role in (VAE, TINY_VAE, CONTROLNET):
-        names = by_folder.get("", [])
-        if "config.json" not in names:
-            raise WeightsDownloadError("the repo has no config.json at its root: it is not a diffusers model")
-        sets = _weight_sets(names)
-        # The autoencoders load without a variant (full precision); ControlNets the way the
-        # pipeline's precision asks (fp16 files where published).
-        preferred = (FP16, None) if role == CONTROLNET and precision == FP16 else (None, FP16)
-        weights = sets.get(preferred[0]) or sets.get(preferred[1])
-        if not weights and role == CONTROLNET and PICKLED_WEIGHTS in names:
-            return ["config.json", PICKLED_WEIGHTS]  # converted to safetensors once fetched: fetch_source
-        if not weights:
-            raise WeightsDownloadError("the repo has no diffusion_pytorch_model.safetensors at its root")
-        return sorted(["config.json", *weights])
-
+        return _select_bare_model(role, by_folder.get("", []), precision)
     if role == SAFETY_CHECKER:
-        checker, extractor = by_folder.get("safety_checker", []), by_folder.get("feature_extractor", [])
-        if "config.json" not in checker or "preprocessor_config.json" not in extractor:
-            raise WeightsDownloadError("the repo has no safety_checker/config.json and feature_extractor/")
-        sets = _weight_sets(checker)
-        preferred = (FP16, None) if precision == FP16 else (None, FP16)
-        weights = sets.get(preferred[0]) or sets.get(preferred[1])
-        if not weights:
-            raise WeightsDownloadError("the repo has no safety_checker/model.safetensors")
-        chosen = ["config.json", *weights]
-        return sorted([*(f"safety_checker/{name}" for name in chosen), "feature_extractor/preprocessor_config.json"])
+        return _select_safety_checker(by_folder, precision)
     if role == NSFW_CLASSIFIER:
-        names = by_folder.get("", [])
-        if "config.json" not in names or "preprocessor_config.json" not in names:
-            raise WeightsDownloadError("the repo has no config.json and preprocessor_config.json at its root")
-        sets = _weight_sets(names)
-        weights = sets.get(None) or sets.get(FP16)
-        if not weights:
-            raise WeightsDownloadError("the repo has no model.safetensors at its root")
-        return sorted(["config.json", "preprocessor_config.json", *weights])
-
+        return _select_classifier(by_folder.get("", []))
     if role != MODEL:
         raise ValueError(f"unknown role {role!r} without a filename")
+    return _select_pipeline(by_folder, model_index, precision, skip)
+
+
+def _preferred(sets: dict[str | None, list[str]], first: str | None) -> list[str]:
+    """The weight files of the preferred variant (fp16 or full, None), else of the other."""
+    second = None if first == FP16 else FP16
+    return sets.get(first) or sets.get(second) or []
+
+
+def _select_bare_model(role: str, names: list[str], precision: str) -> list[str]:
+    """A bare autoencoder or ControlNet at the repo root: its config and weights. The autoencoders
+    load without a variant (full precision); ControlNets the way the pipeline's precision asks."""
+    if "config.json" not in names:
+        raise WeightsDownloadError("the repo has no config.json at its root: it is not a diffusers model")
+    weights = _preferred(_weight_sets(names), FP16 if role == CONTROLNET and precision == FP16 else None)
+    if not weights and role == CONTROLNET and PICKLED_WEIGHTS in names:
+        return ["config.json", PICKLED_WEIGHTS]  # converted to safetensors once fetched: fetch_source
+    if not weights:
+        raise WeightsDownloadError("the repo has no diffusion_pytorch_model.safetensors at its root")
+    return sorted(["config.json", *weights])
+
+
+def _select_safety_checker(by_folder: dict[str, list[str]], precision: str) -> list[str]:
+    checker, extractor = by_folder.get("safety_checker", []), by_folder.get("feature_extractor", [])
+    if "config.json" not in checker or "preprocessor_config.json" not in extractor:
+        raise WeightsDownloadError("the repo has no safety_checker/config.json and feature_extractor/")
+    weights = _preferred(_weight_sets(checker), FP16 if precision == FP16 else None)
+    if not weights:
+        raise WeightsDownloadError("the repo has no safety_checker/model.safetensors")
+    chosen = ["config.json", *weights]
+    return sorted([*(f"safety_checker/{name}" for name in chosen), "feature_extractor/preprocessor_config.json"])
+
+
+def _select_classifier(names: list[str]) -> list[str]:
+    if "config.json" not in names or "preprocessor_config.json" not in names:
+        raise WeightsDownloadError("the repo has no config.json and preprocessor_config.json at its root")
+    weights = _preferred(_weight_sets(names), None)
+    if not weights:
+        raise WeightsDownloadError("the repo has no model.safetensors at its root")
+    return sorted(["config.json", "preprocessor_config.json", *weights])
+
+
+def _select_pipeline(
+    by_folder: dict[str, list[str]], model_index: dict | None, precision: str, skip: tuple[str, ...]
+) -> list[str]:
+    """A diffusers pipeline: model_index.json, and each loaded component's configs and weights, fp16
+    where every component with weights has them (unless precision is full and all have those)."""
     if "model_index.json" not in by_folder.get("", []) or model_index is None:
         raise WeightsDownloadError("the repo has no model_index.json: it is not a diffusers pipeline")
     components = sorted(
@@ -205,20 +221,16 @@ class Fetched:
 
 
 def _hub():
-    """huggingface_hub, imported late: its settings are read from the environment at import."""
-    # Reads of a stalled connection give up after this many seconds (the library default is 10;
-    # set here only if the person did not choose).
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    """huggingface_hub, imported late (it reads its own variables at import)."""
     import huggingface_hub
+    from huggingface_hub import constants
 
+    if constants.HF_HUB_DOWNLOAD_TIMEOUT == constants.DEFAULT_DOWNLOAD_TIMEOUT:  # the person's choice wins
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = DOWNLOAD_TIMEOUT_S
     return huggingface_hub
 
 
-def endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def explain(error: Exception, hub_id: str) -> WeightsDownloadError:
+def explain(error: Exception, hub_id: str, endpoint: str = "https://huggingface.co") -> WeightsDownloadError:
     """One sentence for an error of huggingface_hub or the network: what happened, what to do."""
     if isinstance(error, WeightsDownloadError):
         return error
@@ -226,12 +238,12 @@ def explain(error: Exception, hub_id: str) -> WeightsDownloadError:
 
     if isinstance(error, hub_errors.GatedRepoError):
         return WeightsDownloadError(
-            f"{hub_id} is gated: accept its conditions at {endpoint()}/{hub_id} with your account, then set HF_TOKEN "
+            f"{hub_id} is gated: accept its conditions at {endpoint}/{hub_id} with your account, then set HF_TOKEN "
             "to a read token of that account and run the command again."
         )
     if isinstance(error, hub_errors.RepositoryNotFoundError):
         return WeightsDownloadError(
-            f"{hub_id} was not found on the hub ({endpoint()}): check the id, or set HF_TOKEN if it is a private repo."
+            f"{hub_id} was not found on the hub ({endpoint}): check the id, or set HF_TOKEN if it is a private repo."
         )
     if isinstance(error, hub_errors.RevisionNotFoundError):
         return WeightsDownloadError(f"{hub_id} has no such revision on the hub.")
@@ -251,7 +263,7 @@ def explain(error: Exception, hub_id: str) -> WeightsDownloadError:
     if isinstance(error, (OSError, ConnectionError)) or type(error).__module__.startswith(("httpx", "httpcore")):
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         return WeightsDownloadError(
-            f"The Hugging Face hub ({endpoint()}) cannot be reached ({reason}) while fetching {hub_id}: check the "
+            f"The Hugging Face hub ({endpoint}) cannot be reached ({reason}) while fetching {hub_id}: check the "
             "network, HF_ENDPOINT or a proxy, or bring a weights tar instead (FASTSD_WEIGHTS_URL; docs/weights.md)."
         )
     return WeightsDownloadError(f"Fetching {hub_id} failed: {type(error).__name__}: {error}")
@@ -310,67 +322,19 @@ def _escape_glob(name: str) -> str:
 
 
 def fetch_source(
-    source: Source, *, token: str | None = None, verify: bool = False, progress: bool = True, precision: str = FP16
+    source: Source, settings: Settings, *, verify: bool = False, progress: bool = True, precision: str = FP16
 ) -> Fetched:
     """Fetch one source's files into its folder, check them, add them to the folder's manifest."""
-    hub = _hub()
     started = time.perf_counter()
-    hub_id, folder = source.repo, source.folder
-    token = token or os.environ.get("HF_TOKEN") or None
+    hub_id, folder = source.repo, source.folder(settings.weights_root)
     try:
-        api = hub.HfApi(endpoint=endpoint(), token=token)
-        info = api.model_info(hub_id, files_metadata=True, timeout=PROBE_TIMEOUT_S)
-        repo_files = [sibling.rfilename for sibling in info.siblings or []]
-        model_index = None
-        if source.role == MODEL:
-            if "model_index.json" not in repo_files:
-                raise WeightsDownloadError(f"{hub_id} has no model_index.json: it is not a diffusers pipeline repo.")
-            index_path = hub.hf_hub_download(
-                hub_id, "model_index.json", revision=info.sha, local_dir=folder, token=token, endpoint=endpoint()
-            )
-            model_index = json.loads(Path(index_path).read_text())
-        try:
-            selected = select_files(
-                source.role, repo_files, model_index, precision, filename=source.filename, skip=source.skip
-            )
-        except WeightsDownloadError as error:
-            raise WeightsDownloadError(f"{hub_id}: {error}.") from None
-        expected = _expected_entries(info, selected)
-
-        previous = manifest.load(folder) if folder.is_dir() else None
-        wanted = {"files": expected}
-        already = previous and all(previous["files"].get(name) == entry for name, entry in expected.items())
-        if PICKLED_WEIGHTS in expected:
-            converted = _converted_entry(previous, expected[PICKLED_WEIGHTS])
-            already = converted is not None
-            wanted = {"files": {**{n: e for n, e in expected.items() if n != PICKLED_WEIGHTS}, **(converted or {})}}
-        if already and not manifest.check(folder, wanted):
-            return Fetched(
-                hub_id, folder, len(expected), manifest.total_size(wanted), True, time.perf_counter() - started
-            )
-        # A file of the wrong size (truncated by a full disk, edited) is removed so that the
-        # library fetches it again instead of trusting its own metadata.
-        for problem in manifest.check(folder, wanted):
-            if problem.path.exists():
-                problem.path.unlink()
-        if not progress:
-            hub.utils.disable_progress_bars()
-        try:
-            hub.snapshot_download(
-                hub_id,
-                revision=info.sha,
-                local_dir=folder,
-                allow_patterns=[_escape_glob(n) for n in selected],
-                token=token,
-                endpoint=endpoint(),
-                etag_timeout=PROBE_TIMEOUT_S,
-            )
-        finally:
-            if not progress:
-                hub.utils.enable_progress_bars()
+        info, selected, expected, previous = _listing(source, settings, folder, precision)
+        if _already_there(folder, expected, previous):
+            return Fetched(hub_id, folder, len(expected), _wanted_size(expected, previous), True,
+                           time.perf_counter() - started)  # fmt: skip
+        _download(hub_id, info.sha, folder, selected, settings, progress)
     except Exception as error:  # noqa: BLE001 - every failure becomes one sentence for a person
-        raise explain(error, hub_id) from error
-
+        raise explain(error, hub_id, settings.hub) from error
     problems = (manifest.verify if verify else manifest.check)(folder, {"files": expected})
     if problems:
         raise WeightsDownloadError(
@@ -381,16 +345,90 @@ def fetch_source(
         expected |= _convert_pickle(folder, hub_id, pickled)
     # Other presets may have fetched other files of this repo into the folder: keep their entries.
     kept = previous["files"] if previous and previous.get("repo") == hub_id else {}
-    manifest.write(folder, {**kept, **expected}, repo=hub_id, revision=info.sha, source=endpoint())
+    manifest.write(folder, {**kept, **expected}, repo=hub_id, revision=info.sha, source=settings.hub)
     size = manifest.total_size({"files": expected})
     return Fetched(hub_id, folder, len(expected), size, False, time.perf_counter() - started)
 
 
+def _listing(source: Source, settings: Settings, folder: Path, precision: str):
+    """The repo's listing (the first call to the hub: short, so that an unreachable hub is reported
+    in seconds), the files fastsd loads from it, their expected entries, and the folder's manifest."""
+    hub = _hub()
+    api = hub.HfApi(endpoint=settings.hub, token=settings.hub_token)
+    info = api.model_info(source.repo, files_metadata=True, timeout=settings.hub_timeout_s)
+    repo_files = [sibling.rfilename for sibling in info.siblings or []]
+    model_index = None
+    if source.role == MODEL:
+        if "model_index.json" not in repo_files:
+            raise WeightsDownloadError(f"{source.repo} has no model_index.json: it is not a diffusers pipeline repo.")
+        index_path = hub.hf_hub_download(source.repo, "model_index.json", revision=info.sha, local_dir=folder,
+                                         token=settings.hub_token, endpoint=settings.hub)  # fmt: skip
+        model_index = json.loads(Path(index_path).read_text())
+    try:
+        selected = select_files(
+            source.role, repo_files, model_index, precision, filename=source.filename, skip=source.skip
+        )
+    except WeightsDownloadError as error:
+        raise WeightsDownloadError(f"{source.repo}: {error}.") from None
+    previous = manifest.load(folder) if folder.is_dir() else None
+    return info, selected, _expected_entries(info, selected), previous
+
+
+def _wanted(expected: dict, previous: dict | None) -> dict:
+    """The manifest entries the folder must hold: the expected ones, a ControlNet's pickle as the
+    safetensors it was converted to."""
+    if PICKLED_WEIGHTS not in expected:
+        return {"files": expected}
+    converted = _converted_entry(previous, expected[PICKLED_WEIGHTS])
+    return {"files": {**{n: e for n, e in expected.items() if n != PICKLED_WEIGHTS}, **(converted or {})}}
+
+
+def _wanted_size(expected: dict, previous: dict | None) -> int:
+    return manifest.total_size(_wanted(expected, previous))
+
+
+def _already_there(folder: Path, expected: dict, previous: dict | None) -> bool:
+    """Every expected file is in the manifest and on disk at its size. A file of the wrong size
+    (truncated by a full disk, edited) is removed, so that the library fetches it again instead of
+    trusting its own metadata."""
+    wanted = _wanted(expected, previous)
+    if PICKLED_WEIGHTS in expected:
+        listed = _converted_entry(previous, expected[PICKLED_WEIGHTS]) is not None
+    else:
+        listed = previous is not None and all(previous["files"].get(n) == entry for n, entry in expected.items())
+    problems = manifest.check(folder, wanted)
+    if listed and not problems:
+        return True
+    for problem in problems:
+        if problem.path.exists():
+            problem.path.unlink()
+    return False
+
+
+def _download(hub_id: str, revision: str, folder: Path, selected: list[str], settings: Settings, progress: bool):
+    hub = _hub()
+    if not progress:
+        hub.utils.disable_progress_bars()
+    try:
+        hub.snapshot_download(
+            hub_id,
+            revision=revision,
+            local_dir=folder,
+            allow_patterns=[_escape_glob(n) for n in selected],
+            token=settings.hub_token,
+            endpoint=settings.hub,
+            etag_timeout=settings.hub_timeout_s,
+        )
+    finally:
+        if not progress:
+            hub.utils.enable_progress_bars()
+
+
 def fetch_variant(
     variant: Variant,
+    settings: Settings,
     *,
     tiny_vae: bool = True,
-    token: str | None = None,
     verify: bool = False,
     progress: bool = True,
     precision: str = FP16,
@@ -406,7 +444,7 @@ def fetch_variant(
         if source.is_local:
             report(f"  {source.repo}: a local folder, nothing to fetch")
             continue
-        result = fetch_source(source, token=token, verify=verify, progress=progress, precision=precision)
+        result = fetch_source(source, settings, verify=verify, progress=progress, precision=precision)
         done[source] = result
         state = "already there" if result.already_there else f"fetched in {result.seconds:.0f} s"
         report(f"  {source}: {result.files} files, {format_size(result.size)} -> {result.folder} ({state})")
@@ -414,25 +452,25 @@ def fetch_variant(
     return results
 
 
-def resolve_custom(model: str, acceleration: str, *, token: str | None = None) -> Variant:
+def resolve_custom(model: str, acceleration: str, settings: Settings) -> Variant:
     """The variant for a custom base model: fetch its model_index.json and unet/config.json,
     detect SD or SDXL from them, and pick the matching LCM-LoRA."""
     hub = _hub()
-    folder = model_folder(model)
+    folder = model_folder(settings.weights_root, model)
     if folder.is_absolute() and (folder / "model_index.json").is_file():
         return custom_variant(model, folder, acceleration)
-    token = token or os.environ.get("HF_TOKEN") or None
+    token, endpoint = settings.hub_token, settings.hub
     try:
-        api = hub.HfApi(endpoint=endpoint(), token=token)
-        info = api.model_info(model, timeout=PROBE_TIMEOUT_S)
+        api = hub.HfApi(endpoint=endpoint, token=token)
+        info = api.model_info(model, timeout=settings.hub_timeout_s)
         for name in ("model_index.json", "unet/config.json"):
-            hub.hf_hub_download(model, name, revision=info.sha, local_dir=folder, token=token, endpoint=endpoint())
+            hub.hf_hub_download(model, name, revision=info.sha, local_dir=folder, token=token, endpoint=endpoint)
     except Exception as error:  # noqa: BLE001
-        raise explain(error, model) from error
+        raise explain(error, model, endpoint) from error
     return custom_variant(model, folder, acceleration)
 
 
-def format_size(size: int) -> str:
+def format_size(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"

@@ -45,7 +45,7 @@ from ..errors import ConfigurationError
 from . import manifest
 
 CHUNK_SIZE = 16 * 1024 * 1024
-WORKERS = int(os.environ.get("FASTSD_DOWNLOAD_WORKERS", "8"))
+WORKERS = 8  # parallel range requests (Settings.download_workers)
 ATTEMPTS = 4  # per chunk: a dropped connection resumes from the byte it reached
 TIMEOUT_S = 30.0  # connect and per-read
 ALLOWED_TOP = ("weights", "lora")
@@ -227,6 +227,7 @@ class RangedReader(io.RawIOBase):
 
     def _fill(self) -> None:
         # Keep every worker busy plus a few chunks ready: memory is bounded by that many chunks.
+        assert self.total is not None and self._pool is not None  # ranged: the size and the workers are known
         while self._next_start < self.total and len(self._pending) < self.workers + 2:
             start = self._next_start
             end = min(start + self.chunk_size, self.total) - 1
@@ -302,6 +303,7 @@ def extract_stream(stream, destination: Path) -> int:
                 elif member.isreg():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     source = archive.extractfile(member)
+                    assert source is not None  # a regular file has a body
                     with open(target, "wb") as out:
                         shutil.copyfileobj(source, out, _COPY_BLOCK)
                     written += member.size
@@ -336,7 +338,7 @@ def _is_local(url: str) -> bool:
     return urllib.parse.urlsplit(url).scheme in ("", "file")
 
 
-def _download_into(url: str, staging: Path, log) -> None:
+def _download_into(url: str, staging: Path, log, workers: int = WORKERS, pget_allowed: bool = True) -> None:
     if _is_local(url):
         path = urllib.parse.unquote(urllib.parse.urlsplit(url).path) if url.startswith("file:") else url
         log(f"unpacking the weights tar {path}")
@@ -344,7 +346,7 @@ def _download_into(url: str, staging: Path, log) -> None:
             extract_stream(stream, staging)
         return
     pget = shutil.which("pget")
-    if pget and os.environ.get("FASTSD_NO_PGET", "") in ("", "0"):
+    if pget and pget_allowed:
         log(f"fetching the weights tar {redact(url)} with {pget}")
         target = staging / "unpacked"
         done = subprocess.run([pget, "-x", url, str(target)], capture_output=True, text=True)
@@ -356,8 +358,8 @@ def _download_into(url: str, staging: Path, log) -> None:
             os.replace(top, staging / top.name)
         target.rmdir()
         return
-    log(f"fetching the weights tar {redact(url)} ({WORKERS} parallel range requests)")
-    with RangedReader(url) as reader:
+    log(f"fetching the weights tar {redact(url)} ({workers} parallel range requests)")
+    with RangedReader(url, workers=workers) as reader:
         extract_stream(reader, staging)
         if reader.total is not None and reader.position != reader.total:
             raise ArchiveError(
@@ -366,16 +368,25 @@ def _download_into(url: str, staging: Path, log) -> None:
             )
 
 
-def fetch_archive(url: str, root: Path, folders: list[Path], optional: list[Path] = (), log=print) -> list[Path]:
+def fetch_archive(
+    url: str,
+    root: Path,
+    folders: list[Path],
+    optional: list[Path] | tuple[()] = (),
+    log=print,
+    workers: int = WORKERS,
+    no_pget: bool = False,
+) -> list[Path]:
     """Fetch the tar at url, and install from it the given folders (relative to root, e.g.
     weights/stabilityai/sd-turbo) after checking each against its manifest; the optional ones
-    (the tiny autoencoder) too when the tar has them. Returns the folders installed."""
+    (the tiny autoencoder) too when the tar has them. Returns the folders installed. workers:
+    parallel range requests; no_pget: never use pget (Settings.download_workers, no_pget)."""
     started = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     try:
-        _download_into(url, staging, log)
+        _download_into(url, staging, log, workers, not no_pget)
         installed = []
         size = 0
         wanted = list(folders) + [

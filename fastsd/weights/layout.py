@@ -1,9 +1,10 @@
 """Where weights live on disk, and which of them a preset loads.
 
 Folders mirror hub ids: weights/<hub id>/ for models, VAEs and replacement UNets, lora/<hub id>/
-for LoRAs, under the project root (FASTSD_WEIGHTS_ROOT overrides it). A file out of a repo that
-holds many (a LoRA, a Lightning UNet) keeps the repo's own file name inside that folder. A local
-folder may also be named directly as a custom model.
+for LoRAs, under the weights root (Settings.weights_root: the project folder, or
+FASTSD_WEIGHTS_ROOT). A file out of a repo that holds many (a LoRA, a Lightning UNet) keeps the
+repo's own file name inside that folder. A local folder may also be named directly as a custom
+model.
 
 A Source is one thing a preset loads: a whole repo (a diffusers pipeline, a bare autoencoder) or
 one file of it. Everything that checks, fetches, packs or bakes weights works from sources(), so
@@ -12,7 +13,6 @@ a new recipe needs no code here.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,25 +28,21 @@ SAFETY_CHECKER, NSFW_CLASSIFIER = "safety_checker", "nsfw_classifier"
 SAFETY_CHECKER_FOLDERS = ("safety_checker/", "feature_extractor/")
 
 
-def weights_root() -> Path:
-    return Path(os.environ.get("FASTSD_WEIGHTS_ROOT", PROJECT_ROOT))
-
-
 def is_local_path(model: str) -> bool:
     return Path(model).expanduser().is_absolute() or model.startswith(".")
 
 
-def model_folder(model: str) -> Path:
-    """The folder of a model named by hub id (under weights/) or by a local path."""
+def model_folder(root: Path, model: str) -> Path:
+    """The folder of a model named by hub id (under root/weights/) or by a local path."""
     if is_local_path(model):
         return Path(model).expanduser()
-    return weights_root() / "weights" / model
+    return root / "weights" / model
 
 
-def repo_folder(role: str, repo: str) -> Path:
+def repo_folder(root: Path, role: str, repo: str) -> Path:
     if role == MODEL and is_local_path(repo):
-        return model_folder(repo)
-    return weights_root() / ("lora" if role == LORA else "weights") / repo
+        return model_folder(root, repo)
+    return root / ("lora" if role == LORA else "weights") / repo
 
 
 @dataclass(frozen=True)
@@ -57,9 +53,8 @@ class Source:
     skip: tuple[str, ...] = ()  # model components the preset replaces: their weights are not loaded
     optional: bool = False  # loaded when present (the tiny autoencoder)
 
-    @property
-    def folder(self) -> Path:
-        return repo_folder(self.role, self.repo)
+    def folder(self, root: Path) -> Path:
+        return repo_folder(root, self.role, self.repo)
 
     @property
     def relative_folder(self) -> Path:
@@ -81,9 +76,8 @@ class Source:
             return "safety_checker/config.json"
         return self.filename or ("model_index.json" if self.role == MODEL else "config.json")
 
-    @property
-    def marker(self) -> Path:
-        return self.folder / self.marker_name
+    def marker(self, root: Path) -> Path:
+        return self.folder(root) / self.marker_name
 
     @property
     def is_local(self) -> bool:

@@ -70,7 +70,7 @@ def write(folder: Path, files: dict[str, dict], **about) -> Path:
 
 def local_files(folder: Path) -> list[str]:
     """Every file under folder, as posix paths relative to it, without the ignored ones."""
-    found = []
+    found: list[str] = []
     for directory, subdirectories, names in os.walk(folder):
         relative = Path(directory).relative_to(folder)
         if relative == Path("."):

@@ -7,30 +7,20 @@ command that fetches it again. A folder without a manifest (put there by hand, b
 fastsd_testing.random_models, or by the acceptance tests) gets its safetensors headers checked.
 
 setup() calls ensure_weights(): what is missing is fetched first, from the weights tar at Cog's
-setup(weights) URL or FASTSD_WEIGHTS_URL (fastsd.weights.fetch), else from the hub (fastsd.weights.download) if
-the hub answers.
+setup(weights) URL or FASTSD_WEIGHTS_URL (fastsd.weights.fetch), else from the hub
+(fastsd.weights.download) if the hub answers.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from ..errors import ConfigurationError
-from ..variants import SDXL_VAE_FP16_FIX, TINY_VAE_FOR, Variant, all_recipes, custom_acceleration
+from ..settings import Settings
+from ..variants import SDXL_VAE_FP16_FIX, TINY_VAE_FOR, Variant, all_recipes
 from . import download, fetch, manifest
-from .layout import (
-    MODEL,
-    Source,
-    fetch_command,
-    is_local_path,
-    model_folder,
-    python_command,
-    required_sources,
-    sources,
-    weights_root,
-)
+from .layout import MODEL, Source, fetch_command, is_local_path, model_folder, python_command, required_sources, sources
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +31,20 @@ class WeightsMissing(ConfigurationError):
     pass
 
 
-def missing(variant: Variant) -> list[Source]:
-    """The required sources that are not there at all."""
-    return [source for source in required_sources(variant) if not source.marker.is_file()]
+def missing(variant: Variant, root: Path) -> list[Source]:
+    """The required sources that are not there at all (under the weights root)."""
+    return [source for source in required_sources(variant) if not source.marker(root).is_file()]
 
 
 _logged_unverified: set[Path] = set()
 
 
-def damaged(variant: Variant) -> list[manifest.Problem]:
+def damaged(variant: Variant, root: Path) -> list[manifest.Problem]:
     """Files the variant loads that are missing or of the wrong size (the optional tiny
     autoencoder's too, when its folder is there)."""
     problems = []
     for source in sources(variant):
-        folder = source.folder
+        folder = source.folder(root)
         if source.optional and not folder.is_dir():
             continue
         try:
@@ -74,15 +64,15 @@ def damaged(variant: Variant) -> list[manifest.Problem]:
     return problems
 
 
-def require_weights(variant: Variant) -> None:
+def require_weights(variant: Variant, root: Path) -> None:
     """Fail with one message that names every missing or damaged file and the command that fetches them."""
-    absent = missing(variant)
+    absent = missing(variant, root)
     if absent:
-        listed = ", ".join(str(source.marker) for source in absent)
+        listed = ", ".join(str(source.marker(root)) for source in absent)
         raise WeightsMissing(
             f"Weights for variant {variant.name} are missing: {listed}. Fetch them with: {fetch_command(variant)}"
         )
-    problems = damaged(variant)
+    problems = damaged(variant, root)
     if problems:
         listed = ", ".join(str(problem) for problem in problems)
         raise WeightsMissing(
@@ -90,56 +80,50 @@ def require_weights(variant: Variant) -> None:
         )
 
 
-def weights_url(given: str | None = None) -> str | None:
-    return given or os.environ.get(WEIGHTS_URL_ENV, "").strip() or None
-
-
-def ensure_weights(variant: Variant, url: str | None = None) -> None:
+def ensure_weights(variant: Variant, settings: Settings, url: str | None = None) -> None:
     """Make sure the variant's weights are on disk before loading: the one entry point setup() uses.
 
     What is there is only checked (sizes against the manifest). What is missing is fetched: from
     the weights tar at url (Cog's setup(weights)) or FASTSD_WEIGHTS_URL, else from the hub when
     it answers; when neither works the error names the missing files and the ways to provide them.
     """
-    absent = missing(variant)
+    root = settings.weights_root
+    absent = missing(variant, root)
     if absent:
-        url = weights_url(url)
+        url = url or settings.weights_url
         if url:
             optional = [
-                relative
+                _relative(source, root)
                 for source in sources(variant)
-                if source.optional and (relative := _relative(source)) and not source.folder.is_dir()
+                if source.optional and not source.folder(root).is_dir()
             ]
-            fetch.fetch_archive(url, weights_root(), [_relative(source) for source in absent], optional, log.info)
+            needed = [_relative(source, root) for source in absent]
+            fetch.fetch_archive(url, root, needed, optional, log.info, settings.download_workers, settings.no_pget)
         else:
-            _fetch_from_hub(variant, absent)
-    require_weights(variant)
+            _fetch_from_hub(variant, absent, settings)
+    require_weights(variant, root)
 
 
-def _relative(source: Source) -> Path:
+def _relative(source: Source, root: Path) -> Path:
     if source.is_local:
-        raise WeightsMissing(f"{source.marker} is missing, and a local model folder cannot be fetched.")
+        raise WeightsMissing(f"{source.marker(root)} is missing, and a local model folder cannot be fetched.")
     return source.relative_folder
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _fetch_from_hub(variant: Variant, absent: list[Source]) -> None:
-    listed = ", ".join(str(source.marker) for source in absent)
+def _fetch_from_hub(variant: Variant, absent: list[Source], settings: Settings) -> None:
+    listed = ", ".join(str(source.marker(settings.weights_root)) for source in absent)
     unfetchable = (
         f"Weights for variant {variant.name} are missing: {listed}. Fetch them with: "
         f"{fetch_command(variant)}, or set {WEIGHTS_URL_ENV} to a weights tar "
         f"({python_command()} scripts/pack_weights.py makes one)"
     )
-    if _hub_offline():
+    if settings.hub_offline:
         raise WeightsMissing(unfetchable + "; HF_HUB_OFFLINE is set, so the hub was not asked.")
     if any(source.is_local for source in absent):
         raise WeightsMissing(unfetchable + ".")
-    log.info("weights missing (%s): fetching them from the hub (%s)", listed, download.endpoint())
+    log.info("weights missing (%s): fetching them from the hub (%s)", listed, settings.hub)
     try:
-        download.fetch_variant(variant, progress=False, report=log.info)
+        download.fetch_variant(variant, settings, progress=False, report=log.info)
     except download.WeightsDownloadError as error:
         raise WeightsMissing(f"{unfetchable}; fetching from the hub failed: {error}") from None
 
@@ -155,29 +139,30 @@ def _acceleration_folders() -> set[Path]:
     return folders
 
 
-def ensure_model_folder(model: str, url: str | None = None) -> None:
+def ensure_model_folder(model: str, settings: Settings, url: str | None = None) -> None:
     """For a custom model (FASTSD_MODEL) named by hub id: fetch its folder before anything reads
     its configs (custom_variant detects the architecture from them), from the weights tar at url
     or FASTSD_WEIGHTS_URL (with the acceleration files and tiny autoencoders it holds), else from
     the hub. A local folder, or one already there, is left alone."""
-    folder = model_folder(model)
+    root = settings.weights_root
+    folder = model_folder(root, model)
     if is_local_path(model) or (folder / "model_index.json").is_file():
         return
-    root = weights_root()
-    url = weights_url(url)
+    url = url or settings.weights_url
     if url:
         optional = [extra for extra in sorted(_acceleration_folders()) if not (root / extra).is_dir()]
-        fetch.fetch_archive(url, root, [folder.relative_to(root)], optional=optional, log=log.info)
+        relative = [folder.relative_to(root)]
+        fetch.fetch_archive(url, root, relative, optional, log.info, settings.download_workers, settings.no_pget)
         return
-    command = f"{python_command()} scripts/download_weights.py --model {model} --acceleration {custom_acceleration()}"
-    if _hub_offline():
+    command = f"{python_command()} scripts/download_weights.py --model {model} --acceleration {settings.acceleration}"
+    if settings.hub_offline:
         raise WeightsMissing(
             f"The weights of {model} are missing ({folder}). Fetch them with: {command}, or set "
             f"{WEIGHTS_URL_ENV} to a weights tar; HF_HUB_OFFLINE is set, so the hub was not asked."
         )
-    log.info("weights of %s missing: fetching them from the hub (%s)", model, download.endpoint())
+    log.info("weights of %s missing: fetching them from the hub (%s)", model, settings.hub)
     try:
-        download.fetch_source(Source(MODEL, model), progress=False)
+        download.fetch_source(Source(MODEL, model), settings, progress=False)
     except download.WeightsDownloadError as error:
         raise WeightsMissing(
             f"The weights of {model} are missing ({folder}). Fetch them with: {command}, or set "
