@@ -107,7 +107,8 @@ class Batcher:
                 self._ready.wait()
             if self._closed:
                 return None
-            batch, images, pixels = [], 0, 0
+            batch: list[Job] = []
+            images = pixels = 0
             key = batch_key(self._queue[0].request)
             for job in list(self._queue):
                 if batch and (

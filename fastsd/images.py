@@ -22,11 +22,9 @@ INPUT_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"}
 Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
 _BOMB_SIZE = re.compile(r"\((\d+) pixels\)")
 
-# Output encoder settings, chosen for speed with the quality kept (measured on the 2-core CPU,
-# scripts/benchmark.py prints the table): WebP method 0 encodes 5x faster than Pillow's default
-# method 4 at the same quality setting, with the same PSNR and file size within 2%; PNG is lossless
-# at any zlib level, and level 1 is 2.4x faster than the default 6 for ~3% larger files; JPEG is
-# already an order of magnitude faster than either.
+# Output encoder settings, chosen for speed with the quality kept (the measurements:
+# docs/performance.md): WebP's fastest method at the same quality setting and PSNR; PNG is lossless
+# at any zlib level, and level 1 costs only slightly larger files; JPEG is fast as it is.
 _SAVE_OPTIONS = {
     "png": lambda quality: {"format": "PNG", "compress_level": 1},
     "jpg": lambda quality: {"format": "JPEG", "quality": quality},
@@ -34,37 +32,50 @@ _SAVE_OPTIONS = {
 }
 
 
-def open_input_image(path: Path | str, name: str = "image") -> Image.Image:
-    """Open, check and decode a user's image (the input called name) to 8-bit RGB, or RGBA where
-    it has transparency (flatten() and transparent_area() read that), honouring EXIF orientation."""
-    path = Path(path)
+def input_size(source: Path | str | bytes) -> int:
+    """The bytes of an image input: a file (what Cog downloaded) or the bytes themselves (a frame)."""
+    return len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+
+
+def open_input_image(source: Path | str | bytes, name: str = "image") -> Image.Image:
+    """Open, check and decode a user's image (the input called name: a file, or its bytes) to 8-bit
+    RGB, or RGBA where it has transparency (flatten() and transparent_area() read that), honouring
+    EXIF orientation."""
     try:
-        size = path.stat().st_size
+        size = input_size(source)
     except OSError:
-        raise InputError(f"{name} could not be read; send a PNG, JPEG, WebP, GIF, BMP or TIFF file or URL.") from None
+        raise InputError(
+            f"{name} could not be read; send a PNG, JPEG, WebP, GIF, BMP or TIFF file or URL.", field=name
+        ) from None
     if size > MAX_INPUT_BYTES:
         # Cog decoded the data URI or download before run(): hand that memory back, then refuse.
         release_unused_memory()
-        raise InputError(f"{name} must be at most {MAX_INPUT_BYTES // 2**20} MiB, got {size / 2**20:.1f} MiB.")
+        raise InputError(
+            f"{name} must be at most {MAX_INPUT_BYTES // 2**20} MiB, got {size / 2**20:.1f} MiB.", field=name
+        )
+    readable = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
     try:
-        with Image.open(path) as opened:
+        with Image.open(readable) as opened:
             if opened.format not in INPUT_FORMATS:
-                raise InputError(f"{name} must be one of {', '.join(sorted(INPUT_FORMATS))}, got {opened.format}.")
+                raise InputError(
+                    f"{name} must be one of {', '.join(sorted(INPUT_FORMATS))}, got {opened.format}.", field=name
+                )
             if opened.width * opened.height > MAX_INPUT_PIXELS:
                 raise InputError(
-                    f"{name} must have at most {MAX_INPUT_PIXELS} pixels, got {opened.width}x{opened.height}."
+                    f"{name} must have at most {MAX_INPUT_PIXELS} pixels, got {opened.width}x{opened.height}.",
+                    field=name,
                 )
             opened.seek(0)  # the first frame of an animation
             decoded = to_8_bits(ImageOps.exif_transpose(opened))
     except Image.DecompressionBombError as error:
         found = _BOMB_SIZE.search(str(error))
-        size = f", got {found[1]}" if found else ""
-        raise InputError(f"{name} must have at most {MAX_INPUT_PIXELS} pixels{size}.") from None
+        claimed = f", got {found[1]}" if found else ""
+        raise InputError(f"{name} must have at most {MAX_INPUT_PIXELS} pixels{claimed}.", field=name) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, InputError):
             raise
         raise InputError(
-            f"{name} is not a readable image file; send a PNG, JPEG, WebP, GIF, BMP or TIFF image."
+            f"{name} is not a readable image file; send a PNG, JPEG, WebP, GIF, BMP or TIFF image.", field=name
         ) from None
     return decoded
 

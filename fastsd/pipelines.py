@@ -11,21 +11,21 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .errors import ConfigurationError
-from .loras import hotswap
 from .loras.adapters import load_adapter
 from .loras.hotswap import UnetSlots
 from .safety import SafetyChecker
-from .tasks import Task
+from .settings import BEST, REGIONAL, Settings, configure_libraries
+from .tasks import PipelineKey, Task
 from .variants import ARCHITECTURE_NAMES, FULL_VAE, SDXL, TINY_VAE, HubFile, Lora, Scheduler, Variant
-from .weights.layout import CONTROLNET, LORA, UNET, model_folder, repo_folder, weights_root
+from .weights.layout import CONTROLNET, LORA, UNET, model_folder, repo_folder
 from .weights.provision import require_weights
 
 log = logging.getLogger(__name__)
@@ -73,31 +73,41 @@ _PIPELINE_CLASS = {
 CONTROLNET_TASKS = (Task.TEXT_TO_IMAGE, Task.IMAGE_TO_IMAGE)
 
 
+# A diffusers pipeline (StableDiffusionPipeline, ...): the library's classes carry no usable types.
+DiffusionPipeline = Any
+
+
+def call_parameters(pipeline: Any) -> set[str]:
+    """What a pipeline's call takes (the recipe's and the task's arguments are passed where taken)."""
+    return set(inspect.signature(pipeline.__call__).parameters)
+
+
 @dataclass
 class Pipelines:
     """Pipelines by (task, vae, ControlNet or None): all share one UNet and text encoders."""
 
-    by_mode: dict[tuple[Task, str, str | None], object]
+    by_key: dict[PipelineKey, DiffusionPipeline]
     device: str
     dtype: torch.dtype
     accepts_negative_prompt: bool  # the distilled LCM pipeline embeds guidance and takes none
     safety: SafetyChecker | None = None  # None: FASTSD_SAFETY_CHECKER=off
     lora_slots: UnetSlots | None = None  # a compiled UNet's slots for users' LoRAs (fastsd.loras.hotswap)
+    compile_mode: str | None = None  # the torch.compile mode the models were compiled with (or regional)
 
     @property
-    def text_to_image(self):
-        return self.by_mode[(Task.TEXT_TO_IMAGE, FULL_VAE, None)]
+    def text_to_image(self) -> DiffusionPipeline:
+        return self.by_key[(Task.TEXT_TO_IMAGE, FULL_VAE, None)]
 
     @property
     def vae_choices(self) -> tuple[str, ...]:
-        return tuple(sorted({vae for _, vae, _ in self.by_mode}))
+        return tuple(sorted({vae for _, vae, _ in self.by_key}))
 
     @property
     def controlnets(self) -> tuple[str, ...]:
-        return tuple(sorted({controlnet for _, _, controlnet in self.by_mode if controlnet}))
+        return tuple(sorted({controlnet for _, _, controlnet in self.by_key if controlnet}))
 
-    def get(self, task: Task, vae: str, controlnet: str | None = None):
-        return self.by_mode[(task, vae, controlnet)]
+    def get(self, task: Task, vae: str, controlnet: str | None = None) -> DiffusionPipeline:
+        return self.by_key[(task, vae, controlnet)]
 
 
 def _cpu_supports_bf16() -> bool:
@@ -112,23 +122,16 @@ def _cpu_supports_bf16() -> bool:
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def select_device() -> tuple[str, torch.dtype]:
-    """CUDA in fp16, else Apple MPS in fp16, else the CPU in bf16 where native, else fp32.
-
-    FASTSD_DTYPE (float32, float16, bfloat16) overrides the dtype.
-    """
+def select_device(dtype_name: str | None = None) -> tuple[str, torch.dtype]:
+    """CUDA in fp16, else Apple MPS in fp16, else the CPU in bf16 where native, else fp32; a dtype
+    named (Settings.dtype: float32, float16, bfloat16) overrides the precision."""
     if torch.cuda.is_available():
         device, dtype = "cuda", torch.float16
     elif torch.backends.mps.is_available():
         device, dtype = "mps", torch.float16
     else:
         device, dtype = "cpu", torch.bfloat16 if _cpu_supports_bf16() else torch.float32
-    override = os.environ.get("FASTSD_DTYPE", "").strip()
-    if override:
-        if override not in _DTYPES:
-            raise ConfigurationError(f"FASTSD_DTYPE={override!r} is not allowed; choose one of: {', '.join(_DTYPES)}.")
-        dtype = _DTYPES[override]
-    return device, dtype
+    return device, _DTYPES[dtype_name] if dtype_name else dtype
 
 
 def _component_folders(folder: Path, skip: tuple[str, ...] = ()) -> list[Path]:
@@ -160,15 +163,15 @@ def weights_variant(folder: Path, dtype: torch.dtype, skip: tuple[str, ...] = ()
     return None
 
 
-def _load_unet(variant: Variant, file: HubFile, dtype: torch.dtype):
+def _load_unet(variant: Variant, file: HubFile, dtype: torch.dtype, root: Path):
     """A UNet published as one safetensors file in diffusers' keys (SDXL-Lightning), built from the
     base's unet/config.json. Made on the meta device and given the file's tensors: no random
     initialisation of billions of weights only to overwrite them."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    path = repo_folder(UNET, file.repo) / file.filename
-    config = UNet2DConditionModel.load_config(model_folder(variant.model) / "unet")
+    path = repo_folder(root, UNET, file.repo) / file.filename
+    config = UNet2DConditionModel.load_config(model_folder(root, variant.model) / "unet")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     try:
@@ -179,14 +182,14 @@ def _load_unet(variant: Variant, file: HubFile, dtype: torch.dtype):
     return unet.to(dtype).eval()
 
 
-def _fuse_loras(pipeline, loras: tuple[Lora, ...], variant: Variant) -> None:
+def _fuse_loras(pipeline, loras: tuple[Lora, ...], variant: Variant, root: Path) -> None:
     """Fuse each LoRA into the weights once, then drop the adapters: no LoRA cost per step.
 
     diffusers reads the key formats people publish (kohya, diffusers, peft). A file that fits no
     layer of this UNet (made for another architecture) is an error, never a silent no-op.
     """
     for index, lora in enumerate(loras):
-        path = repo_folder(LORA, lora.file.repo) / lora.file.filename
+        path = repo_folder(root, LORA, lora.file.repo) / lora.file.filename
         adapter = f"acceleration_{index}"
         problem = load_adapter(pipeline, path, adapter)
         if problem is not None:
@@ -210,33 +213,21 @@ def _set_scheduler(pipeline, spec: Scheduler) -> None:
     pipeline.scheduler = scheduler
 
 
-def compile_mode() -> str | None:
-    """torch.compile mode from FASTSD_COMPILE; off by default on every device, from measurements.
-
-    FASTSD_COMPILE=1 picks the device's best measured mode: "reduce-overhead" on CUDA (Inductor
-    plus CUDA graphs), "default" elsewhere; any other value is taken as the mode itself. On an
-    H200 (benchmarks/gpu-h200-2026-11-27.json) reduce-overhead took a default sd-turbo request
-    from 73 to 33 ms, but setup from 24 to 103 s, and the first request of each new shape (size,
-    num_outputs) compiles again for over a minute while the worker serves nothing else: right
-    for a fixed-shape realtime deployment, wrong as the default of a public endpoint.
-    max-autotune was not ready after 175 s of setup.
-    """
-    value = os.environ.get("FASTSD_COMPILE", "").strip()
-    if value in ("", "0", "false"):
-        return None
-    if value in ("1", "true"):
+def compile_mode(setting: str | None) -> str | None:
+    """The torch.compile mode for Settings.compile: off by default on every device, from
+    measurements (docs/performance.md: on CUDA reduce-overhead halves a request but compiles again,
+    for a minute, at every new shape); on: the device's best measured mode, reduce-overhead on CUDA
+    (Inductor plus CUDA graphs), default elsewhere."""
+    if setting == BEST:
         return "reduce-overhead" if torch.cuda.is_available() else "default"
-    return value
-
-
-REGIONAL = "regional"  # FASTSD_COMPILE=regional: the repeated blocks only
+    return setting
 
 
 def _use_channels_last(modules, device: str) -> None:
     """NHWC lets the convolution kernels (cuDNN, oneDNN) skip a layout change around every conv.
 
-    Measured on the 2-core CPU in bf16: full VAE decode 10.1 -> 7.2 s, TAESD decode 0.81 -> 0.55 s,
-    UNet step 3.4 -> 3.1 s. Not on MPS, whose convolutions are not faster in it.
+    Faster on CUDA and the CPU for the UNet and both decoders (docs/performance.md); not on MPS,
+    whose convolutions are not faster in it.
     """
     if device == "mps":
         return
@@ -244,20 +235,18 @@ def _use_channels_last(modules, device: str) -> None:
         module.to(memory_format=torch.channels_last)
 
 
-def _compile(modules, device: str, frozen: bool = True) -> None:
+def _compile(modules, device: str, mode: str, frozen: bool = True) -> None:
     """Compile in place (Module.compile), so every pipeline sharing a module gets the compiled one.
 
     Compilation happens at the first call of each shape: Engine.warm_up runs the served default in
-    setup. Inductor's cache (TORCHINDUCTOR_CACHE_DIR, kept beside the weights by default) lets the
-    next cold boot skip most of the work.
+    setup. Inductor's cache (settings.configure_libraries: beside the weights) lets the next cold
+    boot skip most of the work.
     """
     import torch._inductor.config as inductor_config
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(weights_root() / "weights" / ".torch-compile-cache"))
     # Where the weights never change after setup (no LoRA slots), freezing folds them into the
     # graph as constants and prepacks them for oneDNN once, rather than at every call (CPU only).
     inductor_config.freezing = device == "cpu" and frozen
-    mode = compile_mode()
     if mode == REGIONAL:
         # Regional compilation (diffusers' compile_repeated_blocks): only the blocks a model repeats
         # (the UNet's transformer blocks; one compile serves every copy), Inductor's default mode; the
@@ -271,11 +260,11 @@ def _compile(modules, device: str, frozen: bool = True) -> None:
     log.info("compiled %d modules with torch.compile mode %s", len(modules), mode)
 
 
-def _load_tiny_vae(variant: Variant, dtype: torch.dtype):
+def _load_tiny_vae(variant: Variant, dtype: torch.dtype, root: Path):
     """The tiny autoencoder, or None when it is not installed (then only vae=full is served)."""
     from diffusers import AutoencoderTiny
 
-    folder = model_folder(variant.tiny_vae)
+    folder = model_folder(root, variant.tiny_vae)
     if not (folder / "config.json").is_file():
         log.info("tiny VAE %s not installed (%s): vae=tiny is unavailable", variant.tiny_vae, folder)
         return None
@@ -296,12 +285,12 @@ def _task_pipeline(task: Task, architecture: str, text_to_image, dtype: torch.dt
     return family.from_pipe(text_to_image, dtype=dtype, **components)
 
 
-def _load_controlnet(variant: Variant, name: str, dtype: torch.dtype):
+def _load_controlnet(variant: Variant, name: str, dtype: torch.dtype, root: Path):
     """A ControlNet of the served architecture, in the precision the pipeline runs (its fp16 files
     where published)."""
     from diffusers import ControlNetModel
 
-    folder = repo_folder(CONTROLNET, variant.controlnet_repo(name))
+    folder = repo_folder(root, CONTROLNET, variant.controlnet_repo(name))
     half = dtype in (torch.float16, torch.bfloat16)
     full = [path for path in folder.glob("*.safetensors") if not path.name.endswith(".fp16.safetensors")]
     fp16 = any(folder.glob("*.fp16.safetensors")) and (half or not full)
@@ -310,18 +299,59 @@ def _load_controlnet(variant: Variant, name: str, dtype: torch.dtype):
     )
 
 
-def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None = None) -> Pipelines:
-    from diffusers import AutoencoderKL, DiffusionPipeline
-
-    if device is None:
-        device, dtype = select_device()
-    require_weights(variant)
+def load(
+    variant: Variant, settings: Settings, device: str | None = None, dtype: torch.dtype | None = None
+) -> Pipelines:
+    """Every pipeline the variant serves, on one copy of the weights, on the device."""
+    if device is None or dtype is None:
+        chosen_device, chosen_dtype = select_device(settings.dtype)
+        device, dtype = device or chosen_device, dtype or chosen_dtype
+    root = settings.weights_root
+    require_weights(variant, root)
     quiet_library_noise()
     started = time.perf_counter()
+    # 1. The base with the recipe applied: text-to-image, which owns the weights.
+    text_to_image = _base_pipeline(variant, root, dtype)
+    text_to_image.to(device)
+    # 2. What it shares them with: the tiny autoencoder, the ControlNets, every task's pipeline.
+    tiny_vae = _load_tiny_vae(variant, dtype, root)
+    if tiny_vae is not None:
+        tiny_vae.to(device)  # ~10 MB; everything else is shared, not a second model
+    controlnets = {name: _load_controlnet(variant, name, dtype, root).to(device) for name in variant.controlnets}
+    by_key = _task_pipelines(variant, text_to_image, tiny_vae, controlnets, dtype)
+    # 3. How the models run: channels last, compiled (with LoRA slots) where asked.
+    modules = [text_to_image.unet, text_to_image.vae, *([tiny_vae] if tiny_vae else []), *controlnets.values()]
+    _use_channels_last(modules, device)
+    lora_slots = None
+    mode = compile_mode(settings.compile)
+    if mode:
+        configure_libraries(settings, compiling=True)
+        if settings.lora_max_rank:  # before compiling: the slots are part of the graph
+            lora_slots = UnetSlots(text_to_image.unet, settings.lora_max_rank)
+        compiled = [text_to_image.unet, text_to_image.vae.decoder, *([tiny_vae.decoder] if tiny_vae else [])]
+        _compile(compiled, device, mode, frozen=lora_slots is None)
+    # 4. The safety checkers.
+    loaded = Pipelines(
+        by_key,
+        device,
+        dtype,
+        accepts_negative_prompt="negative_prompt" in call_parameters(text_to_image),
+        safety=SafetyChecker.load(variant, root, device, dtype),
+        lora_slots=lora_slots,
+        compile_mode=mode,
+    )
+    _log_loaded(variant, loaded, time.perf_counter() - started)
+    return loaded
+
+
+def _base_pipeline(variant: Variant, root: Path, dtype: torch.dtype):
+    """The base model with its recipe: a replacement UNet or VAE, LoRAs fused, the scheduler."""
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
     recipe = variant.recipe
-    folder = model_folder(variant.model)
+    folder = model_folder(root, variant.model)
     replaced = tuple(name for name, by in (("unet", recipe.unet), ("vae", variant.vae)) if by)
-    options = dict(
+    options: dict[str, Any] = dict(
         dtype=dtype, use_safetensors=True, local_files_only=True, variant=weights_variant(folder, dtype, replaced)
     )
     index = json.loads((folder / "model_index.json").read_text())
@@ -330,25 +360,23 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
         options.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if variant.vae:
         options["vae"] = AutoencoderKL.from_pretrained(
-            model_folder(variant.vae), dtype=dtype, use_safetensors=True, local_files_only=True
+            model_folder(root, variant.vae), dtype=dtype, use_safetensors=True, local_files_only=True
         )
     if recipe.unet:
-        options["unet"] = _load_unet(variant, recipe.unet, dtype)
+        options["unet"] = _load_unet(variant, recipe.unet, dtype, root)
     text_to_image = DiffusionPipeline.from_pretrained(folder, **options)
-    _fuse_loras(text_to_image, recipe.loras, variant)
+    _fuse_loras(text_to_image, recipe.loras, variant, root)
     _set_scheduler(text_to_image, recipe.scheduler)
-    text_to_image.to(device)
-    # The full VAE decodes (and encodes) a batch one image at a time: the same time, since each image
-    # is already compute-bound, and a peak that no longer grows with num_outputs (measured on the CPU:
-    # 4 images at 512x512 +1.5 GB at once, +0.28 GB sliced; 8 at 1024 would be +12 GB in bf16).
+    # The full VAE decodes (and encodes) a batch one image at a time: the same time, each image being
+    # compute-bound already, and a peak that no longer grows with num_outputs (docs/performance.md).
     # The tiny VAE's activations are small; it keeps whole batches, which is what makes them fast.
     text_to_image.vae.enable_slicing()
+    return text_to_image
 
-    tiny_vae = _load_tiny_vae(variant, dtype)
-    if tiny_vae is not None:
-        tiny_vae.to(device)  # ~10 MB; everything else is shared, not a second model
-    controlnets = {name: _load_controlnet(variant, name, dtype).to(device) for name in variant.controlnets}
-    by_mode = {}
+
+def _task_pipelines(variant: Variant, text_to_image, tiny_vae, controlnets: dict, dtype: torch.dtype) -> dict:
+    """A pipeline per (task, vae, ControlNet), over text_to_image's components."""
+    by_key = {}
     for vae, vae_module in ((FULL_VAE, None), (TINY_VAE, tiny_vae)):
         if vae == TINY_VAE and tiny_vae is None:
             continue
@@ -360,42 +388,28 @@ def load(variant: Variant, device: str | None = None, dtype: torch.dtype | None 
                 else:
                     extra = {**swapped, **({"controlnet": controlnets[controlnet]} if controlnet else {})}
                     pipeline = _task_pipeline(task, variant.architecture, text_to_image, dtype, **extra)
-                by_mode[(task, vae, controlnet)] = pipeline
-    for pipeline in by_mode.values():
-        pipeline.set_progress_bar_config(disable=True)
-    modules = [text_to_image.unet, text_to_image.vae, *([tiny_vae] if tiny_vae else []), *controlnets.values()]
-    _use_channels_last(modules, device)
-    lora_slots = None
-    if compile_mode():
-        if hotswap.max_rank():  # before compiling: the slots are part of the graph
-            lora_slots = UnetSlots(text_to_image.unet, hotswap.max_rank())
-        compiled = [text_to_image.unet, text_to_image.vae.decoder, *([tiny_vae.decoder] if tiny_vae else [])]
-        _compile(compiled, device, frozen=lora_slots is None)
+                pipeline.set_progress_bar_config(disable=True)
+                by_key[(task, vae, controlnet)] = pipeline
+    return by_key
 
-    loaded = Pipelines(
-        by_mode,
-        device,
-        dtype,
-        accepts_negative_prompt="negative_prompt" in inspect.signature(text_to_image.__call__).parameters,
-        safety=SafetyChecker.load(variant, device, dtype),
-        lora_slots=lora_slots,
-    )
+
+def _log_loaded(variant: Variant, loaded: Pipelines, seconds: float) -> None:
+    recipe = variant.recipe
     applied = [f"UNet {recipe.unet.repo}/{recipe.unet.filename}"] if recipe.unet else []
     applied += [f"LoRA {lora.file.repo}/{lora.file.filename} (fused)" for lora in recipe.loras]
     applied += [f"VAE {variant.vae}"] if variant.vae else []
-    applied += [f"ControlNet {name} ({variant.controlnet_repo(name)})" for name in controlnets]
+    applied += [f"ControlNet {name} ({variant.controlnet_repo(name)})" for name in loaded.controlnets]
     log.info(
         "loaded %s (%s, recipe %s%s) as %s on %s in %s, scheduler %s%s, vae choices %s, in %.1f s",
         variant.name,
         variant.model,
         recipe.name,
         "".join(f" + {part}" for part in applied),
-        ", ".join(sorted({type(pipeline).__name__ for pipeline in by_mode.values()})),
-        device,
-        str(dtype).removeprefix("torch."),
-        type(text_to_image.scheduler).__name__,
+        ", ".join(sorted({type(pipeline).__name__ for pipeline in loaded.by_key.values()})),
+        loaded.device,
+        str(loaded.dtype).removeprefix("torch."),
+        type(loaded.text_to_image.scheduler).__name__,
         "".join(f", {key} {value}" for key, value in recipe.scheduler.config),
         "/".join(loaded.vae_choices),
-        time.perf_counter() - started,
+        seconds,
     )
-    return loaded

@@ -94,7 +94,9 @@ class _Scan:
 
     def opening(self, kind: str, source: int) -> None:
         if len(self.open) >= MAX_DEPTH:
-            raise InputError(f"{self.name} nests brackets {len(self.open) + 1} deep; at most {MAX_DEPTH}.")
+            raise InputError(
+                f"{self.name} nests brackets {len(self.open) + 1} deep; at most {MAX_DEPTH}.", field=self.name
+            )
         self.open.append(_Bracket(kind, len(self.runs), source))
         self.sealed = True
 
@@ -158,10 +160,12 @@ def _explicit_weight(scan: _Scan, bracket: _Bracket, written: str, end: int) -> 
         weight = float(written)
     except ValueError:
         raise InputError(
-            f"{scan.name}: the weight in {_quoted(group)} is not a number; write it like (words:1.3)."
+            f"{scan.name}: the weight in {_quoted(group)} is not a number; write it like (words:1.3).", field=scan.name
         ) from None
     if not 0 <= weight < math.inf:
-        raise InputError(f"{scan.name}: the weight in {_quoted(group)} must be from 0 to {MAX_WEIGHT:g}.")
+        raise InputError(
+            f"{scan.name}: the weight in {_quoted(group)} must be from 0 to {MAX_WEIGHT:g}.", field=scan.name
+        )
     return weight
 
 
@@ -220,21 +224,27 @@ def _weighted_close(scan: _Scan, token: re.Match) -> None:
 def _refuse_square(scan: _Scan, bracket: _Bracket, end: int, what: str) -> None:
     raise InputError(
         f"{scan.name}: {_quoted(scan.text[bracket.source : end])} is Automatic1111's {what}, which is not "
-        "supported; write [words] to weaken words, or \\[ for a literal bracket."
+        "supported; write [words] to weaken words, or \\[ for a literal bracket.",
+        field=scan.name,
     )
 
 
 def _refuse_operator(found: re.Match, name: str) -> None:
     operator = found.group(1)
     if operator == "swap":
-        raise InputError(f"{name}: .swap() (prompt-to-prompt editing) is not supported; use .blend() or weights.")
+        raise InputError(
+            f"{name}: .swap() (prompt-to-prompt editing) is not supported; use .blend() or weights.", field=name
+        )
     if operator is None:
-        raise InputError(f"{name}: withLora() is not read here; send the LoRA as lora_weights or extra_lora.")
+        raise InputError(
+            f"{name}: withLora() is not read here; send the LoRA as lora_weights or extra_lora.", field=name
+        )
     if operator == "attend":
-        raise InputError(f"{name}: .attend() is not supported; write (words)1.3 or (words:1.3).")
+        raise InputError(f"{name}: .attend() is not supported; write (words)1.3 or (words:1.3).", field=name)
     raise InputError(
         f'{name}: .{operator}() must hold the whole prompt, as ("a cat", "a dog").{operator}(1, 1); it does not '
-        "nest or sit inside other text."
+        "nest or sit inside other text.",
+        field=name,
     )
 
 
@@ -246,7 +256,7 @@ def parse(text: str, name: str = "prompt") -> Parsed:
     parts_text, operator, arguments = whole
     parts = _split_parts(parts_text, name, operator)
     if len(parts) > MAX_PARTS:
-        raise InputError(f"{name}: .{operator}() takes at most {MAX_PARTS} prompts, got {len(parts)}.")
+        raise InputError(f"{name}: .{operator}() takes at most {MAX_PARTS} prompts, got {len(parts)}.", field=name)
     weights, normalize = _operator_weights(arguments, len(parts), name, operator)
     runs = tuple(weighted_runs(part, name) for part in parts)
     return Parsed(runs, weights, "blend" if operator == "blend" else "and", normalize)
@@ -290,10 +300,14 @@ def _split_parts(text: str, name: str, operator: str) -> list[str]:
             current.append(character)
         index += 1
     if quoted:
-        raise InputError(f'{name}: a quote in the prompts of .{operator}() is not closed; write them as "a cat".')
+        raise InputError(
+            f'{name}: a quote in the prompts of .{operator}() is not closed; write them as "a cat".', field=name
+        )
     parts.append("".join(current).strip())
     if not all(parts):
-        raise InputError(f'{name}: .{operator}() has an empty prompt; write each as "a cat", separated by commas.')
+        raise InputError(
+            f'{name}: .{operator}() has an empty prompt; write each as "a cat", separated by commas.', field=name
+        )
     return parts
 
 
@@ -310,10 +324,14 @@ def _operator_weights(arguments: str, count: int, name: str, operator: str) -> t
         value = float(argument) if _NUMBER.fullmatch(argument) else math.nan
         if not 0 <= value <= MAX_WEIGHT:
             allowed = f"numbers from 0 to {MAX_WEIGHT:g}"
-            raise InputError(f"{name}: the weights of .{operator}() must be {allowed}, got {_quoted(argument)}.")
+            raise InputError(
+                f"{name}: the weights of .{operator}() must be {allowed}, got {_quoted(argument)}.", field=name
+            )
         weights.append(value)
     if len(weights) != count:
-        raise InputError(f"{name}: .{operator}() has {count} prompts but {len(weights)} weights; give one each.")
+        raise InputError(
+            f"{name}: .{operator}() has {count} prompts but {len(weights)} weights; give one each.", field=name
+        )
     if operator == "blend" and normalize and sum(weights) == 0:
-        raise InputError(f"{name}: the weights of .blend() must not all be 0.")
+        raise InputError(f"{name}: the weights of .blend() must not all be 0.", field=name)
     return tuple(weights), normalize

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from compel import Compel, ReturnedEmbeddingsType
 from compel.prompt_parser import Blend, Conjunction, FlattenedPrompt, Fragment
+from transformers import PreTrainedModel
 
 from . import prompt_syntax
 from .errors import InputError
@@ -68,7 +70,8 @@ def parse(text: str, name: str = "prompt") -> Prompt:
             if words.strip() and not 0 <= weight <= MAX_WEIGHT:
                 raise InputError(
                     f"{name}: the weight of {words.strip()[:60]!r} comes to {weight:g}; a weight must come to "
-                    f"between 0 and {MAX_WEIGHT:g}."
+                    f"between 0 and {MAX_WEIGHT:g}.",
+                    field=name,
                 )
     flat = [FlattenedPrompt([_fragment(words, weight) for words, weight in runs]) for runs in parsed.parts]
     if parsed.operator == "blend":
@@ -90,7 +93,7 @@ class _AsThePipelineCalls:
     states. So a captured 77-token graph of the encoder (fastsd.gpu) replays for compel's chunks
     too. Only a weight below 1 needs a mask (compel masks those words out): that call differs."""
 
-    def __init__(self, module: torch.nn.Module, hidden_states: bool):
+    def __init__(self, module: PreTrainedModel, hidden_states: bool):
         self.module = module
         self._hidden_states = hidden_states
 
@@ -237,10 +240,57 @@ class PromptEncoder:
         if chunks > MAX_CHUNKS:
             raise InputError(
                 f"{name} takes {chunks} chunks of 77 tokens; at most {MAX_CHUNKS} (about {MAX_CHUNKS * 75} "
-                "tokens) are encoded: shorten it."
+                "tokens) are encoded: shorten it.",
+                field=name,
             )
         if passes > MAX_ENCODER_PASSES:
             raise InputError(
                 f"{name} takes {passes} text-encoder passes (one per 77-token chunk of each part, and one more "
-                f"for each group weighted below 1); at most {MAX_ENCODER_PASSES}: shorten it or weaken fewer groups."
+                f"for each group weighted below 1); at most {MAX_ENCODER_PASSES}: shorten it or weaken fewer groups.",
+                field=name,
             )
+
+
+class PromptCache:
+    """Encoded prompts for the most recent (prompt, negative prompt, guidance) requests.
+
+    The realtime case sends the same prompt with every new frame or seed: the text encoders then
+    run once, not per request. Bounded, least recently used out first. Keyed on the text as written;
+    fastsd.prompts reads its weighting and its chunks past 77 tokens.
+    """
+
+    def __init__(self, pipeline, device: str, capacity: int = 32):
+        self._encoder = PromptEncoder(pipeline, device)
+        self._capacity = capacity
+        self._entries: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()  # the batch worker and a direct caller may both ask
+
+    def get(
+        self, prompt: str, negative_prompt: str | None, guidance: bool, loras: tuple = ()
+    ) -> dict[str, torch.Tensor]:
+        """loras: the (adapter, scale) pairs active while encoding: a LoRA with text-encoder layers
+        or new tokens encodes the same prompt differently, so it is part of the key."""
+        with self._lock:
+            return self._get(prompt, negative_prompt, guidance, loras)
+
+    def check(self, prompt: str, negative_prompt: str | None, count_tokens: bool = True) -> None:
+        """Refuse bad syntax and (count_tokens) prompts past fastsd.prompts' limits, with one sentence."""
+        texts = [(parse(prompt, "prompt"), "prompt")]
+        if negative_prompt is not None:
+            texts.append((parse(negative_prompt, "negative_prompt"), "negative_prompt"))
+        if count_tokens:
+            with self._lock:  # the tokenizers are the encoder's: one thread at a time
+                for parsed, name in texts:
+                    self._encoder.check(parsed, name)
+
+    def _get(self, prompt: str, negative_prompt: str | None, guidance: bool, loras: tuple) -> dict[str, torch.Tensor]:
+        key = (prompt, negative_prompt, guidance, loras)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        with torch.inference_mode():
+            embeddings = self._encoder.encode(prompt, negative_prompt, guidance, loras)
+        self._entries[key] = embeddings
+        if len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+        return embeddings

@@ -10,3 +10,7 @@ class Task(StrEnum):
     TEXT_TO_IMAGE = "text-to-image"
     IMAGE_TO_IMAGE = "image-to-image"
     INPAINTING = "inpainting"  # image-to-image within a mask (or the image's transparent pixels)
+
+
+# Which loaded pipeline runs a request: its task, its VAE (full, tiny) and its ControlNet or None.
+PipelineKey = tuple[Task, str, str | None]

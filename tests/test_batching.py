@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import load_engine
 
 from fastsd.batching import Batcher, Canceled
+from fastsd_testing.helpers import load_engine
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +95,28 @@ def test_a_running_request_canceled_alone_stops_within_a_step(batcher, engine):
         job.future.result(timeout=120)
     assert time.monotonic() - started < whole / 4
     assert batcher.submit(request(engine)).future.result(timeout=120).images  # the worker goes on
+
+
+def test_the_queue_metrics_see_what_the_batcher_does(engine, batcher):
+    """fastsd.metrics reads the batcher: the queue's gauges at each scrape, each call's waits and images."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fastsd.metrics import ServerMetrics
+
+    metrics = ServerMetrics(batcher)
+
+    def samples() -> dict[str, float]:
+        text = generate_latest(metrics.registry).decode()
+        return {s.name + str(sorted(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+
+    assert samples()["fastsd_queued_requests[]"] == 0
+    jobs = [batcher.submit(request(engine, seed=seed, num_outputs=2)) for seed in (1, 2)]
+    for job in jobs:
+        job.future.result(timeout=120)
+    after = samples()
+    assert after["fastsd_queue_time_seconds_count[]"] == 2
+    assert after["fastsd_images_total[]"] == 4
+    assert after["fastsd_calls_total[('outcome', 'succeeded')]"] >= 1
+    assert after["fastsd_running_requests[]"] == 0

@@ -13,6 +13,7 @@ from PIL import Image
 
 from fastsd import images, variants
 from fastsd.engine import Engine
+from fastsd.settings import Settings
 from fastsd_testing.cog_server import CogServer, data_uri, output_pixels, ready_server
 
 SIZE = (96, 64)
@@ -133,7 +134,7 @@ def test_controlnet_draws_what_stock_diffusers_draws(use_weights, name, tmp_path
 
     drawing().save(tmp_path / "drawing.png")
     variant = variants.VARIANTS[name].with_controlnets(("canny",))
-    engine = Engine.load(variant, "cpu", torch.float32)
+    engine = Engine.load(variant, Settings.from_environment(), "cpu", torch.float32)
     request = engine.validate(
         prompt="a house", control_image=tmp_path / "drawing.png", controlnet="canny", seed=4, vae="full"
     )

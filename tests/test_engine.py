@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from fastsd import pipelines, variants
 from fastsd.engine import Engine
 from fastsd.errors import ConfigurationError, InputError
+from fastsd.settings import Settings
 from fastsd.tasks import Task
 from fastsd.weights.layout import LORA, repo_folder
 
@@ -28,7 +29,7 @@ def engines(weights_root):
         if name not in loaded:
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
-                loaded[name] = Engine.load(variants.VARIANTS[name])
+                loaded[name] = Engine.load(variants.VARIANTS[name], Settings.from_environment())
         return loaded[name]
 
     return get
@@ -80,9 +81,9 @@ def test_image_to_image_shares_the_text_to_image_weights(engines):
 @pytest.mark.parametrize("name", ["sd-turbo", "sdxl-lcm"])
 def test_every_pipeline_keeps_the_chosen_dtype(weights_root, monkeypatch, name):
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
-    loaded = pipelines.load(variants.VARIANTS[name], "cpu", torch.bfloat16)
+    loaded = pipelines.load(variants.VARIANTS[name], Settings.from_environment(), "cpu", torch.bfloat16)
     assert set(loaded.vae_choices) == {"full", "tiny"}
-    for mode, pipeline in loaded.by_mode.items():
+    for mode, pipeline in loaded.by_key.items():
         for component in ("unet", "vae", "text_encoder"):
             assert getattr(pipeline, component).dtype == torch.bfloat16, (mode, component)
     assert loaded.get(Task.TEXT_TO_IMAGE, "tiny").vae is not loaded.text_to_image.vae
@@ -112,7 +113,7 @@ def test_the_served_image_is_what_stock_diffusers_draws(use_weights, vae):
     """Fused modules, channels_last, cached embeddings: none of it may change the picture."""
     from diffusers import AutoencoderTiny, AutoPipelineForText2Image
 
-    engine = Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
+    engine = Engine.load(variants.VARIANTS["sd-turbo"], Settings.from_environment(), "cpu", torch.float32)
     ours = np.asarray(generate(engine, prompt="a red kite", seed=5, vae=vae, **SMALL).images[0], dtype=int)
     stock = AutoPipelineForText2Image.from_pretrained(
         use_weights / "weights" / "stabilityai" / "sd-turbo", dtype=torch.float32
@@ -247,7 +248,7 @@ def test_a_repo_mixing_fp16_and_full_precision_components_loads(weights_root, tm
     for dtype in (torch.float32, torch.bfloat16):
         assert pipelines.weights_variant(mixed, dtype) == "fp16"
     variant = variants.custom_variant(str(mixed), mixed, "none")
-    loaded = pipelines.load(variant, "cpu", torch.float32)
+    loaded = pipelines.load(variant, Settings.from_environment(), "cpu", torch.float32)
     assert loaded.text_to_image.unet.dtype == torch.float32
 
 
@@ -295,29 +296,30 @@ def test_a_custom_local_model_runs_with_its_lcm_lora(weights_root, tmp_path, mon
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
     monkeypatch.setenv("FASTSD_MODEL", str(fine_tune))
     monkeypatch.setenv("FASTSD_ACCELERATION", "lcm-lora")
-    engine = Engine.from_environment()
+    engine = Engine.from_settings(Settings.from_environment())
     assert lora_repos(engine.variant) == ["latent-consistency/lcm-lora-sdv1-5"]
     assert type(engine.pipelines.text_to_image.scheduler).__name__ == "LCMScheduler"
     assert generate(engine, prompt="x", seed=1, **SMALL).images[0].size == (64, 64)
-    assert repo_folder(LORA, lora_repos(engine.variant)[0]).is_dir()
+    assert repo_folder(weights_root, LORA, lora_repos(engine.variant)[0]).is_dir()
 
 
 def test_unknown_variant_names_the_choices(monkeypatch):
     monkeypatch.delenv("FASTSD_MODEL", raising=False)
     monkeypatch.setenv("FASTSD_VARIANT", "sd-hyper")
     with pytest.raises(ConfigurationError, match="sd-turbo, sdxl-turbo"):
-        Engine.from_environment()
+        Engine.from_settings(Settings.from_environment())
 
 
+@pytest.mark.slow
 def test_compiled_modules_are_shared_and_give_the_same_image(weights_root, monkeypatch, tmp_path):
     """FASTSD_COMPILE compiles the UNet and decoders in place (about a minute on a 2-core CPU)."""
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     request = dict(prompt="a compiled cat", seed=2, **SMALL)
-    eager = Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
+    eager = Engine.load(variants.VARIANTS["sd-turbo"], Settings.from_environment(), "cpu", torch.float32)
     expected = np.asarray(generate(eager, **request).images[0], dtype=int)
     monkeypatch.setenv("FASTSD_COMPILE", "default")
-    compiled = Engine.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
+    compiled = Engine.load(variants.VARIANTS["sd-turbo"], Settings.from_environment(), "cpu", torch.float32)
     unet = compiled.pipelines.text_to_image.unet
     assert unet._compiled_call_impl is not None
     assert compiled.pipelines.get(Task.IMAGE_TO_IMAGE, "tiny").unet is unet
@@ -334,7 +336,9 @@ def test_without_the_tiny_vae_the_default_falls_back_and_asking_for_it_is_a_clea
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(root))
     with caplog.at_level(logging.INFO, logger="fastsd"):
         # The safety checkers are not copied either: not what this test is about.
-        engine = Engine.load(variants.VARIANTS["sd-turbo"].with_safety_checker(False), "cpu", torch.float32)
+        engine = Engine.load(
+            variants.VARIANTS["sd-turbo"].with_safety_checker(False), Settings.from_environment(), "cpu", torch.float32
+        )
     assert engine.pipelines.vae_choices == ("full",)
     assert engine.validate(prompt="x").vae == "full"
     assert "madebyollin/taesd is not installed: using the full VAE" in caplog.text
@@ -383,10 +387,18 @@ def test_cached_prompt_embeddings_give_what_diffusers_gives_for_the_prompt(engin
         ("false", False, None),
         ("1", True, "reduce-overhead"),  # the mode measured fastest on a GPU (benchmarks/gpu-h200-*.json)
         ("1", False, "default"),
-        ("max-autotune", True, "max-autotune"),  # any other value is the mode itself
+        ("ON", False, "default"),
+        ("max-autotune", True, "max-autotune"),  # a mode is taken as it is
+        ("regional", True, "regional"),
     ],
 )
 def test_compile_mode_is_off_by_default_and_1_picks_the_devices_measured_mode(monkeypatch, value, cuda, expected):
     monkeypatch.setenv("FASTSD_COMPILE", value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    assert pipelines.compile_mode() == expected
+    assert pipelines.compile_mode(Settings.from_environment().compile) == expected
+
+
+def test_a_compile_mode_that_is_none_is_refused_with_one_sentence(monkeypatch):
+    monkeypatch.setenv("FASTSD_COMPILE", "sometimes")
+    with pytest.raises(ConfigurationError, match=r"^FASTSD_COMPILE='sometimes' is not allowed; write off"):
+        Settings.from_environment()

@@ -5,19 +5,19 @@ between requests and their bounds, FASTSD_GRAPHS, and images kept on the device 
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from conftest import load_engine
 from PIL import Image
 
 from fastsd import variants
-from fastsd.errors import ConfigurationError
-from fastsd.gpu import GRAPHS_ENV, Graphs, graphs_setting, postprocess
+from fastsd.gpu import GRAPHS_ENV, Graphs, postprocess
 from fastsd.gpu.graphs import Executor, GraphedModule
 from fastsd.gpu.plan import CapturePlan, batch_sizes
 from fastsd_testing.cog_server import CogServer, output_pixels, ready_server
+from fastsd_testing.helpers import load_engine
 
 SMALL = dict(width=64, height=64)
 
@@ -170,18 +170,6 @@ def test_a_module_whose_weights_moved_drops_its_graphs_and_an_off_executor_runs_
     torch.testing.assert_close(out["sample"], expected["sample"])
 
 
-@pytest.mark.parametrize("value, expected", [("", False), ("off", False), ("on", True), (" ON ", True)])
-def test_graphs_are_off_unless_asked_for(monkeypatch, value, expected):
-    monkeypatch.setenv(GRAPHS_ENV, value)
-    assert graphs_setting() is expected
-
-
-def test_an_invalid_graphs_setting_is_one_sentence_naming_the_choices(monkeypatch):
-    monkeypatch.setenv(GRAPHS_ENV, "yes")
-    with pytest.raises(ConfigurationError, match=r"^FASTSD_GRAPHS='yes' is not allowed; choose on or off"):
-        graphs_setting()
-
-
 @pytest.fixture(scope="module")
 def graphed_engine(weights_root):
     with pytest.MonkeyPatch.context() as patch:
@@ -259,7 +247,7 @@ def test_a_call_for_a_users_lora_runs_eagerly(graphed_engine):
 
 
 def test_with_graphs_each_pipeline_answers_its_device_at_once_and_keeps_its_class(graphed_engine):
-    for pipeline in graphed_engine.pipelines.by_mode.values():
+    for pipeline in graphed_engine.pipelines.by_key.values():
         original = type(pipeline)._fastsd_original
         assert type(pipeline).__name__ == original.__name__ and isinstance(pipeline, original)
         # The answer diffusers computes by walking every module, given without the walk.
@@ -275,11 +263,12 @@ def user_lora_active(unet) -> bool:
 
 
 def test_a_capture_after_a_lora_request_holds_no_lora(graphed_engine, weights_root, tmp_path, monkeypatch):
+    from fastsd.loras.references import Rules
     from fastsd_testing.user_loras import FileServer, write_user_lora
 
-    monkeypatch.setenv("FASTSD_ALLOW_PRIVATE_URLS", "1")
-    monkeypatch.setenv("FASTSD_LORA_CACHE", str(tmp_path / "lora-cache"))
     engine, unet = graphed_engine, graphed_engine.graphs.modules["unet"]
+    rules = Rules(tmp_path / "lora-cache", allow_private=True)  # loopback LoRAs, a cache of its own
+    monkeypatch.setattr(engine, "served", replace(engine.served, lora_rules=rules))
     model = weights_root / "weights" / engine.variant.model
     lora = write_user_lora(model, tmp_path / "style.safetensors", convolutions=False)
     odd = dict(width=64, height=80)  # captured at no size yet: queued after a few requests
@@ -353,12 +342,13 @@ def test_an_invalid_graphs_setting_fails_setup_with_one_sentence(weights_root, t
         state = server.wait_for_setup()
         assert state["status"] == "SETUP_FAILED"
         text = state["setup"]["logs"] + server.log_path.read_text()
-        assert "FASTSD_GRAPHS='always' is not allowed; choose on or off (the default)." in text
+        assert "FASTSD_GRAPHS='always' is not allowed; write on or off (or 1/0, true/false, yes/no)." in text
         assert "loaded sd-turbo" not in text  # before any weights load
     finally:
         server.stop()
 
 
+@pytest.mark.slow
 def test_regional_compilation_compiles_the_repeated_blocks_inside_the_graphs(weights_root, monkeypatch, tmp_path):
     """FASTSD_COMPILE=regional: the UNet's transformer blocks only (compile_repeated_blocks), with the
     graphs around them; the same image as eager."""

@@ -14,6 +14,7 @@ from PIL import Image
 from fastsd import images, variants
 from fastsd.engine import Engine
 from fastsd.gpu import GRAPHS_ENV
+from fastsd.settings import Settings
 from fastsd.tasks import Task
 from fastsd_testing.cog_server import data_uri, output_pixels, ready_server
 
@@ -130,7 +131,7 @@ def test_inpainting_draws_what_stock_diffusers_draws(use_weights, name, tmp_path
 
     photo().save(tmp_path / "image.png")
     Image.new("L", SIZE, 255).save(tmp_path / "mask.png")
-    engine = Engine.load(variants.VARIANTS[name], "cpu", torch.float32)
+    engine = Engine.load(variants.VARIANTS[name], Settings.from_environment(), "cpu", torch.float32)
     request = engine.validate(
         prompt="a lighthouse",
         image=tmp_path / "image.png",

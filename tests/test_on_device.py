@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import load_engine
 from PIL import Image
 from test_inpainting import FAR, SIZE, box_mask, photo
 from test_safety import checked_root
@@ -17,6 +16,7 @@ from fastsd import images, variants
 from fastsd.gpu import GRAPHS_ENV, postprocess
 from fastsd.safety import SafetyChecker
 from fastsd_testing import random_models
+from fastsd_testing.helpers import load_engine
 
 
 def as_tensor(image: Image.Image) -> torch.Tensor:
@@ -73,8 +73,7 @@ def test_device_preprocessing_gives_the_host_paths_verdicts(
     weights_root, tmp_path, monkeypatch, flags, verdict, expected
 ):
     root = checked_root(weights_root, tmp_path, flags, verdict)
-    monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(root))
-    safety = SafetyChecker.load(variants.VARIANTS["sd-turbo"], "cpu", torch.float32)
+    safety = SafetyChecker.load(variants.VARIANTS["sd-turbo"], root, "cpu", torch.float32)
     pictures = ordinary_images()
     on_host = safety.withheld(pictures)
     assert on_host == [expected] * len(pictures)

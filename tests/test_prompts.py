@@ -14,14 +14,15 @@ import pytest
 import torch
 from compel import Compel, CompelForSD, CompelForSDXL
 from compel.prompt_parser import Blend
-from conftest import load_engine
 
 from fastsd import prompts, variants
 from fastsd.batching import Batcher
 from fastsd.engine import Engine
 from fastsd.errors import InputError
+from fastsd.settings import Settings
 from fastsd.tasks import Task
 from fastsd_testing.cog_server import output_pixels, ready_server
+from fastsd_testing.helpers import load_engine
 from fastsd_testing.user_loras import FileServer, replicate_training_tar
 
 SMALL = dict(width=64, height=64, seed=5, output_format="png", disable_safety_checker=True)
@@ -349,7 +350,7 @@ def served(request, weights_root, tmp_path_factory):
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
             # The server's own precision (no dtype given): its images are compared byte for byte.
-            engine = Engine.load(variants.VARIANTS[request.param])
+            engine = Engine.load(variants.VARIANTS[request.param], Settings.from_environment())
         yield server, engine
 
 
@@ -370,7 +371,7 @@ def pipelines_own(engine: Engine, prompt: str, **inputs) -> np.ndarray:
     assert request.task is Task.TEXT_TO_IMAGE
     negative = request.negative_prompt or None if request.uses_guidance else None
     with torch.inference_mode():
-        drawn = engine.pipelines.get(*request.mode)(
+        drawn = engine.pipelines.get(*request.pipeline_key)(
             prompt=request.prompt,
             negative_prompt=negative,
             num_inference_steps=request.num_inference_steps,

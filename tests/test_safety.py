@@ -9,6 +9,7 @@ import pytest
 from fastsd import variants
 from fastsd.engine import Engine
 from fastsd.errors import ContentWithheld
+from fastsd.settings import Settings
 from fastsd.weights import layout, provision
 from fastsd_testing import random_models
 from fastsd_testing.cog_server import decode_output, ready_server
@@ -51,6 +52,7 @@ def strict(weights_root, tmp_path_factory):
     yield from serving(weights_root, tmp_path_factory, random_models.FLAG_EVERYTHING, random_models.UNSAFE)
 
 
+@pytest.mark.slow
 def test_an_image_both_call_nsfw_is_withheld_and_the_request_fails_saying_so(strict):
     response = strict.predict(**SMALL)
     assert response["status"] == "failed"
@@ -86,6 +88,7 @@ def overruled(weights_root, tmp_path_factory):
     yield from serving(weights_root, tmp_path_factory, random_models.FLAG_EVERYTHING, random_models.SAFE)
 
 
+@pytest.mark.slow
 def test_an_image_the_checker_flags_but_the_classifier_calls_safe_is_returned(overruled):
     response = overruled.predict(**SMALL, num_outputs=2)
     assert response["status"] == "succeeded", response.get("error")
@@ -99,6 +102,7 @@ def lenient(weights_root, tmp_path_factory):
     yield from serving(weights_root, tmp_path_factory, random_models.FLAG_NOTHING, random_models.UNSAFE)
 
 
+@pytest.mark.slow
 def test_an_image_the_classifier_calls_nsfw_but_the_checker_passes_is_returned(lenient):
     response = lenient.predict(**SMALL, num_outputs=2)
     assert response["status"] == "succeeded", response.get("error")
@@ -109,6 +113,7 @@ def test_an_image_the_classifier_calls_nsfw_but_the_checker_passes_is_returned(l
     )
 
 
+@pytest.mark.slow
 def test_safety_checking_off_loads_nothing_and_warns(weights_root, tmp_path_factory):
     root = checked_root(weights_root, tmp_path_factory.mktemp("off"), None, None)
     running = start(root, tmp_path_factory, FASTSD_SAFETY_CHECKER="off")
@@ -128,10 +133,10 @@ def test_a_missing_checker_stops_setup_with_the_command_that_fetches_it(weights_
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(root))
     variant = variants.VARIANTS["sd-turbo"]
     with pytest.raises(provision.WeightsMissing) as missing:
-        provision.require_weights(variant)
+        provision.require_weights(variant, root)
     assert "safety_checker/config.json" in str(missing.value)
     assert str(missing.value).endswith("Fetch them with: .venv/bin/python scripts/download_weights.py sd-turbo")
-    provision.require_weights(variant.with_safety_checker(False))  # off: not needed
+    provision.require_weights(variant.with_safety_checker(False), root)  # off: not needed
 
 
 def test_a_damaged_classifier_stops_setup(weights_root, tmp_path, monkeypatch):
@@ -140,14 +145,15 @@ def test_a_damaged_classifier_stops_setup(weights_root, tmp_path, monkeypatch):
     weights.write_bytes(weights.read_bytes()[:-64])
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(root))
     with pytest.raises(provision.WeightsMissing, match="damaged"):
-        provision.require_weights(variants.VARIANTS["sd-turbo"])
+        provision.require_weights(variants.VARIANTS["sd-turbo"], root)
 
 
+@pytest.mark.slow
 def test_each_request_of_a_batch_is_checked_as_it_asked(weights_root, tmp_path, monkeypatch):
     """Requests batched into one call: the one that disabled checking gets its image, the other not."""
     root = checked_root(weights_root, tmp_path / "root", random_models.FLAG_EVERYTHING, random_models.UNSAFE)
     monkeypatch.setenv("FASTSD_WEIGHTS_ROOT", str(root))
-    engine = Engine.load(variants.VARIANTS["sd-turbo"], "cpu")
+    engine = Engine.load(variants.VARIANTS["sd-turbo"], Settings.from_environment(), "cpu")
     checked, unchecked = engine.validate(**SMALL), engine.validate(**SMALL, disable_safety_checker=True)
     withheld, returned = engine.generate_batch([checked, unchecked])
     assert (len(withheld.images), withheld.withheld) == (0, 1)
