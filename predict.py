@@ -16,19 +16,22 @@ import sys
 import cog
 from cog import BaseRunner, Input, Path
 
-from fastsd import metrics
 from fastsd.batching import Batcher
 from fastsd.engine import Engine
 from fastsd.errors import InputError
+from fastsd.metrics import ServerMetrics
+from fastsd.settings import Settings
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s", force=True)
 
 
 class Predictor(BaseRunner):
     def setup(self, weights: str | None = None) -> None:
-        self.engine = Engine.from_environment(weights_url=weights)
+        settings = Settings.from_environment()  # every FASTSD_* variable, checked once (docs/settings.md)
+        self.engine = Engine.from_settings(settings, weights_url=weights)
         self.batcher = Batcher(self.engine)
-        metrics.serve_from_environment(self.batcher)  # FASTSD_METRICS_PORT: the queue, for an autoscaler
+        if settings.metrics_port:  # the queue, for an autoscaler (docs/deploy.md)
+            ServerMetrics(self.batcher).serve(settings.metrics_port)
         # A decoded input image takes up to 160 MB before it is fitted: two decodes at a time.
         self.decoding = asyncio.Semaphore(2)
 

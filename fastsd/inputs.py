@@ -1,15 +1,17 @@
 """One validation path for every caller: raw inputs in, a complete GenerationRequest out.
 
-The Cog server started without a build schema passes whatever JSON it got, so nothing here
-trusts a type or a range. Every user mistake becomes one InputError sentence that names the
-input and what is allowed.
+The inputs are a table (INPUTS: names, defaults, bounds and choices as predict.py declares them;
+tests/test_inputs.py checks the two agree). validate() checks a request against it, the variant's
+limits and what the deployment serves (Served), in the order that costs least: what needs no file
+first, then the LoRAs (fetched), then the images (decoded). Every user mistake becomes one
+InputError sentence that names the input (InputError.field) and what is allowed.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,20 +20,70 @@ from PIL import Image
 
 from . import images
 from .errors import InputError
+from .input_checks import (
+    MAX_PROMPT_CHARACTERS,
+    boolean,
+    choice,
+    in_range,
+    number,
+    size,
+    steps_for_strength,
+    text,
+    whole_number,
+)
 from .loras import references as loras
-from .tasks import Task
-from .variants import CANNY, CONDITIONING_SCALE, CONTROLNETS, VAE_CHOICES, Variant
+from .loras.references import LoraFile, Rules
+from .tasks import PipelineKey, Task
+from .variants import CANNY, CONDITIONING_SCALE, CONTROLNETS, CONTROLNETS_ENV, FULL_VAE, VAE_CHOICES, Variant
+
+__all__ = ["INPUTS", "MAX_PROMPT_CHARACTERS", "GenerationRequest", "Served", "steps_for_strength", "validate"]
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input as the API names it, with the default, bounds and choices predict.py declares."""
+
+    name: str
+    default: Any = None
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
 
 OUTPUT_FORMATS = ("webp", "jpg", "png")
-MAX_OUTPUTS = 8
-MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARACTERS = 10_000  # far past 8 chunks of 77 tokens (fastsd.prompts): anything longer is only a cost
-MAX_GUIDANCE_SCALE = 20.0
-MIN_SIDE, MAX_SIDE = 64, 2048
-# Past this, the memory of the decoded original is handed back: the decoded originals (up to 160 MB
-# each, and their conversions) and Cog's copies of the uploads are garbage once the inputs are fitted,
-# and the allocator would keep them, the worker staying at its peak (measured: 1.3 GB after a large
-# image; +360 MB after a 36-megapixel RGBA mask).
+IMAGE_INPUTS = ("image", "mask", "control_image")
+INPUTS: dict[str, Input] = {
+    row.name: row
+    for row in (
+        Input("prompt"),
+        Input("negative_prompt", ""),
+        Input("image"),
+        Input("mask"),
+        Input("strength", 0.8, 0.0, 1.0),
+        Input("num_inference_steps", None, 1, 100),  # and the variant's max_steps
+        Input("guidance_scale", None, 0.0, 20.0),
+        Input("width", None, 64, 2048),  # a multiple of 8, within the variant's pixel budget
+        Input("height", None, 64, 2048),
+        Input("num_outputs", 1, 1, 8),
+        Input("seed", None, 0, 4294967295),
+        Input("output_format", "webp", choices=OUTPUT_FORMATS),
+        Input("vae", None, choices=VAE_CHOICES),
+        Input("output_quality", 80, 1, 100),
+        Input("control_image"),
+        Input("controlnet", None, choices=tuple(CONTROLNETS)),
+        Input("controlnet_conditioning_scale", None, 0.0, 2.0),
+        Input("control_preprocess", True),
+        Input("lora_weights"),
+        Input("lora_scale", 1.0, 0.0, 2.0),
+        Input("extra_lora"),
+        Input("extra_lora_scale", 1.0, 0.0, 2.0),
+        Input("disable_safety_checker", False),
+    )
+}
+MAX_OUTPUTS = int(INPUTS["num_outputs"].high or 8)
+MAX_SEED = int(INPUTS["seed"].high or 0)
+# Past this, the memory of a decoded original is handed back once the inputs are fitted: the
+# allocator would keep it, the worker staying at its peak (docs/serving.md).
 LARGE_INPUT_PIXELS = 4_000_000
 
 
@@ -52,14 +104,14 @@ class GenerationRequest:
     output_format: str
     output_quality: int
     vae: str  # "full" or "tiny"
-    loras: tuple = ()  # (fastsd.loras.references.LoraFile, scale) pairs applied for this request only
+    loras: tuple[tuple[LoraFile, float], ...] = ()  # the LoRAs applied for this request only, and their scales
     check_safety: bool = True  # false: disable_safety_checker
     controlnet: str | None = None  # canny or depth, with control_image
     control_image: Image.Image | None = None  # the map the ControlNet follows, at width x height
     conditioning_scale: float = 1.0  # how strongly it follows it
 
     @property
-    def mode(self) -> tuple[Task, str, str | None]:
+    def pipeline_key(self) -> PipelineKey:
         """Which of the loaded pipelines runs it (fastsd.pipelines.Pipelines.get)."""
         return (self.task, self.vae, self.controlnet)
 
@@ -69,157 +121,38 @@ class GenerationRequest:
         return self.guidance_scale > 1.0
 
 
-def _whole_number(name: str, value: Any) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (isinstance(value, float) and not value.is_integer())
-    ):
-        raise InputError(f"{name} must be a whole number, got {value!r}.")
-    return int(value)
+@dataclass(frozen=True)
+class Served:
+    """What this deployment serves, fixed at setup: the limits a request meets beyond its variant's."""
+
+    variant: Variant
+    vae_choices: tuple[str, ...] = VAE_CHOICES  # the tiny autoencoder only where it is installed
+    controlnets: tuple[str, ...] = ()  # those FASTSD_CONTROLNETS named
+    lora_rules: Rules | None = None  # None: user LoRAs are refused, for the reason below
+    lora_refusal: str = "lora_weights and extra_lora are not served by this deployment."
+    accepts_negative_prompt: bool = True  # the distilled LCM pipeline embeds guidance and takes none
+    # The text encoders' limits (fastsd.prompts.PromptCache.check): syntax, chunks, passes.
+    check_prompts: Callable[[str, str | None, bool], None] | None = None
+
+    @property
+    def default_vae(self) -> str:
+        """The variant's default decoder, or the full one where its tiny one is not installed."""
+        return self.variant.default_vae if self.variant.default_vae in self.vae_choices else FULL_VAE
+
+    def negative_prompt(self, request: GenerationRequest) -> str | None:
+        """The negative prompt the call uses: only with guidance, and where the pipeline takes one."""
+        if request.negative_prompt and request.uses_guidance and self.accepts_negative_prompt:
+            return request.negative_prompt
+        return None
 
 
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{name} must be a number, got {value!r}.")
-    return float(value)
-
-
-def _shown(value: float) -> str:
-    """A number as a person wrote it: whole numbers in full (4294967295, not 4.29497e+09), and one
-    too long to read (10**400, which no float holds) by its first digits."""
-    if isinstance(value, int):
-        digits = str(value) if abs(value) < 10**30 else f"{str(value)[:12]}... ({len(str(abs(value)))} digits)"
-        return digits
-    return str(int(value)) if value.is_integer() else f"{value:g}"
-
-
-def steps_for_strength(steps: int, strength: float, max_steps: int) -> int:
-    """Image-to-image runs int(steps x strength) of the steps asked for: how many to ask for so that
-    `steps` run (at most max_steps). A strength outside (0, 1] leaves the steps as they are."""
-    if not 0 < strength <= 1:
-        return steps
-    needed = steps / strength  # inf for a strength of 5e-324: past any max_steps
-    return max_steps if needed > max_steps else math.ceil(needed - 1e-9)
-
-
-def _in_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise InputError(f"{name} must be between {_shown(low)} and {_shown(high)}, got {_shown(value)}.")
-
-
-def _text(name: str, value: Any, required: bool) -> str:
-    if value is None:
-        if required:
-            raise InputError(f"{name} is required.")
-        return ""
-    if not isinstance(value, str):
-        raise InputError(f"{name} must be text, got {type(value).__name__}.")
-    if required and not value.strip():
-        raise InputError(f"{name} must not be empty.")
-    if len(value) > MAX_PROMPT_CHARACTERS:
-        raise InputError(f"{name} must be at most {MAX_PROMPT_CHARACTERS} characters, got {len(value)}.")
-    return value
-
-
-def _loras(variant: Variant, given) -> tuple:
-    """(LoraFile, scale) for each LoRA named, fetched and checked (fastsd.loras.references)."""
-    chosen = []
-    for name, reference, scale in given:
-        if reference is None or reference == "":
-            continue
-        if not isinstance(reference, str):
-            raise InputError(f"{name} must be text: an https URL or a Hugging Face repo id.")
-        scale_name = "lora_scale" if name == "lora_weights" else f"{name}_scale"
-        scale = _number(scale_name, scale)
-        _in_range(scale_name, scale, 0, 2)
-        lora = loras.resolve(name, reference)
-        served = variant.model if variant.is_custom else variant.name
-        loras.require_architecture(name, lora, variant.architecture, served)
-        chosen.append((lora, scale))
-    if len(chosen) == 2 and chosen[0][0].digest == chosen[1][0].digest:
-        raise InputError("extra_lora is the same file as lora_weights; raise lora_scale instead.")
-    return tuple(chosen)
-
-
-def _is_large(path: Path | str, decoded: Image.Image) -> bool:
-    """An input whose decoding leaves enough freed memory to hand back (LARGE_INPUT_PIXELS, 8 MiB)."""
-    return decoded.width * decoded.height > LARGE_INPUT_PIXELS or Path(path).stat().st_size > 2**23
-
-
-def _boolean(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InputError(f"{name} must be true or false, got {value!r}.")
-    return value
-
-
-def _control(variant: Variant, image: Any, controlnet: Any, scale: Any) -> tuple[Image.Image | None, str | None, float]:
-    """The control image (decoded, not yet fitted), the ControlNet and its conditioning scale."""
-    if controlnet is not None and controlnet not in CONTROLNETS:
-        raise InputError(f"controlnet must be one of {', '.join(CONTROLNETS)}, got {controlnet!r}.")
-    if image is None:
-        if controlnet is not None:
-            raise InputError(f"controlnet {controlnet} needs a control_image: the map the image should follow.")
-        return None, None, CONDITIONING_SCALE[variant.architecture]
-    if controlnet is None:
-        raise InputError(f"control_image needs controlnet: one of {', '.join(CONTROLNETS)}, the kind of map it is.")
-    if scale is None:
-        scale = CONDITIONING_SCALE[variant.architecture]
-    scale = _number("controlnet_conditioning_scale", scale)
-    _in_range("controlnet_conditioning_scale", scale, 0, 2)
-    return images.flatten(images.open_input_image(image, "control_image")), controlnet, scale
-
-
-def _side(name: str, value: Any) -> int:
-    side = _whole_number(name, value)
-    if side % 8 or not MIN_SIDE <= side <= MAX_SIDE:
-        raise InputError(f"{name} must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE}, got {side}.")
-    return side
-
-
-def _round_half_up(value: float) -> int:
-    return math.floor(value + 0.5)
-
-
-def _multiple_of_8(side: float, rounding=_round_half_up) -> int:
-    return min(MAX_SIDE, max(MIN_SIDE, int(rounding(side / 8)) * 8))
-
-
-def _fit_to_budget(width: float, height: float, max_pixels: int) -> tuple[int, int]:
-    """The input image's size rounded to multiples of 8, scaled down only if over the pixel budget."""
-    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
-    nearest = _multiple_of_8(width * scale), _multiple_of_8(height * scale)
-    if nearest[0] * nearest[1] <= max_pixels:
-        return nearest
-    return _multiple_of_8(width * scale, math.floor), _multiple_of_8(height * scale, math.floor)
-
-
-def _size(variant: Variant, width: Any, height: Any, source: Image.Image | None) -> tuple[int, int]:
-    width = None if width is None else _side("width", width)
-    height = None if height is None else _side("height", height)
-    if source is None:
-        width, height = width or variant.width, height or variant.height
-    elif width is None and height is None:
-        width, height = _fit_to_budget(*source.size, variant.max_pixels)
-    elif width is None or height is None:  # keep the input's aspect ratio for the side left out
-        aspect = source.width / source.height
-        width = width or _multiple_of_8(height * aspect)
-        height = height or _multiple_of_8(width / aspect)
-    if width * height > variant.max_pixels:
-        raise InputError(
-            f"width x height must be at most {variant.max_pixels} pixels for {variant.name}, "
-            f"got {width}x{height} = {width * height}."
-        )
-    return width, height
-
-
-def validate(variant: Variant, **inputs: Any) -> GenerationRequest:
-    """Check every input against the variant's limits and fill in its defaults (_validate). After a
-    large image input the allocator's freed memory is handed back, once the decoded originals are
-    garbage: when this returns, or fails (the failed call's locals cleared first)."""
+def validate(served: Served, **raw: Any) -> GenerationRequest:
+    """Check every input and fill in its defaults (_validate). After a large image input the
+    allocator's freed memory is handed back, once the decoded originals are garbage: when this
+    returns, or fails (the failed call's locals cleared first)."""
     large: list[str] = []  # the image inputs _validate decoded that were large
     try:
-        return _validate(variant, large, **inputs)
+        return _validate(served, raw, large)
     except InputError as error:
         if large:
             traceback.clear_frames(error.__traceback__)
@@ -229,126 +162,187 @@ def validate(variant: Variant, **inputs: Any) -> GenerationRequest:
             images.release_unused_memory()
 
 
-def _validate(
-    variant: Variant,
-    large: list[str],
-    *,
-    prompt: Any = None,
-    negative_prompt: Any = "",
-    image: Path | str | None = None,
-    mask: Path | str | None = None,
-    strength: Any = 0.8,
-    num_inference_steps: Any = None,
-    guidance_scale: Any = None,
-    width: Any = None,
-    height: Any = None,
-    num_outputs: Any = 1,
-    seed: Any = None,
-    output_format: Any = "webp",
-    output_quality: Any = 80,
-    vae: Any = None,
-    control_image: Path | str | None = None,
-    controlnet: Any = None,
-    controlnet_conditioning_scale: Any = None,
-    control_preprocess: Any = True,
-    lora_weights: Any = None,
-    lora_scale: Any = 1.0,
-    extra_lora: Any = None,
-    extra_lora_scale: Any = 1.0,
-    disable_safety_checker: Any = False,
-) -> GenerationRequest:
+def _validate(served: Served, raw: dict[str, Any], large: list[str]) -> GenerationRequest:
     """validate(), noting in large each image input past LARGE_INPUT_PIXELS or 8 MiB."""
-    prompt = _text("prompt", prompt, required=True)
-    negative_prompt = _text("negative_prompt", negative_prompt, required=False)
-    chosen = _loras(variant, (("lora_weights", lora_weights, lora_scale), ("extra_lora", extra_lora, extra_lora_scale)))
-    for lora, _ in chosen:  # a Replicate training's placeholder ("TOK") stands for its new tokens
+    variant = served.variant
+    unknown = [name for name in raw if name not in INPUTS]
+    if unknown:
+        raise InputError(f"{unknown[0]} is not an input; see the README's inputs table.", field=unknown[0])
+    given = {name: raw.get(name, row.default) for name, row in INPUTS.items()}
+    _refuse_what_is_not_served(served, given)  # before anything is fetched or decoded
+    prompt, negative_prompt, chosen = _texts_and_loras(served, given)
+    numbers = _numbers(served, given)
+    source, area, control, controlnet, scale = _pictures(variant, given, large)
+    width, height = size(variant, given["width"], given["height"], source if source is not None else control)
+    if numbers["num_outputs"] * width * height > variant.max_batch_pixels:
+        raise InputError(
+            f"num_outputs x width x height must be at most {variant.max_batch_pixels} pixels for {variant.name}, "
+            f"got {numbers['num_outputs']} x {width}x{height}; ask for fewer or smaller images.",
+            field="num_outputs",
+        )
+    task = Task.TEXT_TO_IMAGE if source is None else Task.IMAGE_TO_IMAGE if area is None else Task.INPAINTING
+    steps = _steps(variant, given["num_inference_steps"], task, numbers["strength"])
+    fitted_area = None if area is None else images.fit(area, width, height)
+    if given["mask"] is not None and fitted_area is not None and fitted_area.getextrema()[1] == 0:
+        raise InputError("mask is all black: nothing to repaint; paint white where the image should change.",
+                         field="mask")  # fmt: skip
+    if control is not None:
+        control = images.fit(control, width, height)
+        if controlnet == CANNY and boolean("control_preprocess", given["control_preprocess"]):
+            control = images.canny_edges(control)
+    request = GenerationRequest(
+        task=task,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        image=None if source is None else images.fit(source, width, height),
+        mask=fitted_area,
+        num_inference_steps=steps,
+        width=width,
+        height=height,
+        loras=chosen,
+        check_safety=not boolean("disable_safety_checker", given["disable_safety_checker"]),
+        controlnet=controlnet,
+        control_image=control,
+        conditioning_scale=scale,
+        **numbers,
+    )
+    if served.check_prompts is not None:  # a LoRA's new tokens are counted when they are encoded
+        adds_tokens = any(lora.embeddings is not None for lora, _ in chosen)
+        served.check_prompts(request.prompt, served.negative_prompt(request), not adds_tokens)
+    return request
+
+
+def _refuse_what_is_not_served(served: Served, given: dict[str, Any]) -> None:
+    wanted = given["controlnet"]
+    if wanted in CONTROLNETS and wanted not in served.controlnets:
+        listed = ", ".join(served.controlnets) or "none"
+        raise InputError(
+            f"controlnet {wanted} is not served by this deployment (it serves: {listed}); it is chosen when "
+            f"the container starts: {CONTROLNETS_ENV}={','.join((*served.controlnets, wanted))}.",
+            field="controlnet",
+        )
+    if served.lora_rules is None and (given["lora_weights"] or given["extra_lora"]):
+        raise InputError(served.lora_refusal, field="lora_weights")
+
+
+def _texts_and_loras(served: Served, given: dict[str, Any]) -> tuple[str, str, tuple[tuple[LoraFile, float], ...]]:
+    """The prompts, and each LoRA named (fetched and checked) with its scale; a Replicate training's
+    placeholder ("TOK") in the prompts stands for its new tokens."""
+    prompt = text("prompt", given["prompt"], required=True)
+    negative_prompt = text("negative_prompt", given["negative_prompt"], required=False)
+    chosen = []
+    for name, scale_name in (("lora_weights", "lora_scale"), ("extra_lora", "extra_lora_scale")):
+        reference = given[name]
+        if reference is None or reference == "":
+            continue
+        if not isinstance(reference, str):
+            raise InputError(f"{name} must be text: an https URL or a Hugging Face repo id.", field=name)
+        scale = number(scale_name, given[scale_name])
+        in_range(scale_name, scale, 0, 2)
+        assert served.lora_rules is not None  # _refuse_what_is_not_served said so otherwise
+        lora = loras.resolve(name, reference, served.lora_rules)
+        variant = served.variant
+        loras.require_architecture(
+            name, lora, variant.architecture, variant.model if variant.is_custom else variant.name
+        )
+        chosen.append((lora, scale))
+    if len(chosen) == 2 and chosen[0][0].digest == chosen[1][0].digest:
+        raise InputError("extra_lora is the same file as lora_weights; raise lora_scale instead.", field="extra_lora")
+    for lora, _ in chosen:
         for placeholder, tokens in lora.placeholders.items():
             prompt, negative_prompt = prompt.replace(placeholder, tokens), negative_prompt.replace(placeholder, tokens)
+    return prompt, negative_prompt, tuple(chosen)
 
-    num_outputs = _whole_number("num_outputs", num_outputs)
-    _in_range("num_outputs", num_outputs, 1, MAX_OUTPUTS)
-    if output_format not in OUTPUT_FORMATS:
-        raise InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}.")
-    vae = variant.default_vae if vae is None else vae
-    if vae not in VAE_CHOICES:
-        raise InputError(f"vae must be one of {', '.join(VAE_CHOICES)}, got {vae!r}.")
-    output_quality = _whole_number("output_quality", output_quality)
-    _in_range("output_quality", output_quality, 1, 100)
-    seed = random.randint(0, MAX_SEED) if seed is None else _whole_number("seed", seed)
-    _in_range("seed", seed, 0, MAX_SEED)
 
-    guidance_scale = variant.guidance_scale if guidance_scale is None else _number("guidance_scale", guidance_scale)
-    _in_range("guidance_scale", guidance_scale, 0, MAX_GUIDANCE_SCALE)
-    strength = _number("strength", strength)
-    _in_range("strength", strength, 0, 1)
+def _numbers(served: Served, given: dict[str, Any]) -> dict[str, Any]:
+    """The inputs that are numbers or words, checked and with the variant's defaults."""
+    variant = served.variant
+    num_outputs = whole_number("num_outputs", given["num_outputs"])
+    in_range("num_outputs", num_outputs, 1, MAX_OUTPUTS)
+    output_format = choice("output_format", given["output_format"], OUTPUT_FORMATS)
+    vae = choice("vae", served.default_vae if given["vae"] is None else given["vae"], VAE_CHOICES)
+    if vae not in served.vae_choices:
+        raise InputError(
+            f"vae must be one of {', '.join(served.vae_choices)} on this deployment, got {vae!r}: "
+            f"the tiny autoencoder {variant.tiny_vae} is not installed.",
+            field="vae",
+        )
+    output_quality = whole_number("output_quality", given["output_quality"])
+    in_range("output_quality", output_quality, 1, 100)
+    seed = random.randint(0, MAX_SEED) if given["seed"] is None else whole_number("seed", given["seed"])
+    in_range("seed", seed, 0, MAX_SEED)
+    guidance = variant.guidance_scale if given["guidance_scale"] is None else given["guidance_scale"]
+    guidance_scale = number("guidance_scale", guidance)
+    in_range("guidance_scale", guidance_scale, 0, INPUTS["guidance_scale"].high or 0)
+    strength = number("strength", given["strength"])
+    in_range("strength", strength, 0, 1)
+    return dict(num_outputs=num_outputs, output_format=output_format, vae=vae, output_quality=output_quality,
+                seed=seed, guidance_scale=guidance_scale, strength=strength)  # fmt: skip
 
-    source = images.open_input_image(image) if image is not None else None
-    large.extend(["image"] if source is not None and _is_large(image, source) else [])
-    area = None  # what to repaint: the mask, or the transparent pixels of the image (outpainting)
-    if mask is not None:
+
+def _opened(source: Path | str | bytes, name: str, large: list[str]) -> Image.Image:
+    decoded = images.open_input_image(source, name)
+    if decoded.width * decoded.height > LARGE_INPUT_PIXELS or images.input_size(source) > 2**23:
+        large.append(name)
+    return decoded
+
+
+def _pictures(variant: Variant, given: dict[str, Any], large: list[str]):
+    """(the start image, the area to repaint, the control map, the ControlNet, its scale), decoded,
+    not yet fitted. The area is the mask, or the image's transparent pixels (outpainting)."""
+    source = None if given["image"] is None else _opened(given["image"], "image", large)
+    area = None
+    if given["mask"] is not None:
         if source is None:
-            raise InputError("mask needs an image: it marks the part of image to repaint (white) and to keep (black).")
-        decoded_mask = images.open_input_image(mask, "mask")
-        large.extend(["mask"] if _is_large(mask, decoded_mask) else [])
-        area = images.as_mask(decoded_mask, source.size)
+            raise InputError("mask needs an image: it marks the part of image to repaint (white) and to keep (black).",
+                             field="mask")  # fmt: skip
+        area = images.as_mask(_opened(given["mask"], "mask", large), source.size)
     elif source is not None:
         area = images.transparent_area(source)
     if source is not None:
         source = images.flatten(source)
-    control, controlnet, scale = _control(variant, control_image, controlnet, controlnet_conditioning_scale)
-    large.extend(["control_image"] if control is not None and _is_large(control_image, control) else [])
+    control, controlnet, scale = _control(variant, given, large)
     if control is not None and area is not None:
-        raise InputError("control_image does not combine with mask or a transparent image (inpainting); send one.")
-    width, height = _size(variant, width, height, source if source is not None else control)
-    if num_outputs * width * height > variant.max_batch_pixels:
-        raise InputError(
-            f"num_outputs x width x height must be at most {variant.max_batch_pixels} pixels for {variant.name}, "
-            f"got {num_outputs} x {width}x{height}; ask for fewer or smaller images."
-        )
+        raise InputError("control_image does not combine with mask or a transparent image (inpainting); send one.",
+                         field="control_image")  # fmt: skip
+    return source, area, control, controlnet, scale
 
-    if num_inference_steps is None:
+
+def _control(variant: Variant, given: dict[str, Any], large: list[str]):
+    """The control image (decoded, not yet fitted), the ControlNet and its conditioning scale."""
+    image, controlnet, scale = given["control_image"], given["controlnet"], given["controlnet_conditioning_scale"]
+    if controlnet is not None:
+        choice("controlnet", controlnet, tuple(CONTROLNETS))
+    if image is None:
+        if controlnet is not None:
+            raise InputError(f"controlnet {controlnet} needs a control_image: the map the image should follow.",
+                             field="controlnet")  # fmt: skip
+        return None, None, CONDITIONING_SCALE[variant.architecture]
+    if controlnet is None:
+        raise InputError(f"control_image needs controlnet: one of {', '.join(CONTROLNETS)}, the kind of map it is.",
+                         field="control_image")  # fmt: skip
+    scale = number(
+        "controlnet_conditioning_scale", CONDITIONING_SCALE[variant.architecture] if scale is None else scale
+    )
+    in_range("controlnet_conditioning_scale", scale, 0, 2)
+    return images.flatten(_opened(image, "control_image", large)), controlnet, scale
+
+
+def _steps(variant: Variant, asked: Any, task: Task, strength: float) -> int:
+    """The steps to run: as asked, else the variant's (for image-to-image, as many as make the
+    variant's count run at this strength, unless the recipe has fixed timesteps: strength then
+    picks the last of those it runs)."""
+    if asked is None:
         steps = variant.num_inference_steps
-        if source is not None and not variant.recipe.scheduler.timesteps:
-            # Image-to-image runs int(steps * strength) steps: keep the variant's step count. (A
-            # recipe with fixed timesteps keeps them: strength picks the last of those it runs.)
+        if task is not Task.TEXT_TO_IMAGE and not variant.recipe.scheduler.timesteps:
             steps = steps_for_strength(steps, strength, variant.max_steps)
     else:
-        steps = _whole_number("num_inference_steps", num_inference_steps)
-        _in_range("num_inference_steps", steps, 1, variant.max_steps)
-    task = Task.TEXT_TO_IMAGE if source is None else Task.IMAGE_TO_IMAGE if area is None else Task.INPAINTING
-    if source is not None and int(steps * strength) < 1:
+        steps = whole_number("num_inference_steps", asked)
+        in_range("num_inference_steps", steps, 1, variant.max_steps)
+    if task is not Task.TEXT_TO_IMAGE and int(steps * strength) < 1:
         raise InputError(
             f"strength x num_inference_steps must be at least 1 for {task}, got {strength:g} x {steps} "
-            f"= {strength * steps:g}; raise strength to at least {1 / steps:.2g} or use more steps."
+            f"= {strength * steps:g}; raise strength to at least {1 / steps:.2g} or use more steps.",
+            field="strength",
         )
-
-    fitted = None if source is None else images.fit(source, width, height)
-    fitted_area = None if area is None else images.fit(area, width, height)
-    if mask is not None and fitted_area.getextrema()[1] == 0:
-        raise InputError("mask is all black: nothing to repaint; paint white where the image should change.")
-    if control is not None:
-        control = images.fit(control, width, height)
-        if controlnet == CANNY and _boolean("control_preprocess", control_preprocess):
-            control = images.canny_edges(control)
-    return GenerationRequest(
-        task=task,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        image=fitted,
-        mask=fitted_area,
-        strength=strength,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        width=width,
-        height=height,
-        num_outputs=num_outputs,
-        seed=seed,
-        output_format=output_format,
-        output_quality=output_quality,
-        vae=vae,
-        loras=chosen,
-        check_safety=not _boolean("disable_safety_checker", disable_safety_checker),
-        controlnet=controlnet,
-        control_image=control,
-        conditioning_scale=scale,
-    )
+    return steps

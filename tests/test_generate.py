@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from fastsd_testing.cog_server import PROJECT_ROOT
@@ -24,6 +25,7 @@ def _run(arguments: list[str], **environment) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_generate_writes_the_image_it_names(weights_root, tmp_path):
     result = _run(["a lighthouse", "--width", "64", "--height", "64", "--seed", "7", "--out", str(tmp_path)],
                   FASTSD_WEIGHTS_ROOT=str(weights_root))  # fmt: skip
@@ -33,6 +35,7 @@ def test_generate_writes_the_image_it_names(weights_root, tmp_path):
     assert Image.open(written).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_missing_weights_name_the_download_and_the_random_model(tmp_path):
     # A hub that refuses at once (a closed loopback port): no network is needed to see the advice.
     result = _run(["a lighthouse"], FASTSD_WEIGHTS_ROOT=str(tmp_path), HF_ENDPOINT="http://127.0.0.1:9")

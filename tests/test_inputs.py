@@ -5,15 +5,21 @@ from __future__ import annotations
 import io
 
 import pytest
-from conftest import png_bytes
 from PIL import Image
 
-from fastsd import images, variants
+from fastsd import images, inputs, variants
 from fastsd.errors import InputError
-from fastsd.inputs import validate
+from fastsd.inputs import INPUTS, Served
+from fastsd_testing.cog_schema import read_inputs
+from fastsd_testing.helpers import PROJECT_ROOT, png_bytes
 
 TURBO = variants.VARIANTS["sd-turbo"]
 SDXL_LCM = variants.VARIANTS["sdxl-lcm"]
+
+
+def validate(variant: variants.Variant, **raw) -> inputs.GenerationRequest:
+    """The validation path with a deployment serving the variant and everything it may load."""
+    return inputs.validate(Served(variant), **raw)
 
 
 @pytest.fixture
@@ -190,3 +196,43 @@ def test_encode_writes_the_requested_format(output_format, pil_format):
     encoded = images.encode(Image.new("RGB", (64, 48), "green"), output_format, 80)
     decoded = Image.open(io.BytesIO(encoded))
     assert (decoded.format, decoded.size) == (pil_format, (64, 48))
+
+
+def test_the_input_table_is_what_predict_py_declares():
+    """predict.py's literal defaults, bounds and choices (as Cog reads them) equal fastsd.inputs'
+    table, input by input and in order: the schema's 422 and fastsd's sentences agree."""
+    declared = read_inputs(PROJECT_ROOT / "predict.py")
+    assert [field["name"] for field in declared] == list(INPUTS)
+    for field in declared:
+        row = INPUTS[field["name"]]
+        assert field.get("default") == row.default, field["name"]
+        assert (field.get("ge"), field.get("le")) == (row.low, row.high), field["name"]
+        assert tuple(field.get("choices") or ()) == row.choices, field["name"]
+
+
+def test_an_input_that_does_not_exist_is_named():
+    with pytest.raises(InputError, match=r"^widht is not an input") as error:
+        validate(TURBO, prompt="x", widht=64)
+    assert error.value.field == "widht"
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"strength": 2}, "strength"),
+        ({"seed": -1}, "seed"),
+        ({"width": 65}, "width"),
+        ({"image": b"not an image"}, "image"),
+        ({"output_format": ["jpg"]}, "output_format"),
+    ],
+)
+def test_each_refusal_carries_the_input_it_is_about(raw, field):
+    with pytest.raises(InputError) as error:
+        validate(TURBO, **{"prompt": "x", **raw})
+    assert error.value.field == field and str(error.value).startswith(field)
+
+
+def test_an_image_may_come_as_bytes():
+    """A realtime frame reaches validation as its bytes, never a file."""
+    request = validate(TURBO, prompt="x", image=png_bytes(96, 64), strength=0.5)
+    assert request.image.size == (96, 64)

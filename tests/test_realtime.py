@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load_engine
 from PIL import Image
 from starlette.testclient import TestClient
 from test_safety import checked_root
@@ -28,6 +27,7 @@ from fastsd.realtime.backend import CogBackend, EngineBackend, Passes
 from fastsd.realtime.settings import Access, Limits
 from fastsd_testing import random_models
 from fastsd_testing.cog_server import ready_server
+from fastsd_testing.helpers import load_engine
 
 WS = "ws://127.0.0.1/ws"  # a loopback name: the app answers only those on a loopback address
 SMALL = {"type": "params", "prompt": "a kite over the sea", "width": 64, "height": 64, "strength": 0.5}
@@ -382,7 +382,7 @@ def test_the_cog_backend_renders_through_the_real_cog_server(cog):
             assert last["seed"] == 11 and last["image"].format == "JPEG" and last["image"].size == (64, 64)
             ws.send_json({"type": "params", "strength": 5})
             error = until(ws, "error")
-            assert error["field"] == "strength" and "between 0 and 1" in error["message"]
+            assert error["field"] == "strength" and "greater than the maximum of 1" in error["message"]  # the schema
             ws.send_json({"type": "params", "output_format": "webp"})
             assert until(ws, "result")["image"].format == "WEBP"
     assert cog.is_ready_again()
@@ -483,10 +483,8 @@ def test_the_image_and_the_package_carry_the_page():
     page's files, so `python -m fastsd.realtime` in the image serves them."""
     import tomllib
 
-    from conftest import PROJECT_ROOT
-    from test_weights import dockerignore_excludes
-
     from fastsd.realtime.app import STATIC
+    from fastsd_testing.helpers import PROJECT_ROOT, dockerignore_excludes
 
     ignored = (PROJECT_ROOT / ".dockerignore").read_text().splitlines()
     patterns = [line for line in ignored if line and not line.startswith("#")]
@@ -513,3 +511,15 @@ def test_a_client_that_goes_cancels_its_prediction_on_the_cog_server(cog):
         canceled = lambda: cog.log_path.read_text().count("Prediction cancelled") > canceled_before  # noqa: E731
         wait_for(canceled, "coglet to cancel it", 120)
     assert cog.is_ready_again()
+
+
+def test_the_command_refuses_an_open_address_without_a_token_before_loading_anything(monkeypatch, capsys):
+    from fastsd.realtime.__main__ import main
+
+    monkeypatch.delenv("FASTSD_REALTIME_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--host", "0.0.0.0", "--max-connections", "3"])
+    assert "needs FASTSD_REALTIME_TOKEN" in str(stopped.value.code)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--max-connections", "0"])
+    assert "--max-connections must be above 0" in str(stopped.value.code)

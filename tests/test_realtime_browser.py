@@ -36,7 +36,7 @@ def gate(engine):
 
 @pytest.fixture(scope="module")
 def engine(weights_root):
-    from conftest import load_engine
+    from fastsd_testing.helpers import load_engine
 
     return load_engine(weights_root, "sd-turbo")
 
@@ -152,7 +152,7 @@ def test_the_page_shows_the_servers_error_and_recovers(page):
 
 
 def test_a_loaded_photo_and_the_webcam_become_frames(page, app, tmp_path):
-    from conftest import png_bytes
+    from fastsd_testing.helpers import png_bytes
 
     session = session_of(app)
     page.click("#tab-paint")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 
 import pytest
-from conftest import png_bytes
 from PIL import Image
 
 from fastsd import variants
 from fastsd_testing.cog_server import CogServer, data_uri, decode_output
+from fastsd_testing.helpers import png_bytes
 
 SMALL = dict(width=64, height=64)  # the tiny models make any size cheap; keep requests fast
 

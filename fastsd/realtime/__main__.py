@@ -14,20 +14,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 import uvicorn
 
-from .. import metrics
 from ..batching import Batcher
 from ..engine import Engine
 from ..errors import ConfigurationError
-from ..variants import DEFAULT_VARIANT, get_variant
+from ..metrics import ServerMetrics
+from ..settings import Settings
+from ..variants import get_variant
 from .app import create_app
-from .backend import CogBackend, EngineBackend
+from .backend import Backend, CogBackend, EngineBackend
 from .settings import Access, Limits
 from .transport import server_config
+
+LIMIT_OPTIONS = ("max_connections", "max_frame_bytes", "max_frame_pixels", "max_messages_per_second", "idle_timeout")
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,15 +59,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_backend(args: argparse.Namespace):
-    if args.variant:
-        get_variant(args.variant, "--variant")  # a wrong name is the option's, not FASTSD_VARIANT's
-        os.environ["FASTSD_VARIANT"] = args.variant
+def build_backend(args: argparse.Namespace, settings: Settings) -> Backend:
     if args.backend:
-        return CogBackend(args.backend, get_variant(os.environ.get("FASTSD_VARIANT", "").strip() or DEFAULT_VARIANT))
-    engine = Engine.from_environment()
+        token = settings.realtime_backend_token or settings.replicate_api_token
+        return CogBackend(args.backend, get_variant(settings.variant), token)
+    engine = Engine.from_settings(settings)
     batcher = Batcher(engine)
-    metrics.serve_from_environment(batcher)
+    if settings.metrics_port:
+        ServerMetrics(batcher).serve(settings.metrics_port)
     return EngineBackend(engine, batcher)
 
 
@@ -73,22 +74,21 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
     args = parse_arguments(argv)
     try:
-        limits = Limits.from_environment(
-            max_connections=args.max_connections,
-            max_frame_bytes=args.max_frame_bytes,
-            max_frame_pixels=args.max_frame_pixels,
-            max_messages_per_second=args.max_messages_per_second,
-            idle_timeout=args.idle_timeout,
-        )
-        access = Access.for_host(args.host)  # before loading a model: a missing token fails at once
-        backend = build_backend(args)
+        settings = Settings.from_environment()
+        if args.variant:  # a wrong name is the option's, not FASTSD_VARIANT's
+            settings = settings.with_(variant=get_variant(args.variant, "--variant").name)
+        options = {name: getattr(args, name) for name in LIMIT_OPTIONS}
+        limits = Limits.from_settings(settings, **options)
+        # Before loading a model: a missing token fails at once.
+        access = Access.for_host(args.host, settings.realtime_token, settings.realtime_origins)
+        backend = build_backend(args, settings)
     except ConfigurationError as error:
         sys.exit(f"fastsd.realtime: {error}")
     app = create_app(backend, limits, access)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     query = "?token=<FASTSD_REALTIME_TOKEN>" if access.token else ""
     logging.info("realtime page: http://%s:%d/%s", shown, args.port, query)
-    if args.backend:
+    if isinstance(backend, CogBackend):
         logging.info("rendering through %s", backend.endpoint)
     uvicorn.Server(server_config(app, args.host, args.port, limits)).run()
 

@@ -18,7 +18,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..inputs import MAX_SEED
-from .backend import OUTPUT_FORMATS, PARAMETERS
+from .backend import OUTPUT_FORMATS, PARAMETERS, Backend
 from .session import Session
 from .settings import Access, Limits
 
@@ -50,17 +50,18 @@ class PagePolicy:
         await self.app(scope, receive, with_policy if scope["type"] == "http" else send)
 
 
-def create_app(backend, limits: Limits | None = None, access: Access | None = None) -> Starlette:
-    """backend: fastsd.realtime.backend.EngineBackend or CogBackend (closed when the app stops)."""
-    limits = limits or Limits()
-    access = access or Access()
-    sessions: set[Session] = set()
+class Realtime:
+    """The server's state: the backend, the limits and access rules, the sessions connected."""
 
-    def hello(session: Session) -> dict:
-        variant, passes = backend.variant, backend.passes
+    def __init__(self, backend: Backend, limits: Limits, access: Access):
+        self.backend, self.limits, self.access = backend, limits, access
+        self.sessions: set[Session] = set()
+
+    def hello(self, session: Session) -> dict:
+        variant, passes, limits = self.backend.variant, self.backend.passes, self.limits
         return {
             "type": "ready",
-            "backend": backend.description,
+            "backend": self.backend.description,
             "variant": variant.name,
             "width": variant.width,
             "height": variant.height,
@@ -81,43 +82,28 @@ def create_app(backend, limits: Limits | None = None, access: Access | None = No
             },
         }
 
-    async def refuse(websocket: WebSocket, field: str, message: str, code: int) -> None:
-        """Accepted only to say why, then closed: the page shows the reason."""
-        await websocket.accept()
-        await websocket.send_json({"type": "error", "field": field, "message": message, "input": None})
-        await websocket.close(code)
-
-    async def serve(websocket: WebSocket) -> None:
-        refusal = access.refusal(websocket.headers, websocket.query_params)
+    async def serve(self, websocket: WebSocket) -> None:
+        """One client's websocket: admitted, then its messages until it goes, idles or is refused."""
+        refusal = self.access.refusal(websocket.headers, websocket.query_params)
         if refusal:
-            await refuse(websocket, "access", f"refused: {refusal}.", REFUSED)
+            await _refuse(websocket, "access", f"refused: {refusal}.", REFUSED)
             return
-        if len(sessions) >= limits.max_connections:
-            message = f"the server serves at most {limits.max_connections} connections at once; try again later."
-            await refuse(websocket, "connections", message, FULL)
+        if len(self.sessions) >= self.limits.max_connections:
+            full = f"the server serves at most {self.limits.max_connections} connections at once; try again later."
+            await _refuse(websocket, "connections", full, FULL)
             return
         await websocket.accept()
-        session = Session(backend, limits, websocket, seed=random.randint(0, MAX_SEED))
-        sessions.add(session)
+        session = Session(self.backend, self.limits, websocket, seed=random.randint(0, MAX_SEED))
+        self.sessions.add(session)
         worker = asyncio.create_task(session.run())
         # A client that stops reading for the idle timeout ends its session: close the socket too.
         worker.add_done_callback(lambda task: task.cancelled() or asyncio.ensure_future(_close(websocket)))
         try:
-            await session.send(hello(session))
-            while True:
-                async with asyncio.timeout(limits.idle_timeout):
-                    message = await websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                if not session.allow_message():
-                    await session.refuse_for_rate()
-                elif message.get("bytes") is not None:
-                    await session.on_frame(message["bytes"])
-                elif message.get("text") is not None:
-                    await session.on_text(message["text"])
+            await session.send(self.hello(session))
+            await self._receive(websocket, session)
         except TimeoutError:
             with contextlib.suppress(Exception):
-                idle = f"closed after {limits.idle_timeout:g} s without a message (idle_timeout)."
+                idle = f"closed after {self.limits.idle_timeout:g} s without a message (idle_timeout)."
                 await session.error("idle", idle)
                 await websocket.close(IDLE)
         except (WebSocketDisconnect, RuntimeError, OSError):  # the client went (RuntimeError: the socket was closed)
@@ -128,18 +114,36 @@ def create_app(backend, limits: Limits | None = None, access: Access | None = No
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await worker
-            sessions.discard(session)
+            self.sessions.discard(session)
 
-    async def health(request: Request) -> JSONResponse:
+    async def _receive(self, websocket: WebSocket, session: Session) -> None:
+        while True:
+            async with asyncio.timeout(self.limits.idle_timeout):
+                message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if not session.allow_message():
+                await session.refuse_for_rate()
+            elif message.get("bytes") is not None:
+                await session.on_frame(message["bytes"])
+            elif message.get("text") is not None:
+                await session.on_text(message["text"])
+
+    async def health(self, request: Request) -> JSONResponse:
         return JSONResponse(
             {
                 "status": "ready",
-                "backend": backend.description,
-                "variant": backend.variant.name,
-                "connections": len(sessions),
-                "max_connections": limits.max_connections,
+                "backend": self.backend.description,
+                "variant": self.backend.variant.name,
+                "connections": len(self.sessions),
+                "max_connections": self.limits.max_connections,
             }
         )
+
+
+def create_app(backend: Backend, limits: Limits | None = None, access: Access | None = None) -> Starlette:
+    """The page, /ws and /health for a backend (EngineBackend or CogBackend, closed when the app stops)."""
+    realtime = Realtime(backend, limits or Limits(), access or Access())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -148,15 +152,25 @@ def create_app(backend, limits: Limits | None = None, access: Access | None = No
 
     app = Starlette(
         routes=[
-            Route("/health", health),
-            WebSocketRoute("/ws", serve),
+            Route("/health", realtime.health),
+            WebSocketRoute("/ws", realtime.serve),
             Mount("/", StaticFiles(directory=STATIC, html=True)),
         ],
-        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=access.allowed_hosts), Middleware(PagePolicy)],
+        middleware=[
+            Middleware(TrustedHostMiddleware, allowed_hosts=realtime.access.allowed_hosts),
+            Middleware(PagePolicy),
+        ],
         lifespan=lifespan,
     )
-    app.state.sessions = sessions
+    app.state.sessions = realtime.sessions
     return app
+
+
+async def _refuse(websocket: WebSocket, field: str, message: str, code: int) -> None:
+    """Accepted only to say why, then closed: the page shows the reason."""
+    await websocket.accept()
+    await websocket.send_json({"type": "error", "field": field, "message": message, "input": None})
+    await websocket.close(code)
 
 
 async def _close(websocket: WebSocket) -> None:

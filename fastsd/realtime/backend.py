@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx2
@@ -25,33 +22,19 @@ from .. import images
 from ..batching import Batcher
 from ..engine import Engine
 from ..errors import ContentWithheld, InputError
-from ..inputs import steps_for_strength
+from ..inputs import INPUTS, steps_for_strength
 from ..variants import FULL_VAE, TINY_VAE, Variant
 
-# What a client may set (Cog's input names); "image" is set by binary frames, or cleared with null.
-PARAMETERS = (
-    "prompt",
-    "negative_prompt",
-    "image",
-    "strength",
-    "num_inference_steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "seed",
-    "output_format",
-    "output_quality",
-)
+# What a client may set: the Cog inputs (fastsd.inputs) that make sense per frame. Not the LoRAs (a
+# download per frame), the mask or ControlNet, nor vae and the safety switch (the passes decide).
+NOT_PER_FRAME = {"mask", "control_image", "controlnet", "controlnet_conditioning_scale", "control_preprocess",
+                 "lora_weights", "lora_scale", "extra_lora", "extra_lora_scale", "vae", "num_outputs",
+                 "disable_safety_checker"}  # fmt: skip
+PARAMETERS = tuple(name for name in INPUTS if name not in NOT_PER_FRAME)  # "image": binary frames, or null
 OUTPUT_FORMATS = {"jpg": "image/jpeg", "webp": "image/webp"}
 # Cog puts its own words before fastsd's sentence: "Prediction failed: ... InputError: strength must ...".
 _COG_ERROR = re.compile(r"(?:InputError|ContentWithheld): (?P<sentence>.*)$", re.DOTALL)
 WITHHELD_NOTICE = "The safety checker withheld this image; the previous one stays."
-
-
-def field_of(message: str) -> str | None:
-    """The input an error message is about: fastsd's messages start with its name."""
-    first = message.split(" ", 1)[0].strip(".,:")
-    return first if first in PARAMETERS or first in ("vae", "mask") else None
 
 
 @dataclass
@@ -111,10 +94,18 @@ class Passes:
         return arguments
 
 
-def _frame_folder() -> Path:
-    """Frames go through a file (fastsd.inputs reads image files): in memory where Linux offers it."""
-    shared = Path("/dev/shm")
-    return Path(tempfile.mkdtemp(prefix="fastsd-realtime-", dir=shared if shared.is_dir() else None))
+class Backend(Protocol):
+    """Where a session's images come from (EngineBackend, CogBackend)."""
+
+    variant: Variant
+    passes: Passes
+    description: str  # what clients are told it is (not where)
+
+    async def render(self, arguments: dict[str, Any], image: bytes | None, queued: Callable[[], None]) -> Rendered:
+        """One image for the arguments (Cog's input names) and frame; InputError names a field."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class EngineBackend:
@@ -126,15 +117,9 @@ class EngineBackend:
         self.variant = engine.variant
         self.passes = Passes.for_variant(engine.variant, engine.pipelines.vae_choices)
         self.description = f"{engine.variant.name} in process on {engine.pipelines.device}"
-        self._frames = _frame_folder()
 
     def _validate(self, arguments: dict[str, Any], image: bytes | None):
-        if image is None:
-            return self.engine.validate(**arguments)
-        with tempfile.NamedTemporaryFile(dir=self._frames, suffix=".frame") as frame:
-            frame.write(image)
-            frame.flush()
-            return self.engine.validate(**arguments, image=Path(frame.name))
+        return self.engine.validate(**arguments, image=image)  # a frame is validated as its bytes
 
     async def render(self, arguments: dict[str, Any], image: bytes | None, queued: Callable[[], None]) -> Rendered:
         started = time.perf_counter()
@@ -178,6 +163,18 @@ class EngineBackend:
         await asyncio.to_thread(self.batcher.close)
 
 
+def _from_cog(error: str) -> Exception:
+    """A failed prediction's error as the exception it was: the Cog server reports fastsd's
+    InputError as text ("Prediction failed: ... InputError: strength must ..."), and fastsd's
+    sentences start with the input they are about."""
+    found = _COG_ERROR.search(error)
+    if found is None:
+        return RuntimeError(error)
+    sentence = found["sentence"]
+    name = sentence.split(" ", 1)[0].strip(".,:")
+    return InputError(sentence, field=name if name in INPUTS else None)
+
+
 def _image_mime(payload: bytes) -> str:
     if payload.startswith(b"\x89PNG"):
         return "image/png"
@@ -193,8 +190,6 @@ class CogBackend:
     from the server's environment, never the page's. A canceled render drops its request, which
     cancels a local Cog server's prediction."""
 
-    TOKEN_ENVS = ("FASTSD_REALTIME_BACKEND_TOKEN", "REPLICATE_API_TOKEN")
-
     def __init__(self, url: str, variant: Variant, token: str | None = None, timeout: float = 120):
         trimmed = url.rstrip("/")
         self.endpoint = trimmed if trimmed.endswith("/predictions") else f"{trimmed}/predictions"
@@ -202,7 +197,6 @@ class CogBackend:
         self.passes = Passes.for_variant(variant)
         # What clients see (the page, /health): not the address, which is the operator's business.
         self.description = f"{variant.name} through a Cog server"
-        token = token or next((os.environ[name] for name in self.TOKEN_ENVS if os.environ.get(name)), None)
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx2.AsyncClient(timeout=timeout)
 
@@ -219,15 +213,14 @@ class CogBackend:
         if response.status_code == 422:  # the schema refused an input: {"detail": [{"loc": [..., name], "msg"}]}
             detail = (answer.get("detail") or [{}])[0]
             name = (detail.get("loc") or ["input"])[-1]
-            raise InputError(f"{name}: {detail.get('msg', 'not accepted')}.")
+            raise InputError(f"{name}: {detail.get('msg', 'not accepted')}.", field=name)
         if response.status_code >= 400:
             raise RuntimeError(f"the backend answered {response.status_code}: {response.text[:200]}")
         status, error = answer.get("status"), answer.get("error") or ""
         if status == "failed" and "safety checker withheld" in error:
             raise ContentWithheld(WITHHELD_NOTICE)
         if status == "failed":
-            sentence = found["sentence"] if (found := _COG_ERROR.search(error)) else error
-            raise (InputError if field_of(sentence) else RuntimeError)(sentence)
+            raise _from_cog(error)
         if status != "succeeded":
             raise RuntimeError(f"the backend's prediction is {status} (not finished while waiting)")
         payload = await self._output_bytes(answer["output"][0])

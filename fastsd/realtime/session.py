@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ContentWithheld, InputError
-from .backend import OUTPUT_FORMATS, PARAMETERS, field_of
+from .backend import OUTPUT_FORMATS, PARAMETERS, Backend
 from .settings import Limits
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Pending:
 
 
 class Session:
-    def __init__(self, backend, limits: Limits, websocket, seed: int):
+    def __init__(self, backend: Backend, limits: Limits, websocket, seed: int):
         self.backend, self.limits, self.websocket = backend, limits, websocket
         # A fixed seed per session: the picture stays stable while the frame or prompt changes.
         self.params: dict[str, Any] = {"seed": seed, "output_format": "jpg", "output_quality": 80}
@@ -194,7 +194,7 @@ class Session:
             await self.send({"type": "withheld", "input": taken.number, "message": str(withheld)})
             return
         except InputError as error:
-            name = field_of(str(error))
+            name = error.field
             self._take_back(name, params, image)
             await self.error(name, str(error), taken.number)
             return

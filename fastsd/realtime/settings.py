@@ -1,15 +1,15 @@
-"""The realtime server's limits and access rules: settings with defaults, read from the environment
-(FASTSD_REALTIME_*) and overridden by the command line."""
+"""The realtime server's limits and access rules: defaults, the deployment's settings
+(FASTSD_REALTIME_*, fastsd.settings) and the command line's options over them."""
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError
+from ..settings import Settings
 
 TOKEN_ENV = "FASTSD_REALTIME_TOKEN"
 ORIGINS_ENV = "FASTSD_REALTIME_ORIGINS"
@@ -31,22 +31,15 @@ class Limits:
         return 2 * self.max_frame_bytes + 65536
 
     @classmethod
-    def from_environment(cls, **overrides) -> Limits:
-        """Each limit from FASTSD_REALTIME_<NAME> (upper case) unless given; the defaults above otherwise."""
+    def from_settings(cls, settings: Settings, **options) -> Limits:
+        """Each limit from the command line's option, else FASTSD_REALTIME_<NAME>, else the default."""
         values = {}
         for field in fields(cls):
-            given = overrides.get(field.name)
-            text = os.environ.get(f"FASTSD_REALTIME_{field.name.upper()}", "").strip()
-            if given is None and text:
-                try:
-                    given = float(text) if field.type == "float" else int(text)
-                except ValueError:
-                    raise ConfigurationError(
-                        f"FASTSD_REALTIME_{field.name.upper()} must be a number, got {text!r}."
-                    ) from None
+            given = options.get(field.name)
+            given = getattr(settings, f"realtime_{field.name}") if given is None else given
             if given is not None:
                 if given <= 0:
-                    raise ConfigurationError(f"{field.name} must be above 0, got {given}.")
+                    raise ConfigurationError(f"--{field.name.replace('_', '-')} must be above 0, got {given}.")
                 values[field.name] = given
         return cls(**values)
 
@@ -78,10 +71,11 @@ class Access:
     allowed_origins: tuple[str, ...] = ()
 
     @classmethod
-    def for_host(cls, host: str, token: str | None = None, origins: str | None = None) -> Access:
-        token = (token if token is not None else os.environ.get(TOKEN_ENV, "")).strip() or None
-        origins = origins if origins is not None else os.environ.get(ORIGINS_ENV, "")
-        allowed = tuple(origin.strip().rstrip("/") for origin in origins.split(",") if origin.strip())
+    def for_host(cls, host: str, token: str | None = None, origins: tuple[str, ...] = ()) -> Access:
+        """The rules for a server listening on host (token: FASTSD_REALTIME_TOKEN; origins:
+        FASTSD_REALTIME_ORIGINS)."""
+        token = (token or "").strip() or None
+        allowed = tuple(origin.rstrip("/") for origin in origins)
         loopback = is_loopback(host)
         if not loopback and token is None:
             raise ConfigurationError(

@@ -45,7 +45,7 @@ class HeaderDeadline(H11Protocol):
     HEADER_DEADLINE_S of its opening (or of its last response). A websocket, once upgraded, is the
     app's: its idle timeout governs it."""
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._deadline = self.loop.call_later(HEADER_DEADLINE_S, self._headers_late)
 
