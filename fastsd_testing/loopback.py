@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 
 
 class LoopbackServer:
-    """HTTP/1.1 on a free loopback port, served from a thread until close() (or the with block ends)."""
+    """HTTP/1.1 on a free loopback port (host: 127.0.0.1, or ::1), served from a thread until close()
+    (or the with block ends). Every test server is one: the hub, a weights tar, users' LoRAs."""
 
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -24,9 +26,12 @@ class LoopbackServer:
             def do_HEAD(self):
                 server.respond(self, send_body=False)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.httpd = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": family})((host, 0), Handler)
         self.httpd.daemon_threads = True
-        self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.port = self.httpd.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.root = f"http://{shown}:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 

@@ -610,12 +610,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", nargs="+", help="variant names (see fastsd.variants)")
     parser.add_argument("--size", choices=(TINY, FULL), default=TINY)
-    parser.add_argument(
-        "--root", type=Path, default=disk.weights_root(), help="default: FASTSD_WEIGHTS_ROOT, else the project folder"
-    )
+    parser.add_argument("--root", type=Path, help="default: FASTSD_WEIGHTS_ROOT, else the project folder")
     parser.add_argument("--fp16-only", action="store_true", help="only the fp16 files, as download_weights.py fetches")
     args = parser.parse_args()
     quiet()
+    from fastsd.settings import Settings
+
+    args.root = args.root or Settings.from_environment().weights_root
     for name in args.variant:
         variant = variants.get_variant(name)
         build_variant(variant, args.root, args.size, fp16_only=args.fp16_only)

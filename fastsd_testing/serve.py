@@ -18,6 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fastsd.errors import ConfigurationError
+from fastsd.settings import Settings
+
 from .cog_server import run_folder, server_command, server_environment
 
 OFFLINE = (
@@ -43,31 +46,31 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def prepare_weights(random_weights: bool) -> str | None:
+def prepare_weights(settings: Settings, random_weights: bool) -> str | None:
     """The variant's weights on disk; a sentence saying why not (and what to do) otherwise."""
     from fastsd.errors import ConfigurationError
-    from fastsd.variants import variant_from_environment
+    from fastsd.variants import variant_for
     from fastsd.weights import download, layout, provision
 
-    if os.environ.get("FASTSD_MODEL", "").strip():
+    if settings.model:
         return None  # a fine-tune's architecture is read from its files: the server's setup fetches it
     try:
-        variant = variant_from_environment(layout.model_folder)
+        variant = variant_for(settings, lambda model: layout.model_folder(settings.weights_root, model))
     except ConfigurationError as error:
         return str(error)
-    if not provision.missing(variant):
+    if not provision.missing(variant, settings.weights_root):
         return None
     if random_weights:
         from . import random_models
 
         random_models.quiet()
-        random_models.build_variant(variant, layout.weights_root())
-        random_models.write_manifests(variant, layout.weights_root())
-        print(f"fastsd: wrote a tiny random-weight {variant.name} under {layout.weights_root()}", flush=True)
+        random_models.build_variant(variant, settings.weights_root)
+        random_models.write_manifests(variant, settings.weights_root)
+        print(f"fastsd: wrote a tiny random-weight {variant.name} under {settings.weights_root}", flush=True)
         return None
-    print(f"fastsd: fetching the weights of {variant.name} from the hub ({download.endpoint()})", flush=True)
+    print(f"fastsd: fetching the weights of {variant.name} from the hub ({settings.hub})", flush=True)
     try:
-        download.fetch_variant(variant, progress=True, report=lambda line: print(line, flush=True))
+        download.fetch_variant(variant, settings, progress=True, report=lambda line: print(line, flush=True))
     except download.WeightsDownloadError as error:
         return f"{error} {OFFLINE}"
     return None
@@ -75,7 +78,12 @@ def prepare_weights(random_weights: bool) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    problem = prepare_weights(args.random_weights)
+    try:
+        settings = Settings.from_environment()
+    except ConfigurationError as error:
+        print(f"fastsd: {error}", file=sys.stderr)
+        return 1
+    problem = prepare_weights(settings, args.random_weights)
     if problem:
         print(f"fastsd: {problem}", file=sys.stderr)
         return 1

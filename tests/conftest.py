@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import io
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from fastsd import variants
 from fastsd_testing import random_models
@@ -35,30 +32,30 @@ def use_weights(weights_root, monkeypatch) -> Path:
     return weights_root
 
 
-def load_engine(weights_root: Path, name: str):
-    """A preset's engine on the tiny weights, in fp32 on the CPU."""
-    import torch
+# --- the tiers (scripts/test --quick runs neither server nor browser nor slow tests) ------------------
 
-    from fastsd.engine import Engine
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FASTSD_WEIGHTS_ROOT", str(weights_root))
-        return Engine.load(variants.VARIANTS[name], "cpu", torch.float32)
+# What a test (or a fixture it uses) calls that starts a server process or a browser.
+_SERVER_CALLS = ("CogServer(", "ready_server(", '"scripts" / "serve"', "fastsd_testing.serve", '"fastsd.realtime"')
 
 
-def png_bytes(width: int, height: int, color=(200, 40, 40), mode: str = "RGB") -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, (width, height), color).save(buffer, format="PNG")
-    return buffer.getvalue()
+def _starts_a_server(function) -> bool:
+    import inspect
+
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in _SERVER_CALLS)
 
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def script_module(relative_path: str):
-    """A script of the project (scripts/*.py, .github/scripts/*.py) imported as a module by its path."""
-    path = PROJECT_ROOT / relative_path
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def pytest_collection_modifyitems(config, items):
+    """Marks every test that drives a real server process (`server`) or the browser (`browser`),
+    read from its code and its fixtures' code: the tiers need no hand-kept list."""
+    for item in items:
+        fixtures = [
+            definition.func for definitions in item._fixtureinfo.name2fixturedefs.values() for definition in definitions
+        ]
+        if _starts_a_server(item.function) or any(_starts_a_server(function) for function in fixtures):
+            item.add_marker(pytest.mark.server)
+        if item.module.__name__ == "test_realtime_browser":
+            item.add_marker(pytest.mark.browser)
