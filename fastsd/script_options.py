@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from .variants import Variant, controlnets_from
+from .settings import names
+from .variants import Variant
 
 
 def add_deployment_options(parser: argparse.ArgumentParser) -> None:
@@ -25,4 +26,5 @@ def add_deployment_options(parser: argparse.ArgumentParser) -> None:
 
 def deployment(variant: Variant, args: argparse.Namespace) -> Variant:
     """The variant with the ControlNets and the safety checking that the options ask for."""
-    return variant.with_controlnets(controlnets_from(args.controlnet)).with_safety_checker(args.safety_checker)
+    controlnets = names("--controlnet", args.controlnet)
+    return variant.with_controlnets(controlnets).with_safety_checker(args.safety_checker)

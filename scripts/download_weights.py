@@ -20,30 +20,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-from fastsd import cli
+from fastsd import script_options
 from fastsd.variants import ACCELERATIONS
 
-# Xet's high-performance mode uses every core and more memory for the transfer: right for a
-# command that only downloads (the person's own setting wins).
-os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
 
-
-def _status(variant) -> str:
+def _status(variant, root: Path) -> str:
     """What is on disk for a variant: ready, present but unverified, damaged, or missing."""
     from fastsd.weights import layout, manifest, provision
 
-    if provision.missing(variant):
+    if provision.missing(variant, root):
         return "missing"
     try:
-        if provision.damaged(variant):
+        if provision.damaged(variant, root):
             return "damaged"
-        unverified = any(
-            manifest.load(source.folder) is None for source in layout.sources(variant) if source.folder.is_dir()
-        )
+        folders = [source.folder(root) for source in layout.sources(variant)]
+        unverified = any(manifest.load(folder) is None for folder in folders if folder.is_dir())
     except ValueError:  # an unreadable manifest
         return "damaged"
     return "present (no manifest, not verified)" if unverified else "ready"
@@ -51,7 +45,7 @@ def _status(variant) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_deployment_options(parser)
+    script_options.add_deployment_options(parser)
     parser.add_argument("variants", nargs="*", metavar="VARIANT", help="variant names (see --list)")
     parser.add_argument("--all", action="store_true", help="every variant")
     parser.add_argument("--list", action="store_true", help="list the variants, their repos and what is on disk")
@@ -86,17 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         help="the folder that holds weights/ and lora/ (default: FASTSD_WEIGHTS_ROOT, else the project root)",
     )
     args = parser.parse_args(argv)
-    if args.root:
-        os.environ["FASTSD_WEIGHTS_ROOT"] = str(args.root.resolve())
 
     from fastsd import variants
     from fastsd.errors import ConfigurationError
+    from fastsd.settings import Settings, configure_libraries
     from fastsd.weights import download, layout
 
+    try:
+        settings = Settings.from_environment(**({"weights_root": args.root.resolve()} if args.root else {}))
+    except ConfigurationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    configure_libraries(settings, downloading=True)
+    root = settings.weights_root
     if args.list:
-        print(f"weights root: {layout.weights_root()}")
+        print(f"weights root: {root}")
         for name, variant in variants.VARIANTS.items():
-            print(f"{name:16} {_status(variant):38} {', '.join(map(str, layout.sources(variant)))}")
+            print(f"{name:16} {_status(variant, root):38} {', '.join(map(str, layout.sources(variant)))}")
         return 0
 
     if not (args.variants or args.all or args.model):
@@ -109,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.all:
             chosen += [v for v in variants.VARIANTS.values() if v not in chosen]
         if args.model:
-            chosen.append(download.resolve_custom(args.model, args.acceleration))
-        chosen = [cli.deployment(variant, args) for variant in chosen]
+            chosen.append(download.resolve_custom(args.model, args.acceleration, settings))
+        chosen = [script_options.deployment(variant, args) for variant in chosen]
         for variant in chosen:
             print(f"{variant.name}:")
             download.fetch_variant(
-                variant, tiny_vae=args.tiny_vae, verify=args.verify, precision=args.precision, done=done
+                variant, settings, tiny_vae=args.tiny_vae, verify=args.verify, precision=args.precision, done=done
             )
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
     total = sum(result.size for result in done.values())
-    print(f"{len(done)} sources, {download.format_size(total)} in {layout.weights_root()}")
+    print(f"{len(done)} sources, {download.format_size(total)} in {root}")
     return 0
 
 

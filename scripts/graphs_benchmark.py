@@ -22,40 +22,36 @@ named in the JSON, so a run stopped at a time limit still reports what it measur
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import signal
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchmark import (  # noqa: E402
+from fastsd import variants
+from fastsd.engine import Engine
+from fastsd.pipelines import select_device
+from fastsd.settings import Settings
+from fastsd_testing.bench import (
     PROMPT,
+    Report,
+    add_options,
     bench_baseline,
     build_random_weights,
-    device_name,
     drawing,
     inpainting_inputs,
     png_data_uri,
     release,
+    resolve_options,
     summary,
     synchronize,
     timed,
-    versions,
 )
-
-from fastsd import variants  # noqa: E402
-from fastsd.pipelines import select_device  # noqa: E402
-from fastsd_testing import random_models  # noqa: E402
-from fastsd_testing.cog_server import CogServer, declared_concurrency, output_pixels  # noqa: E402
-from fastsd_testing.load import run_clients  # noqa: E402
+from fastsd_testing.cog_server import CogServer, declared_concurrency, output_pixels
+from fastsd_testing.load import run_clients
 
 FLOOR_PREDICTOR = "fastsd_testing/floor_predictor.py:FloorPredictor"
 DEFAULT_VARIANTS = ("sd-turbo", "sdxl-turbo", "sdxl-lcm", "sdxl-lightning")
@@ -71,19 +67,10 @@ class Run:
     def __init__(self, args, device: str, dtype):
         self.args, self.device = args, device
         self.deadline = time.monotonic() + args.deadline
-        self.report = {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "device": device_name(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "weights": random_models.TINY if args.quick else random_models.FULL,
-            "versions": versions(),
-            "variants": {},
-            "skipped": [],
-        }
+        self.report = Report("graphs", args, device, dtype, variants={}, skipped=[])
 
     def write(self) -> None:
-        self.args.json.parent.mkdir(parents=True, exist_ok=True)
-        self.args.json.write_text(json.dumps(self.report, indent=2))
+        self.report.write()
 
     def check(self, what: str) -> None:
         if time.monotonic() > self.deadline:
@@ -219,12 +206,8 @@ def bench_floor(run: Run, log_dir: Path) -> None:
 
 def bench_in_process(run: Run, name: str, side: dict) -> None:
     """Engine.generate alone (prompt cached, no server, no encoding), graphed and eager."""
-    from fastsd.engine import Engine
-
     run.check(f"{name}: in process")
-    os.environ["FASTSD_WEIGHTS_ROOT"] = str(run.args.root)
-    os.environ["FASTSD_GRAPHS"] = "on"
-    engine = Engine.load(variants.VARIANTS[name])
+    engine = Engine.load(variants.VARIANTS[name], Settings(weights_root=run.args.root, graphs=True))
     engine.warm_up()
     request = engine.validate(prompt=PROMPT, seed=1, **side)
     measured = run.report["variants"][name]["in_process"] = {}
@@ -241,27 +224,19 @@ def bench_in_process(run: Run, name: str, side: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(variants.VARIANTS))
-    parser.add_argument("--quick", action="store_true", help="tiny models at 64x64: a smoke run on a CPU")
-    parser.add_argument("--runs", type=int, help="measured requests per case (default 20, --quick 5)")
-    parser.add_argument("--warmup", type=int, default=3)
+    add_options(parser, runs=20, quick_runs=5, several=True)
+    parser.set_defaults(variants=list(DEFAULT_VARIANTS), warmup=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--load", type=int, nargs="*", default=[8, 32], metavar="CLIENTS")
     parser.add_argument("--deadline", type=float, default=450, help="seconds; what is left after it is skipped")
-    parser.add_argument("--root", type=Path, help="where the random weights are built and kept")
-    parser.add_argument("--json", type=Path, help="default: benchmarks/graphs-<device>-<date>.json")
     parser.add_argument("--log-dir", type=Path, help="the servers' logs (default: beside the JSON)")
-    args = parser.parse_args()
+    args = resolve_options(parser.parse_args())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # a time limit still stops the servers
     device, dtype = select_device()
-    size = random_models.TINY if args.quick else random_models.FULL
-    args.runs = args.runs or (5 if args.quick else 20)
-    args.root = args.root or Path.home() / ".cache" / "fastsd-benchmark" / f"{size}-fp16"
-    args.json = args.json or Path("benchmarks") / f"graphs-{device}-{size}-{datetime.now():%Y%m%d-%H%M}.json"
     side = dict(width=64, height=64) if args.quick else {}
-    log_dir = args.log_dir or args.json.parent
-    log_dir.mkdir(parents=True, exist_ok=True)
     run = Run(args, device, dtype)
+    log_dir = args.log_dir or run.report.path.parent
+    log_dir.mkdir(parents=True, exist_ok=True)
     first = args.variants[0]
     try:
         bench_variant(run, first, True, side, log_dir)
@@ -285,7 +260,7 @@ def main() -> int:
         raise
     synchronize(device)
     run.write()
-    print(f"wrote {args.json}")
+    print(f"wrote {run.report.path}")
     return 0
 
 

@@ -21,19 +21,14 @@ import shutil
 import statistics
 import sys
 import tempfile
-from datetime import datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchmark import build_random_weights, report_header, timed_prediction, versions  # noqa: E402
-
-from fastsd import variants  # noqa: E402
-from fastsd.loras import hotswap  # noqa: E402
-from fastsd.pipelines import select_device  # noqa: E402
-from fastsd_testing import random_models  # noqa: E402
-from fastsd_testing.cog_server import CogServer  # noqa: E402
-from fastsd_testing.user_loras import FileServer, write_user_lora  # noqa: E402
+from fastsd import variants
+from fastsd.pipelines import select_device
+from fastsd.settings import Settings
+from fastsd_testing.bench import Report, add_options, build_random_weights, resolve_options, timed_prediction
+from fastsd_testing.cog_server import CogServer
+from fastsd_testing.user_loras import FileServer, write_user_lora
 
 PROMPT = "a watercolour of a harbour town at sunrise"
 
@@ -44,20 +39,15 @@ def timed(server: CogServer, **inputs) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default="sd-turbo", choices=list(variants.VARIANTS))
-    parser.add_argument("--quick", action="store_true", help="tiny models: a smoke run")
-    parser.add_argument("--runs", type=int, default=5, help="LoRAs to try, each new then cached")
+    add_options(parser, runs=5, quick_runs=5)  # runs: LoRAs to try, each new then cached
     parser.add_argument("--rank", type=int, help="LoRA rank (default 64; 4 with --quick)")
-    parser.add_argument("--compile", help="FASTSD_COMPILE for the server (1, or a torch.compile mode)")
-    parser.add_argument("--root", type=Path, help="where the random weights are built and kept")
-    parser.add_argument("--json", type=Path, help="where to write the results")
-    args = parser.parse_args()
-    size = random_models.TINY if args.quick else random_models.FULL
+    parser.add_argument("--compile", help="FASTSD_COMPILE for the server (on, or a torch.compile mode)")
+    args = resolve_options(parser.parse_args())
     rank = args.rank or (4 if args.quick else 64)
-    root = args.root or Path.home() / ".cache" / "fastsd-benchmark" / f"{size}-fp16"
+    root = args.root
     variant = variants.VARIANTS[args.variant]
     device, dtype = select_device()
-    build_random_weights(variant, root, size, device)
+    build_random_weights(variant, root, args.size, device)
 
     scratch = Path(tempfile.mkdtemp(prefix="fastsd-lora-bench-"))
     files, sizes = {}, []
@@ -100,27 +90,16 @@ def main() -> int:
             server.stop()
 
     medians = {case: round(statistics.median(values), 3) for case, values in timings.items()}
-    report = {
-        **report_header(device, dtype, variant, size),
-        "lora": {
-            "format": "kohya",
-            "rank": rank,
-            "text_encoder": True,
-            "convolutions": not args.compile,
-            "mib": round(statistics.median(sizes) / 2**20, 1),
-        },
-        "compile": args.compile,
-        "lora_slots_rank": hotswap.max_rank() if args.compile else None,
-        "runs": args.runs,
-        "median_s": medians,
-        "all_s": {case: [round(v, 3) for v in values] for case, values in timings.items()},
-        "versions": versions(),
-    }
-    print(json.dumps(report["median_s"]))
-    out = args.json or Path("benchmarks") / f"lora-{device}-{variant.name}-{size}-{datetime.now():%Y%m%d-%H%M}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    report = Report(f"lora-{variant.name}", args, device, dtype, variant=variant.name, compile=args.compile)
+    report["lora"] = {"format": "kohya", "rank": rank, "text_encoder": True, "convolutions": not args.compile,
+                      "mib": round(statistics.median(sizes) / 2**20, 1)}  # fmt: skip
+    # The server's slots' rank, as it reads FASTSD_LORA_MAX_RANK (this process's environment).
+    report["lora_slots_rank"] = Settings.from_environment().lora_max_rank if args.compile else None
+    report["runs"] = args.runs
+    report["median_s"] = medians
+    report["all_s"] = {case: [round(v, 3) for v in values] for case, values in timings.items()}
+    print(json.dumps(medians))
+    print(f"wrote {report.write()}")
     shutil.rmtree(scratch, ignore_errors=True)
     return 0
 

@@ -33,14 +33,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def _loaded_files(variant, root: Path) -> list[Path]:
     """The files Engine.load reads on this machine, with the precision pipelines.py chooses."""
-    os.environ["FASTSD_WEIGHTS_ROOT"] = str(root)
     from fastsd import pipelines
     from fastsd.weights import layout
 
     _, dtype = pipelines.select_device()
     files = []
     for source in layout.sources(variant):
-        folder = source.folder
+        folder = source.folder(root)
         if not folder.is_dir():
             continue
         if source.filename:
@@ -88,7 +87,6 @@ def read_all(files: list[Path]) -> tuple[float, int]:
 
 def child(variant_name: str, root: Path, profile: bool) -> dict:
     """One setup() in this (fresh) process, phase by phase."""
-    os.environ["FASTSD_WEIGHTS_ROOT"] = str(root)
     phases: dict[str, float] = {}
     started = time.perf_counter()
     import torch  # noqa: F401  (predict.py imports it before setup)
@@ -99,6 +97,7 @@ def child(variant_name: str, root: Path, profile: bool) -> dict:
     import transformers  # noqa: F401
 
     from fastsd import engine, pipelines, variants
+    from fastsd.settings import Settings
     from fastsd.weights import provision
 
     phases["import diffusers+transformers"] = time.perf_counter() - mark
@@ -131,7 +130,8 @@ def child(variant_name: str, root: Path, profile: bool) -> dict:
 
     variant = variants.get_variant(variant_name)
     mark = time.perf_counter()
-    provision.ensure_weights(variant)
+    settings = Settings(weights_root=root)
+    provision.ensure_weights(variant, settings)
     phases["ensure_weights"] = time.perf_counter() - mark
     mark = time.perf_counter()
     if profile:
@@ -140,7 +140,7 @@ def child(variant_name: str, root: Path, profile: bool) -> dict:
 
         profiler = cProfile.Profile()
         profiler.enable()
-    loaded = engine.Engine.load(variant)
+    loaded = engine.Engine.load(variant, settings)
     phases["Engine.load"] = time.perf_counter() - mark
     if profile:
         profiler.disable()

@@ -39,7 +39,8 @@ def _normalized(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def pack(variant, out: Path, tiny_vae: bool = True, report=print) -> int:
+def pack(variant, root: Path, out: Path, tiny_vae: bool = True, report=print) -> int:
+    """The variant's weights under root as a tar at out; its size."""
     from fastsd.errors import ConfigurationError
     from fastsd.weights import layout, manifest
 
@@ -49,13 +50,13 @@ def pack(variant, out: Path, tiny_vae: bool = True, report=print) -> int:
     for source in layout.sources(variant, tiny_vae):
         if source.is_local:
             raise ConfigurationError(f"{source.repo} is a local folder, outside the weights root: it cannot be packed.")
-        if source.optional and not source.folder.is_dir():
+        if source.optional and not source.folder(root).is_dir():
             report(f"{source}: not here, left out (the tiny autoencoder is optional)")
             continue
-        if not source.marker.is_file():
-            raise ConfigurationError(f"{source.marker} is missing: fetch it first with {layout.fetch_command(variant)}")
+        if not source.marker(root).is_file():
+            command = layout.fetch_command(variant)
+            raise ConfigurationError(f"{source.marker(root)} is missing: fetch it first with {command}")
         by_folder.setdefault(source.relative_folder, []).append(source)
-    root = layout.weights_root()
     temporary = out.with_name(out.name + ".partial")
     with tarfile.open(temporary, "w", format=tarfile.PAX_FORMAT) as archive:
         for relative_folder, folder_sources in by_folder.items():
@@ -92,10 +93,10 @@ def pack(variant, out: Path, tiny_vae: bool = True, report=print) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastsd import cli
+    from fastsd import script_options
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_deployment_options(parser)
+    script_options.add_deployment_options(parser)
     parser.add_argument("variant", help="a variant name, or custom with --model")
     parser.add_argument("out", type=Path, help="the tar to write")
     parser.add_argument("--model", metavar="HUB_ID", help="a custom base model under weights/ (variant: custom)")
@@ -112,19 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--root", type=Path, help="the folder that holds weights/ and lora/")
     args = parser.parse_args(argv)
-    if args.root:
-        os.environ["FASTSD_WEIGHTS_ROOT"] = str(args.root.resolve())
     from fastsd import variants
     from fastsd.errors import ConfigurationError
+    from fastsd.settings import Settings
     from fastsd.weights import layout
 
     try:
+        root = args.root.resolve() if args.root else Settings.from_environment().weights_root
         if args.model:
-            variant = variants.custom_variant(args.model, layout.model_folder(args.model), args.acceleration)
+            variant = variants.custom_variant(args.model, layout.model_folder(root, args.model), args.acceleration)
         else:
             variant = variants.get_variant(args.variant)
-        variant = cli.deployment(variant, args)
-        pack(variant, args.out, args.tiny_vae)
+        variant = script_options.deployment(variant, args)
+        pack(variant, root, args.out, args.tiny_vae)
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -18,23 +18,17 @@ decoding) and of the encoding alone, and what each case adds to the plain one. D
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchmark import build_random_weights, report_header, versions  # noqa: E402
-
-from fastsd import prompts, variants  # noqa: E402
-from fastsd.engine import Engine  # noqa: E402
-from fastsd.pipelines import select_device  # noqa: E402
-from fastsd_testing import random_models  # noqa: E402
+from fastsd import prompts, variants
+from fastsd.engine import Engine
+from fastsd.pipelines import select_device
+from fastsd.settings import Settings
+from fastsd_testing.bench import Report, add_options, build_random_weights, resolve_options
 
 PLAIN = "a watercolour of a harbour town at sunrise, boats in the water, run {}"
 WEIGHTED = "a (watercolour:1.3) of a ((harbour town)) at [sunrise], boats in the water, run {}"
@@ -60,18 +54,12 @@ def timed(action) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default="sd-turbo", choices=list(variants.VARIANTS))
-    parser.add_argument("--size", default=random_models.TINY, choices=[random_models.TINY, random_models.FULL])
-    parser.add_argument("--runs", type=int, default=7, help="requests per case")
-    parser.add_argument("--root", type=Path, help="where the random weights are built and kept")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    add_options(parser, runs=7, quick_runs=15)  # runs: requests per case
+    args = resolve_options(parser.parse_args())
     variant = variants.VARIANTS[args.variant]
-    root = args.root or Path.home() / ".cache" / "fastsd-benchmark" / f"{args.size}-fp16"
     device, dtype = select_device()
-    build_random_weights(variant, root, args.size, device)
-    os.environ["FASTSD_WEIGHTS_ROOT"] = str(root)
-    engine = Engine.load(variant, device, dtype)
+    build_random_weights(variant, args.root, args.size, device)
+    engine = Engine.load(variant, Settings(weights_root=args.root), device, dtype)
     engine.warm_up()
     long = three_chunks(engine)
     cases = {"plain": PLAIN, "weighted": WEIGHTED, "3 chunks": long}
@@ -101,17 +89,14 @@ def main() -> int:
     def min_ms(values):
         return round(min(values) * 1000, 1)
 
-    report = {
-        **report_header(device, dtype, variant, args.size),
-        "runs": args.runs,
-        "inputs": f"{variant.width}x{variant.height}, {variant.num_inference_steps} step(s), vae {variant.default_vae}",
-        "request_median_ms": {name: median_ms(values) for name, values in request_s.items()},
-        "encode_median_ms": {name: median_ms(values) for name, values in encode_s.items()},
-        # On a shared machine the fastest run is the one least disturbed by others.
-        "request_min_ms": {name: min_ms(values) for name, values in request_s.items()},
-        "encode_min_ms": {name: min_ms(values) for name, values in encode_s.items()},
-        "versions": versions(),
-    }
+    report = Report(f"prompts-{variant.name}", args, device, dtype, variant=variant.name, runs=args.runs)
+    steps = variant.num_inference_steps
+    report["inputs"] = f"{variant.width}x{variant.height}, {steps} step(s), vae {variant.default_vae}"
+    report["request_median_ms"] = {name: median_ms(values) for name, values in request_s.items()}
+    report["encode_median_ms"] = {name: median_ms(values) for name, values in encode_s.items()}
+    # On a shared machine the fastest run is the one least disturbed by others.
+    report["request_min_ms"] = {name: min_ms(values) for name, values in request_s.items()}
+    report["encode_min_ms"] = {name: min_ms(values) for name, values in encode_s.items()}
     print(
         f"\n{report['device']} | {report['dtype']} | {variant.name} {args.size} | {report['inputs']} | {args.runs} runs"
     )
@@ -123,9 +108,7 @@ def main() -> int:
                 f"{name:<10}{request[name]:>12.1f}{request[name] - request['plain']:>+9.1f}"
                 f"{encode[name]:>13.1f}{encode[name] - encode['plain']:>+9.1f}"
             )
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    print(f"wrote {report.write()}")
     return 0
 
 

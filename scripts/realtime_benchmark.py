@@ -2,8 +2,9 @@
 """Frames per second and latency per frame through the realtime server, for 1 and 4 clients, and
 what the protocol costs above the engine's own time.
 
-    python scripts/realtime_benchmark.py                          # the tiny random sd-turbo, 64x64
-    python scripts/realtime_benchmark.py --real --size 512        # the sd-turbo weights under weights/
+    python scripts/realtime_benchmark.py --quick                  # the tiny random sd-turbo, 64x64
+    python scripts/realtime_benchmark.py                          # full-size random weights, 512x512
+    python scripts/realtime_benchmark.py --real                   # the variant's weights under weights/
 
 Each client holds one websocket, sends a new frame (image-to-image) the moment the previous image
 arrives, and times the round trip. The same run measures the baseline: the same frames straight
@@ -22,10 +23,8 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import websockets
@@ -37,7 +36,8 @@ from fastsd.engine import Engine
 from fastsd.realtime.app import create_app
 from fastsd.realtime.backend import EngineBackend
 from fastsd.realtime.settings import Limits
-from fastsd_testing import random_models
+from fastsd.settings import Settings
+from fastsd_testing.bench import Report, add_options, build_random_weights, resolve_options
 from fastsd_testing.realtime_server import serving
 
 ENGINE_PARTS = ("prepare_ms", "inference_ms", "safety_ms", "encode_ms")
@@ -63,15 +63,12 @@ def percentile(values: list[float], share: float) -> float:
 def baseline(engine: Engine, sent: list[bytes], params: dict) -> list[float]:
     """Milliseconds per frame straight through the engine: what the server's backend does, minus the server."""
     seconds = []
-    with tempfile.TemporaryDirectory() as folder:
-        for number, frame in enumerate(sent):
-            started = time.perf_counter()
-            path = Path(folder) / f"{number}.jpg"
-            path.write_bytes(frame)
-            request = engine.validate(**params, image=path)
-            result = engine.generate_batch([request])[0]
-            images.encode(result.images[0], "jpg", 80)
-            seconds.append((time.perf_counter() - started) * 1000)
+    for frame in sent:
+        started = time.perf_counter()
+        request = engine.validate(**params, image=frame)  # a frame is validated as its bytes, as the server does
+        result = engine.generate_batch([request])[0]
+        images.encode(result.images[0], "jpg", 80)
+        seconds.append((time.perf_counter() - started) * 1000)
     return seconds
 
 
@@ -102,55 +99,70 @@ async def run_clients(url: str, count: int, sent: list[bytes], params: dict) -> 
     return [r for one in results for r in one], time.perf_counter() - started
 
 
-def report(label: str, measured: list[dict], seconds: float) -> None:
+def summarized(measured: list[dict], seconds: float) -> dict:
     trips = [m["round_trip_ms"] for m in measured]
     waits = [m["queue_ms"] for m in measured]  # for the worker: other clients' calls (and a thread's wake-up)
     overhead = [m["round_trip_ms"] - m["queue_ms"] - sum(m[part] for part in ENGINE_PARTS) for m in measured]
-    batch = statistics.mean(m["batch_size"] for m in measured)
+    return {
+        "fps": round(len(measured) / seconds, 1),
+        "latency_p50_ms": round(percentile(trips, 0.5), 1),
+        "latency_p95_ms": round(percentile(trips, 0.95), 1),
+        "mean_batch": round(statistics.mean(m["batch_size"] for m in measured), 2),
+        "queue_p50_ms": round(percentile(waits, 0.5), 2),
+        "protocol_p50_ms": round(percentile(overhead, 0.5), 2),
+        "protocol_p95_ms": round(percentile(overhead, 0.95), 2),
+    }
+
+
+def show(label: str, figures: dict) -> None:
     print(
-        f"{label:<10} {len(measured) / seconds:7.1f} fps   latency p50 {percentile(trips, 0.5):7.1f} ms  "
-        f"p95 {percentile(trips, 0.95):7.1f} ms   mean batch {batch:.1f}   "
-        f"queue p50 {percentile(waits, 0.5):6.2f} ms   "
-        f"protocol above the engine: p50 {percentile(overhead, 0.5):5.2f} ms  p95 {percentile(overhead, 0.95):5.2f} ms"
+        f"{label:<10} {figures['fps']:7.1f} fps   latency p50 {figures['latency_p50_ms']:7.1f} ms  "
+        f"p95 {figures['latency_p95_ms']:7.1f} ms   mean batch {figures['mean_batch']:.1f}   "
+        f"queue p50 {figures['queue_p50_ms']:6.2f} ms   protocol above the engine: "
+        f"p50 {figures['protocol_p50_ms']:5.2f} ms  p95 {figures['protocol_p95_ms']:5.2f} ms"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--real", action="store_true", help="the variant's real weights under weights/ (else tiny random ones)"
-    )
-    parser.add_argument("--variant", default="sd-turbo")
-    parser.add_argument("--size", type=int, default=None, help="frame and image side (default 64 tiny, 512 real)")
-    parser.add_argument("--frames", type=int, default=30, help="frames per client and run (default 30)")
+    add_options(parser, runs=30, quick_runs=30)  # runs: frames per client
+    parser.add_argument("--real", action="store_true", help="the variant's real weights under weights/")
+    parser.add_argument("--side", type=int, default=None, help="frame and image side (default 64 --quick, else 512)")
     parser.add_argument("--strength", type=float, default=0.5)
-    args = parser.parse_args()
-    size = args.size or (512 if args.real else 64)
+    args = resolve_options(parser.parse_args())
+    side = args.side or (64 if args.quick else 512)
     variant = variants.VARIANTS[args.variant]
+    settings = Settings.from_environment() if args.real else Settings(weights_root=args.root)
     if not args.real:
-        root = Path(tempfile.mkdtemp(prefix="fastsd-realtime-benchmark-"))
-        random_models.build_variant(variant, root)
-        os.environ["FASTSD_WEIGHTS_ROOT"] = str(root)
-    engine = Engine.load(variant)
+        build_random_weights(variant, args.root, args.size, "cpu")
+    engine = Engine.load(variant, settings)
     engine.warm_up()
-    params = dict(prompt="a watercolour of a harbour", width=size, height=size, strength=args.strength, seed=5)
-    sent = frames(args.frames, size)
-    print(f"{variant.name} ({'real' if args.real else 'tiny random'} weights) on {engine.pipelines.device}, "
-          f"{size}x{size} image-to-image at strength {args.strength}, {args.frames} frames per client, "
-          f"{os.cpu_count()} CPU cores")  # fmt: skip
+    params = dict(prompt="a watercolour of a harbour", width=side, height=side, strength=args.strength, seed=5)
+    sent = frames(args.runs, side)
+    weights = "real" if args.real else f"{args.size} random"
+    report = Report(f"realtime-{variant.name}", args, engine.pipelines.device, engine.pipelines.dtype,
+                    variant=variant.name, side=side, strength=args.strength, frames_per_client=args.runs)  # fmt: skip
+    print(f"{variant.name} ({weights} weights) on {engine.pipelines.device}, {side}x{side} image-to-image at "
+          f"strength {args.strength}, {args.runs} frames per client, {os.cpu_count()} CPU cores")  # fmt: skip
     # In a thread of its own, as the server's batcher runs the engine (on this loaded 2-core CPU, torch
     # in the main thread measured many times slower than in any other thread).
     with ThreadPoolExecutor(1) as worker:
         worker.submit(baseline, engine, sent[:3], params).result()  # image-to-image's first calls: not timed
         direct = worker.submit(baseline, engine, sent, params).result()
-    print(f"{'engine':<10} {1000 / statistics.mean(direct):7.1f} fps   latency p50 {percentile(direct, 0.5):7.1f} ms  "
-          f"p95 {percentile(direct, 0.95):7.1f} ms   (no server: the baseline)")  # fmt: skip
+    engine_p50, engine_p95 = round(percentile(direct, 0.5), 1), round(percentile(direct, 0.95), 1)
+    fps = round(1000 / statistics.mean(direct), 1)
+    report["engine"] = {"fps": fps, "latency_p50_ms": engine_p50, "latency_p95_ms": engine_p95}
+    print(f"{'engine':<10} {fps:7.1f} fps   latency p50 {engine_p50:7.1f} ms  p95 {engine_p95:7.1f} ms   "
+          "(no server: the baseline)")  # fmt: skip
     app = create_app(EngineBackend(engine, Batcher(engine)), Limits(max_messages_per_second=10_000))
     with serving(app) as base:
         url = base.replace("http", "ws") + "/ws"
         for count in (1, 4):
             measured, seconds = asyncio.run(run_clients(url, count, sent, params))
-            report(f"{count} client{'s' if count > 1 else ''}", measured, seconds)
+            label = f"{count} client{'s' if count > 1 else ''}"
+            report[label.replace(" ", "_")] = summarized(measured, seconds)
+            show(label, report[label.replace(" ", "_")])
+    print(f"wrote {report.write()}")
     sys.stdout.flush()
 
 

@@ -21,18 +21,14 @@ import shutil
 import statistics
 import sys
 import tempfile
-from datetime import datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchmark import build_random_weights, report_header, timed_prediction, versions  # noqa: E402
-
-from fastsd import variants  # noqa: E402
-from fastsd.pipelines import select_device  # noqa: E402
-from fastsd.weights import layout  # noqa: E402
-from fastsd_testing import random_models  # noqa: E402
-from fastsd_testing.cog_server import CogServer  # noqa: E402
+from fastsd import variants
+from fastsd.pipelines import select_device
+from fastsd.weights import layout
+from fastsd_testing import random_models
+from fastsd_testing.bench import Report, add_options, build_random_weights, resolve_options, timed_prediction
+from fastsd_testing.cog_server import CogServer
 
 PROMPT = "a watercolour of a harbour town at sunrise"
 CLASSIFIER = layout.Source(layout.NSFW_CLASSIFIER, variants.NSFW_CLASSIFIER_REPO)
@@ -71,14 +67,9 @@ def serve(variant, root: Path, log_path: Path, cases: dict[str, dict], runs: int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default="sd-turbo", choices=list(variants.VARIANTS))
-    parser.add_argument("--quick", action="store_true", help="tiny models: a smoke run")
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--root", type=Path, help="where the random weights are built and kept")
-    parser.add_argument("--json", type=Path, help="where to write the results")
-    args = parser.parse_args()
-    size = random_models.TINY if args.quick else random_models.FULL
-    root = args.root or Path.home() / ".cache" / "fastsd-benchmark" / f"{size}-fp16"
+    add_options(parser, runs=7, quick_runs=7)
+    args = resolve_options(parser.parse_args())
+    size, root = args.size, args.root
     variant = variants.VARIANTS[args.variant]
     device, dtype = select_device()
     build_random_weights(variant, root, size, device)
@@ -114,21 +105,13 @@ def main() -> int:
         }
         for case in ("checked", "both_run")
     }
-    report = {
-        **report_header(device, dtype, variant, size),
-        "runs": args.runs,
-        "median": medians,
-        "added_to_a_request": added,
-        "all": {
-            case: {name: [round(v, 3) for v in values] for name, values in m.items()} for case, m in timings.items()
-        },
-        "versions": versions(),
-    }
+    report = Report(f"safety-{variant.name}", args, device, dtype, variant=variant.name, runs=args.runs)
+    report["median"] = medians
+    report["added_to_a_request"] = added
+    report["all"] = {case: {name: [round(v, 3) for v in values] for name, values in m.items()}
+                     for case, m in timings.items()}  # fmt: skip
     print(json.dumps({"median": medians, "added": added}, indent=1))
-    out = args.json or Path("benchmarks") / f"safety-{device}-{variant.name}-{size}-{datetime.now():%Y%m%d-%H%M}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {report.write()}")
     return 0
 
 

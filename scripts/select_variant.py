@@ -106,10 +106,10 @@ def set_cog_variant(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastsd import cli
+    from fastsd import script_options
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_deployment_options(parser)
+    script_options.add_deployment_options(parser)
     parser.add_argument("variant")
     parser.add_argument(
         "--no-tiny-vae",
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastsd.weights import layout
 
     try:
-        variant = cli.deployment(variants.get_variant(args.variant), args)
+        variant = script_options.deployment(variants.get_variant(args.variant), args)
         cog_path = args.project / "cog.yaml"
         cog_yaml = set_cog_variant(cog_path.read_text(), variant.name, variant.controlnets, variant.safety_checker)
     except (ConfigurationError, ValueError) as error:
