@@ -42,7 +42,8 @@ class Predictor(BaseRunner):
             description="What the image should show. Weighting: (words:1.3) multiplies their weight by 1.3, "
             "(words) by 1.1, ((words)) by 1.21, [words] divides it by 1.1; compel's words+, words-, (words)1.3, "
             '("a", "b").blend(0.7, 0.3) and .and() work too; \\( and \\) are literal parentheses. Past 77 tokens '
-            "the prompt is encoded in 77-token chunks, up to 8 (about 600 tokens), none of it dropped.",
+            "the prompt is encoded in 77-token chunks, up to 8 (about 600 tokens), none of it dropped. FLUX and "
+            "Z-Image read up to 512 tokens (FLUX.1 schnell: 256) and encode weighted words without their weights.",
         ),
         negative_prompt: str = Input(
             default="",
@@ -60,6 +61,12 @@ class Predictor(BaseRunner):
             description="Inpainting: an image the size of image (or resized to it) where white repaints and black "
             "keeps; grey blends. The kept pixels come back unchanged.",
         ),
+        reference_images: list[Path] | None = Input(
+            default=None,
+            description="FLUX.2 klein only: up to 4 images to edit from or combine (URLs or data URIs), each read at "
+            "up to 1 megapixel; the prompt says what to make of them. Without width and height the output takes the "
+            "model's default size.",
+        ),
         strength: float = Input(
             default=0.8,
             ge=0.0,
@@ -71,29 +78,31 @@ class Predictor(BaseRunner):
             default=None,
             ge=1,
             le=100,
-            description="Denoising steps. Leave empty for the model's default (1 for turbo, 4 for LCM, 25 for "
-            "the base models); image-to-image then raises it so that strength x steps keeps that many.",
+            description="Denoising steps. Leave empty for the model's default (1 for turbo, 4 for LCM, FLUX.1 "
+            "schnell and FLUX.2 klein, 9 for Z-Image-Turbo, 25 for the base models); image-to-image then raises it "
+            "so that strength x steps keeps that many.",
         ),
         guidance_scale: float | None = Input(
             default=None,
             ge=0.0,
             le=20.0,
             description="Classifier-free guidance. 1 or less switches it off (the right choice for turbo and "
-            "LCM-LoRA); leave empty for the model's default.",
+            "LCM-LoRA); leave empty for the model's default. FLUX.1 schnell and FLUX.2 klein are distilled without "
+            "it and take no other value.",
         ),
         width: int | None = Input(
             default=None,
             ge=64,
             le=2048,
-            description="Output width in pixels, a multiple of 8. Leave empty for the model's default (512, or "
-            "1024 for SDXL base models) or, with an image, for its width.",
+            description="Output width in pixels, a multiple of 8 (16 for FLUX and Z-Image). Leave empty for the "
+            "model's default (512, or 1024 for SDXL base models, FLUX and Z-Image) or, with an image, for its width.",
         ),
         height: int | None = Input(
             default=None,
             ge=64,
             le=2048,
-            description="Output height in pixels, a multiple of 8. Leave empty for the model's default or, "
-            "with an image, for its height.",
+            description="Output height in pixels, a multiple of 8 (16 for FLUX and Z-Image). Leave empty for the "
+            "model's default or, with an image, for its height.",
         ),
         num_outputs: int = Input(default=1, ge=1, le=8, description="How many images to make in one batch (1 to 8)."),
         seed: int | None = Input(
@@ -109,8 +118,9 @@ class Predictor(BaseRunner):
         vae: str | None = Input(
             default=None,
             choices=["full", "tiny"],
-            description="Decoder for the final image: full (finest detail) or tiny (TAESD: 10x less work, slightly "
-            "softer detail). Leave empty for the model's default: tiny for the 1-step turbo models, full otherwise.",
+            description="Decoder for the final image: full (finest detail) or tiny (TAESD, TAEF1 or FLUX.2's tiny "
+            "autoencoder: 10x less work, slightly softer detail). Leave empty for the model's default: tiny for the "
+            "1-step turbo models, full otherwise.",
         ),
         output_quality: int = Input(
             default=80,
@@ -164,13 +174,15 @@ class Predictor(BaseRunner):
             "safety checker and an NSFW classifier flag is left out (metrics: withheld).",
         ),
     ) -> list[Path]:
-        for name, value in (("image", image), ("mask", mask), ("control_image", control_image)):
+        pictures = [("image", image), ("mask", mask), ("control_image", control_image)]
+        pictures += [("reference_images", value) for value in reference_images or ()]
+        for name, value in pictures:
             if value is not None and not isinstance(value, Path):
                 # Cog turns URLs and data URIs into downloaded files (Path); without a build schema it
                 # passes any other string through as is. A bare path would read this machine's files.
                 raise InputError(f"{name} must be an http(s) URL or a data URI of an image, not a file path.")
         # Decoding an input image takes a while: off the event loop, where other requests wait.
-        has_images = any(value is not None for value in (image, mask, control_image))
+        has_images = any(value is not None for _, value in pictures)
         async with self.decoding if has_images else contextlib.nullcontext():
             request = await asyncio.to_thread(
                 self.engine.validate,
@@ -178,6 +190,7 @@ class Predictor(BaseRunner):
                 negative_prompt=negative_prompt,
                 image=image,
                 mask=mask,
+                reference_images=reference_images,
                 strength=strength,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,

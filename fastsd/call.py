@@ -32,33 +32,26 @@ def recipe_arguments(scheduler: Scheduler, steps: int, accepted: set[str]) -> di
 
 def arguments(
     requests: Sequence[GenerationRequest],
-    embeddings: dict[str, torch.Tensor],
+    embeddings: dict[str, Any],
     accepted: set[str],
     scheduler: Scheduler,
     interrupted: Callable[[], bool] | None,
+    task_arguments: Callable[[list[torch.Generator]], dict[str, Any]],
 ) -> dict[str, Any]:
-    """The call's keyword arguments: shared settings, per-image generators and inputs, the task's."""
+    """The call's keyword arguments: shared settings, per-image generators and embeddings, and the
+    task's (task_arguments: the family's, given the generators)."""
     first = requests[0]
-    per_image = [request for request in requests for _ in range(request.num_outputs)]
+    # One CPU generator per image: image i is reproducible alone with seed + i, on any device.
+    generators = [torch.Generator("cpu").manual_seed(r.seed + i) for r in requests for i in range(r.num_outputs)]
     called: dict[str, Any] = dict(
         num_inference_steps=first.num_inference_steps,
         guidance_scale=first.guidance_scale,
         num_images_per_prompt=1,
-        # One CPU generator per image: image i is reproducible alone with seed + i, on any device.
-        generator=[torch.Generator("cpu").manual_seed(r.seed + i) for r in requests for i in range(r.num_outputs)],
+        generator=generators,
         **embeddings,
         **recipe_arguments(scheduler, first.num_inference_steps, accepted),
     )
-    if first.task is Task.TEXT_TO_IMAGE:
-        called.update(width=first.width, height=first.height)
-    else:
-        called.update(image=[r.image for r in per_image], strength=first.strength)
-    if first.task is Task.INPAINTING:
-        called.update(mask_image=[r.mask for r in per_image], width=first.width, height=first.height)
-    if first.controlnet:
-        # Text-to-image takes the map as `image`; image-to-image keeps `image` for the start.
-        called["image" if first.task is Task.TEXT_TO_IMAGE else "control_image"] = [r.control_image for r in per_image]
-        called["controlnet_conditioning_scale"] = first.conditioning_scale
+    called.update(task_arguments(generators))
     if interrupted is not None and "callback_on_step_end" in accepted:
 
         def stop_when_asked(pipe, step, timestep, callback_kwargs):
@@ -85,6 +78,7 @@ def describe(request: GenerationRequest, recipe: dict[str, Any]) -> str:
         + (f", strength {request.strength:g}" if request.task is not Task.TEXT_TO_IMAGE else "")
         + (f", mask {mask_share(request.mask):.0%} of the image" if request.mask is not None else "")
         + (f", controlnet {request.controlnet} at {request.conditioning_scale:g}" if request.controlnet else "")
+        + (f", {len(request.references)} reference image(s)" if request.references else "")
         + "".join(f", LoRA {lora.reference} at {scale:g}" for lora, scale in request.loras)
         + "".join(f", {name} {value}" for name, value in recipe.items())
     )

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from . import call, inputs, pipelines
+from .families import Family, family_of, join_embeddings, length_of
 from .finish import DeviceFinish, Finish
 from .gpu import Graphs
 from .inputs import GenerationRequest, Served
@@ -37,7 +38,22 @@ def batch_key(request: GenerationRequest) -> tuple:
     scale = request.conditioning_scale if request.controlnet else None
     loras = tuple((lora.adapter, lora_scale) for lora, lora_scale in request.loras)
     return (*request.pipeline_key, request.width, request.height, request.num_inference_steps,
-            request.guidance_scale, strength, scale, loras)  # fmt: skip
+            request.guidance_scale, strength, scale, loras, request.references_digest)  # fmt: skip
+
+
+_COMPILED_REFUSAL = (
+    "lora_weights and extra_lora are not served by this deployment: it compiles its UNet (FASTSD_COMPILE) without "
+    "LoRA slots (FASTSD_LORA_MAX_RANK=0)."
+)
+
+
+def _lora_refusal(variant: Variant, loaded: pipelines.Pipelines, family: Family) -> str | None:
+    """Why this deployment serves no user LoRAs, or None when it does."""
+    if not family.serves_user_loras:
+        return f"lora_weights and extra_lora are not served for {variant.name}: user LoRAs load on the SD presets."
+    if loaded.compile_mode is not None and loaded.lora_slots is None:  # a compiled UNet: only through its slots
+        return _COMPILED_REFUSAL
+    return None
 
 
 class Engine:
@@ -47,24 +63,25 @@ class Engine:
         settings = settings or Settings()
         self.variant = variant
         self.pipelines = loaded
-        self.prompts = PromptCache(loaded.text_to_image, loaded.device)
+        self.family = family_of(variant.architecture)
+        self.prompts = PromptCache(self.family.prompts(loaded.text_to_image, loaded.device, variant))
         self.adapters = Adapters(loaded.text_to_image, variant, loaded.lora_slots, settings.loras_loaded)
         # FASTSD_GRAPHS=on: the hot modules replay captured graphs (fastsd.gpu); off: nothing installed.
         # A whole-model compile brings its own graphs; regional compilation's blocks go inside ours.
         whole_compile = loaded.compile_mode not in (None, REGIONAL)
-        self.graphs = Graphs.for_pipelines(loaded, variant.max_batch_images, whole_compile, settings.graphs)
+        graphs = settings.graphs and variant.has_unet
+        if settings.graphs and not graphs:
+            log.info("graphs: FASTSD_GRAPHS=on covers the UNet presets; %s runs eagerly", variant.name)
+        self.graphs = Graphs.for_pipelines(loaded, variant.max_batch_images, whole_compile, graphs)
         self.finish: Finish = DeviceFinish(loaded.safety) if self.graphs.active else Finish(loaded.safety)
         self.outputs = Outputs()
         self.call_parameters = {key: pipelines.call_parameters(pipeline) for key, pipeline in loaded.by_key.items()}
-        # A compiled UNet serves LoRAs only through its slots (fastsd.loras.hotswap).
-        refuses_loras = loaded.compile_mode is not None and loaded.lora_slots is None
         self.served = Served(
             variant,
             vae_choices=loaded.vae_choices,
             controlnets=loaded.controlnets,
-            lora_rules=None if refuses_loras else Rules.from_settings(settings),
-            lora_refusal="lora_weights and extra_lora are not served by this deployment: it compiles its UNet "
-            "(FASTSD_COMPILE) without LoRA slots (FASTSD_LORA_MAX_RANK=0).",
+            lora_rules=None if _lora_refusal(variant, loaded, self.family) else Rules.from_settings(settings),
+            lora_refusal=_lora_refusal(variant, loaded, self.family) or _COMPILED_REFUSAL,
             accepts_negative_prompt=loaded.accepts_negative_prompt,
             check_prompts=self.prompts.check,
         )
@@ -139,7 +156,7 @@ class Engine:
         """The log lines for a request: what will run, and any input that will have no effect."""
         accepted = self.call_parameters[request.pipeline_key]
         recipe = call.recipe_arguments(self.variant.recipe.scheduler, request.num_inference_steps, accepted)
-        lines = [call.describe(request, recipe)]
+        lines = [call.describe(request, recipe), *self.prompts.notes(request.prompt, request.negative_prompt)]
         if request.negative_prompt and not self.served.accepts_negative_prompt:
             lines.append(f"negative_prompt ignored: {self.variant.name} embeds guidance and takes no negative prompt")
         elif request.negative_prompt and not request.uses_guidance:
@@ -172,16 +189,15 @@ class Engine:
         self.adapters.apply(first.loras)
         # 2. The prompts, encoded (cached); requests of different prompt lengths run as one call each.
         encoded = [self._encoded(request) for request in requests]
-        if len({embeddings["prompt_embeds"].shape[1] for embeddings in encoded}) > 1:
+        if len({length_of(embeddings) for embeddings in encoded}) > 1:
             return self._by_prompt_length(requests, encoded, interrupted)
         counts = [request.num_outputs for request in requests]
-        embeddings = {
-            name: torch.cat([e[name].repeat_interleave(n, dim=0) for e, n in zip(encoded, counts, strict=True)])
-            for name in encoded[0]
-            if name in accepted
-        }
-        # 3. The call's arguments: per-image generators and inputs, the task's, the recipe's.
-        arguments = call.arguments(requests, embeddings, accepted, self.variant.recipe.scheduler, interrupted)
+        embeddings = join_embeddings(encoded, counts, accepted)
+        # 3. The call's arguments: per-image generators and inputs, the task's (the family's), the recipe's.
+        arguments = call.arguments(
+            requests, embeddings, accepted, self.variant.recipe.scheduler, interrupted,
+            lambda generators: self.family.task_arguments(requests, pipeline, accepted, generators),
+        )  # fmt: skip
         arguments["output_type"] = self.finish.output_type
         # 4. The call.
         generated = self._run(pipeline, arguments, sum(counts), first)
@@ -202,7 +218,7 @@ class Engine:
             results.append(result)
         return results
 
-    def _encoded(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
+    def _encoded(self, request: GenerationRequest) -> dict[str, Any]:
         """The request's embeddings. LoRAs that change the text encoders encode the same prompt
         differently; so do those that bring tokens (a prompt sent before they were added, naming
         them, was encoded without them): they are part of the cache's key."""
@@ -227,7 +243,7 @@ class Engine:
         length: padding the shorter embeddings would change their images (docs/prompts.md)."""
         groups: dict[int, list[int]] = {}
         for index, embeddings in enumerate(encoded):
-            groups.setdefault(embeddings["prompt_embeds"].shape[1], []).append(index)
+            groups.setdefault(length_of(embeddings), []).append(index)
         results: list[Result | None] = [None] * len(requests)
         for indices in groups.values():
             for index, result in zip(indices, self.generate_batch([requests[i] for i in indices], interrupted),

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import io
+import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +185,23 @@ def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     if image.size == (width, height):
         return image
     return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+
+
+def fit_within(image: Image.Image, max_pixels: int, multiple: int) -> Image.Image:
+    """Scaled down (never up) to at most max_pixels, each side cut to a multiple (fit's centre crop)."""
+    scale = min(1.0, math.sqrt(max_pixels / (image.width * image.height)))
+    width = max(multiple, int(image.width * scale) // multiple * multiple)
+    height = max(multiple, int(image.height * scale) // multiple * multiple)
+    return fit(image, width, height)
+
+
+def digest(pictures: Sequence[Image.Image]) -> str:
+    """A hash of the pictures' pixels: equal for the same images, whatever object holds them."""
+    hashed = hashlib.sha256()
+    for picture in pictures:
+        hashed.update(f"{picture.mode}{picture.size}".encode())
+        hashed.update(picture.tobytes())
+    return hashed.hexdigest()
 
 
 def encode(image: Image.Image, output_format: str, quality: int) -> bytes:

@@ -71,10 +71,14 @@ def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def side(name: str, value: Any) -> int:
+def side(name: str, value: Any, multiple: int = 8, model: str = "") -> int:
     whole = whole_number(name, value)
-    if whole % 8 or not MIN_SIDE <= whole <= MAX_SIDE:
-        raise InputError(f"{name} must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE}, got {whole}.", field=name)
+    if whole % multiple or not MIN_SIDE <= whole <= MAX_SIDE:
+        where = f" for {model}" if multiple != 8 and model else ""
+        raise InputError(
+            f"{name} must be a multiple of {multiple} between {MIN_SIDE} and {MAX_SIDE}{where}, got {whole}.",
+            field=name,
+        )
     return whole
 
 
@@ -82,32 +86,33 @@ def _round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
 
 
-def _multiple_of_8(length: float, rounding=_round_half_up) -> int:
-    return min(MAX_SIDE, max(MIN_SIDE, int(rounding(length / 8)) * 8))
+def _multiple(length: float, multiple: int, rounding=_round_half_up) -> int:
+    return min(MAX_SIDE, max(MIN_SIDE, int(rounding(length / multiple)) * multiple))
 
 
-def _fit_to_budget(width: float, height: float, max_pixels: int) -> tuple[int, int]:
-    """The input image's size rounded to multiples of 8, scaled down only if over the pixel budget."""
+def _fit_to_budget(width: float, height: float, max_pixels: int, multiple: int) -> tuple[int, int]:
+    """The input image's size rounded to the model's multiple, scaled down only if over the pixel budget."""
     scale = min(1.0, math.sqrt(max_pixels / (width * height)))
-    nearest = _multiple_of_8(width * scale), _multiple_of_8(height * scale)
+    nearest = _multiple(width * scale, multiple), _multiple(height * scale, multiple)
     if nearest[0] * nearest[1] <= max_pixels:
         return nearest
-    return _multiple_of_8(width * scale, math.floor), _multiple_of_8(height * scale, math.floor)
+    return _multiple(width * scale, multiple, math.floor), _multiple(height * scale, multiple, math.floor)
 
 
 def size(variant: Variant, width: Any, height: Any, source: Image.Image | None) -> tuple[int, int]:
     """The output size: as asked, else the source image's (rounded, within the budget), else the
     variant's; a side left out keeps the source's aspect ratio."""
-    width = None if width is None else side("width", width)
-    height = None if height is None else side("height", height)
+    multiple = variant.size_multiple
+    width = None if width is None else side("width", width, multiple, variant.name)
+    height = None if height is None else side("height", height, multiple, variant.name)
     if source is None:
         width, height = width or variant.width, height or variant.height
     elif width is None and height is None:
-        width, height = _fit_to_budget(*source.size, variant.max_pixels)
+        width, height = _fit_to_budget(*source.size, variant.max_pixels, multiple)
     elif width is None or height is None:  # keep the input's aspect ratio for the side left out
         aspect = source.width / source.height
-        width = width or _multiple_of_8(height * aspect)
-        height = height or _multiple_of_8(width / aspect)
+        width = width or _multiple(height * aspect, multiple)
+        height = height or _multiple(width / aspect, multiple)
     if width * height > variant.max_pixels:
         raise InputError(
             f"width x height must be at most {variant.max_pixels} pixels for {variant.name}, "

@@ -34,7 +34,17 @@ from .input_checks import (
 from .loras import references as loras
 from .loras.references import LoraFile, Rules
 from .tasks import PipelineKey, Task
-from .variants import CANNY, CONDITIONING_SCALE, CONTROLNETS, CONTROLNETS_ENV, FULL_VAE, VAE_CHOICES, Variant
+from .variants import (
+    ARCHITECTURE_NAMES,
+    CANNY,
+    CONDITIONING_SCALE,
+    CONTROLNETS,
+    CONTROLNETS_ENV,
+    DISTILLED,
+    FULL_VAE,
+    VAE_CHOICES,
+    Variant,
+)
 
 __all__ = ["INPUTS", "MAX_PROMPT_CHARACTERS", "GenerationRequest", "Served", "steps_for_strength", "validate"]
 
@@ -48,10 +58,11 @@ class Input:
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
+    many: bool = False  # a list of values (predict.py: list[...])
 
 
 OUTPUT_FORMATS = ("webp", "jpg", "png")
-IMAGE_INPUTS = ("image", "mask", "control_image")
+IMAGE_INPUTS = ("image", "mask", "control_image", "reference_images")
 INPUTS: dict[str, Input] = {
     row.name: row
     for row in (
@@ -59,6 +70,7 @@ INPUTS: dict[str, Input] = {
         Input("negative_prompt", ""),
         Input("image"),
         Input("mask"),
+        Input("reference_images", many=True),
         Input("strength", 0.8, 0.0, 1.0),
         Input("num_inference_steps", None, 1, 100),  # and the variant's max_steps
         Input("guidance_scale", None, 0.0, 20.0),
@@ -85,6 +97,7 @@ MAX_SEED = int(INPUTS["seed"].high or 0)
 # Past this, the memory of a decoded original is handed back once the inputs are fitted: the
 # allocator would keep it, the worker staying at its peak (docs/serving.md).
 LARGE_INPUT_PIXELS = 4_000_000
+REFERENCE_PIXELS = 1024 * 1024  # a larger reference image is scaled down to this, as the klein pipelines do
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,8 @@ class GenerationRequest:
     controlnet: str | None = None  # canny or depth, with control_image
     control_image: Image.Image | None = None  # the map the ControlNet follows, at width x height
     conditioning_scale: float = 1.0  # how strongly it follows it
+    references: tuple[Image.Image, ...] = ()  # FLUX.2 [klein]'s reference images, at most 1 megapixel each
+    references_digest: str | None = None  # their pixels' hash: requests share a call only with the same ones
 
     @property
     def pipeline_key(self) -> PipelineKey:
@@ -190,6 +205,7 @@ def _validate(served: Served, raw: dict[str, Any], large: list[str]) -> Generati
         control = images.fit(control, width, height)
         if controlnet == CANNY and boolean("control_preprocess", given["control_preprocess"]):
             control = images.canny_edges(control)
+    references = _references(variant, given, large)
     request = GenerationRequest(
         task=task,
         prompt=prompt,
@@ -204,6 +220,8 @@ def _validate(served: Served, raw: dict[str, Any], large: list[str]) -> Generati
         controlnet=controlnet,
         control_image=control,
         conditioning_scale=scale,
+        references=references,
+        references_digest=images.digest(references) if references else None,
         **numbers,
     )
     if served.check_prompts is not None:  # a LoRA's new tokens are counted when they are encoded
@@ -213,7 +231,13 @@ def _validate(served: Served, raw: dict[str, Any], large: list[str]) -> Generati
 
 
 def _refuse_what_is_not_served(served: Served, given: dict[str, Any]) -> None:
-    wanted = given["controlnet"]
+    variant, wanted = served.variant, given["controlnet"]
+    if wanted in CONTROLNETS and wanted not in variant.controlnet_choices():
+        raise InputError(
+            f"controlnet {wanted} is not available for {variant.name}: no {wanted} ControlNet is published for "
+            f"{ARCHITECTURE_NAMES[variant.architecture]} models.",
+            field="controlnet",
+        )
     if wanted in CONTROLNETS and wanted not in served.controlnets:
         listed = ", ".join(served.controlnets) or "none"
         raise InputError(
@@ -223,6 +247,43 @@ def _refuse_what_is_not_served(served: Served, given: dict[str, Any]) -> None:
         )
     if served.lora_rules is None and (given["lora_weights"] or given["extra_lora"]):
         raise InputError(served.lora_refusal, field="lora_weights")
+    _refuse_what_the_model_ignores(variant, served, given)
+    references = given["reference_images"]
+    if references is not None and references != []:
+        if variant.max_references == 0:
+            raise InputError(
+                f"reference_images is for the FLUX.2 [klein] presets (editing from reference images); {variant.name} "
+                "has no such mode.",
+                field="reference_images",
+            )
+        if not isinstance(references, list | tuple):
+            raise InputError("reference_images must be a list of images (URLs or data URIs).", field="reference_images")
+        if len(references) > variant.max_references:
+            raise InputError(
+                f"reference_images holds {len(references)} images; {variant.name} reads at most "
+                f"{variant.max_references}.",
+                field="reference_images",
+            )
+
+
+def _refuse_what_the_model_ignores(variant: Variant, served: Served, given: dict[str, Any]) -> None:
+    """The transformers' presets refuse an input they cannot honour (the SD presets, for the
+    clients written for them, log it instead: Engine.describe)."""
+    if variant.has_unet:
+        return
+    if given["negative_prompt"] and not served.accepts_negative_prompt:
+        raise InputError(
+            f"negative_prompt has no effect on {variant.name}: it was distilled to run without classifier-free "
+            "guidance; leave negative_prompt empty.",
+            field="negative_prompt",
+        )
+    asked = given["guidance_scale"]
+    if variant.recipe.guidance == DISTILLED and isinstance(asked, int | float) and asked != variant.guidance_scale:
+        raise InputError(
+            f"guidance_scale is fixed at {variant.guidance_scale:g} on {variant.name}: it was guidance-distilled "
+            f"and ignores the value; leave guidance_scale out, got {asked!r}.",
+            field="guidance_scale",
+        )
 
 
 def _texts_and_loras(served: Served, given: dict[str, Any]) -> tuple[str, str, tuple[tuple[LoraFile, float], ...]]:
@@ -306,6 +367,14 @@ def _pictures(variant: Variant, given: dict[str, Any], large: list[str]):
         raise InputError("control_image does not combine with mask or a transparent image (inpainting); send one.",
                          field="control_image")  # fmt: skip
     return source, area, control, controlnet, scale
+
+
+def _references(variant: Variant, given: dict[str, Any], large: list[str]) -> tuple[Image.Image, ...]:
+    """The reference images, decoded, flattened and fitted to at most REFERENCE_PIXELS (what the
+    klein pipelines read them at) in the model's multiples."""
+    sources = given["reference_images"] or ()
+    opened = (images.flatten(_opened(source, "reference_images", large)) for source in sources)
+    return tuple(images.fit_within(image, REFERENCE_PIXELS, variant.size_multiple) for image in opened)
 
 
 def _control(variant: Variant, given: dict[str, Any], large: list[str]):

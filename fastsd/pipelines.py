@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from .errors import ConfigurationError
+from .families import Family, family_of
 from .loras.adapters import load_adapter
 from .loras.hotswap import UnetSlots
 from .safety import SafetyChecker
 from .settings import BEST, REGIONAL, Settings, configure_libraries
 from .tasks import PipelineKey, Task
-from .variants import ARCHITECTURE_NAMES, FULL_VAE, SDXL, TINY_VAE, HubFile, Lora, Scheduler, Variant
-from .weights.layout import CONTROLNET, LORA, UNET, model_folder, repo_folder
+from .variants import ARCHITECTURE_NAMES, CFG, FULL_VAE, TINY_VAE, Lora, Scheduler, Variant
+from .weights.layout import CONTROLNET, LORA, model_folder, repo_folder
 from .weights.provision import require_weights
 
 log = logging.getLogger(__name__)
@@ -58,18 +59,7 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=r"(?s).*`steps_offset` should be set to 1", category=FutureWarning)
 
 
-# The diffusers pipeline class of each task, with and without a ControlNet, for SD 1.x/2.x and
-# for SDXL. Image-to-image goes through the auto pipeline, which knows the LCM pipelines; the others
-# take the Stable Diffusion ones, which also run LCM-distilled UNets (guidance embedding) and, for
-# inpainting, 4-channel UNets (the latents are masked each step). None: text-to-image's own class.
-_PIPELINE_CLASS = {
-    (Task.TEXT_TO_IMAGE, False): (None, None),
-    (Task.IMAGE_TO_IMAGE, False): ("AutoPipelineForImage2Image", "AutoPipelineForImage2Image"),
-    (Task.INPAINTING, False): ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline"),
-    (Task.TEXT_TO_IMAGE, True): ("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline"),
-    (Task.IMAGE_TO_IMAGE, True): ("StableDiffusionControlNetImg2ImgPipeline",
-                                  "StableDiffusionXLControlNetImg2ImgPipeline"),
-}  # fmt: skip
+# The tasks a ControlNet serves (inpainting keeps its own mask as the guide).
 CONTROLNET_TASKS = (Task.TEXT_TO_IMAGE, Task.IMAGE_TO_IMAGE)
 
 
@@ -122,13 +112,14 @@ def _cpu_supports_bf16() -> bool:
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def select_device(dtype_name: str | None = None) -> tuple[str, torch.dtype]:
-    """CUDA in fp16, else Apple MPS in fp16, else the CPU in bf16 where native, else fp32; a dtype
-    named (Settings.dtype: float32, float16, bfloat16) overrides the precision."""
+def select_device(dtype_name: str | None = None, half: torch.dtype = torch.float16) -> tuple[str, torch.dtype]:
+    """CUDA in half precision (the family's: fp16 for the UNets, bf16 for the transformers), else
+    Apple MPS likewise, else the CPU in bf16 where native, else fp32; a dtype named
+    (Settings.dtype: float32, float16, bfloat16) overrides the precision."""
     if torch.cuda.is_available():
-        device, dtype = "cuda", torch.float16
+        device, dtype = "cuda", half
     elif torch.backends.mps.is_available():
-        device, dtype = "mps", torch.float16
+        device, dtype = "mps", half
     else:
         device, dtype = "cpu", torch.bfloat16 if _cpu_supports_bf16() else torch.float32
     return device, _DTYPES[dtype_name] if dtype_name else dtype
@@ -161,25 +152,6 @@ def weights_variant(folder: Path, dtype: torch.dtype, skip: tuple[str, ...] = ()
     if dtype in (torch.float16, torch.bfloat16) or not all(has_full):
         return "fp16"
     return None
-
-
-def _load_unet(variant: Variant, file: HubFile, dtype: torch.dtype, root: Path):
-    """A UNet published as one safetensors file in diffusers' keys (SDXL-Lightning), built from the
-    base's unet/config.json. Made on the meta device and given the file's tensors: no random
-    initialisation of billions of weights only to overwrite them."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    path = repo_folder(root, UNET, file.repo) / file.filename
-    config = UNet2DConditionModel.load_config(model_folder(root, variant.model) / "unet")
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    try:
-        unet.load_state_dict(load_file(path), strict=True, assign=True)
-    except RuntimeError as error:
-        reason = str(error).splitlines()[0]
-        raise ConfigurationError(f"{path} does not fit the UNet of {variant.model} ({reason}).") from None
-    return unet.to(dtype).eval()
 
 
 def _fuse_loras(pipeline, loras: tuple[Lora, ...], variant: Variant, root: Path) -> None:
@@ -227,7 +199,7 @@ def _use_channels_last(modules, device: str) -> None:
     """NHWC lets the convolution kernels (cuDNN, oneDNN) skip a layout change around every conv.
 
     Faster on CUDA and the CPU for the UNet and both decoders (docs/performance.md); not on MPS,
-    whose convolutions are not faster in it.
+    whose convolutions are not faster in it. (The transformers' families do not ask for it.)
     """
     if device == "mps":
         return
@@ -260,18 +232,16 @@ def _compile(modules, device: str, mode: str, frozen: bool = True) -> None:
     log.info("compiled %d modules with torch.compile mode %s", len(modules), mode)
 
 
-def _load_tiny_vae(variant: Variant, dtype: torch.dtype, root: Path):
+def _load_tiny_vae(variant: Variant, family: Family, dtype: torch.dtype, root: Path):
     """The tiny autoencoder, or None when it is not installed (then only vae=full is served)."""
-    from diffusers import AutoencoderTiny
-
     folder = model_folder(root, variant.tiny_vae)
     if not (folder / "config.json").is_file():
         log.info("tiny VAE %s not installed (%s): vae=tiny is unavailable", variant.tiny_vae, folder)
         return None
-    return AutoencoderTiny.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
+    return family.load_tiny_vae(folder, dtype)
 
 
-def _task_pipeline(task: Task, architecture: str, text_to_image, dtype: torch.dtype, **components):
+def _task_pipeline(task: Task, variant: Variant, family: Family, text_to_image, dtype: torch.dtype, **components):
     """The task's pipeline over text_to_image's components (with the given ones swapped in: a
     ControlNet, the tiny VAE).
 
@@ -280,9 +250,9 @@ def _task_pipeline(task: Task, architecture: str, text_to_image, dtype: torch.dt
     """
     import diffusers
 
-    name = _PIPELINE_CLASS[(task, "controlnet" in components)][architecture == SDXL]
-    family = getattr(diffusers, name) if name else type(text_to_image)
-    return family.from_pipe(text_to_image, dtype=dtype, **components)
+    name = family.pipeline_class(task, variant.architecture, "controlnet" in components)
+    pipeline_class = getattr(diffusers, name) if name else type(text_to_image)
+    return pipeline_class.from_pipe(text_to_image, dtype=dtype, **components)
 
 
 def _load_controlnet(variant: Variant, name: str, dtype: torch.dtype, root: Path):
@@ -303,39 +273,43 @@ def load(
     variant: Variant, settings: Settings, device: str | None = None, dtype: torch.dtype | None = None
 ) -> Pipelines:
     """Every pipeline the variant serves, on one copy of the weights, on the device."""
+    family = family_of(variant.architecture)
     if device is None or dtype is None:
-        chosen_device, chosen_dtype = select_device(settings.dtype)
+        chosen_device, chosen_dtype = select_device(settings.dtype, family.gpu_dtype)
         device, dtype = device or chosen_device, dtype or chosen_dtype
     root = settings.weights_root
     require_weights(variant, root)
     quiet_library_noise()
     started = time.perf_counter()
     # 1. The base with the recipe applied: text-to-image, which owns the weights.
-    text_to_image = _base_pipeline(variant, root, dtype)
+    text_to_image = _base_pipeline(variant, family, root, dtype)
     text_to_image.to(device)
     # 2. What it shares them with: the tiny autoencoder, the ControlNets, every task's pipeline.
-    tiny_vae = _load_tiny_vae(variant, dtype, root)
+    tiny_vae = _load_tiny_vae(variant, family, dtype, root)
     if tiny_vae is not None:
         tiny_vae.to(device)  # ~10 MB; everything else is shared, not a second model
     controlnets = {name: _load_controlnet(variant, name, dtype, root).to(device) for name in variant.controlnets}
-    by_key = _task_pipelines(variant, text_to_image, tiny_vae, controlnets, dtype)
+    by_key = _task_pipelines(variant, family, text_to_image, tiny_vae, controlnets, dtype)
     # 3. How the models run: channels last, compiled (with LoRA slots) where asked.
-    modules = [text_to_image.unet, text_to_image.vae, *([tiny_vae] if tiny_vae else []), *controlnets.values()]
-    _use_channels_last(modules, device)
+    denoiser = getattr(text_to_image, family.denoiser)
+    if family.channels_last:
+        _use_channels_last([denoiser, text_to_image.vae, *([tiny_vae] if tiny_vae else []), *controlnets.values()],
+                           device)  # fmt: skip
     lora_slots = None
     mode = compile_mode(settings.compile)
     if mode:
         configure_libraries(settings, compiling=True)
-        if settings.lora_max_rank:  # before compiling: the slots are part of the graph
-            lora_slots = UnetSlots(text_to_image.unet, settings.lora_max_rank)
-        compiled = [text_to_image.unet, text_to_image.vae.decoder, *([tiny_vae.decoder] if tiny_vae else [])]
-        _compile(compiled, device, mode, frozen=lora_slots is None)
+        if settings.lora_max_rank and family.serves_user_loras:  # before compiling: the slots are in the graph
+            lora_slots = UnetSlots(denoiser, settings.lora_max_rank)
+        _compile(family.compiled_modules(text_to_image, tiny_vae), device, mode, frozen=lora_slots is None)
     # 4. The safety checkers.
+    parameters = call_parameters(text_to_image)
     loaded = Pipelines(
         by_key,
         device,
         dtype,
-        accepts_negative_prompt="negative_prompt" in call_parameters(text_to_image),
+        accepts_negative_prompt=variant.recipe.guidance == CFG
+        and bool({"negative_prompt", "negative_prompt_embeds"} & parameters),
         safety=SafetyChecker.load(variant, root, device, dtype),
         lora_slots=lora_slots,
         compile_mode=mode,
@@ -344,7 +318,7 @@ def load(
     return loaded
 
 
-def _base_pipeline(variant: Variant, root: Path, dtype: torch.dtype):
+def _base_pipeline(variant: Variant, family: Family, root: Path, dtype: torch.dtype):
     """The base model with its recipe: a replacement UNet or VAE, LoRAs fused, the scheduler."""
     from diffusers import AutoencoderKL, DiffusionPipeline
 
@@ -362,8 +336,7 @@ def _base_pipeline(variant: Variant, root: Path, dtype: torch.dtype):
         options["vae"] = AutoencoderKL.from_pretrained(
             model_folder(root, variant.vae), dtype=dtype, use_safetensors=True, local_files_only=True
         )
-    if recipe.unet:
-        options["unet"] = _load_unet(variant, recipe.unet, dtype, root)
+    options.update(family.base_components(variant, root, dtype))
     text_to_image = DiffusionPipeline.from_pretrained(folder, **options)
     _fuse_loras(text_to_image, recipe.loras, variant, root)
     _set_scheduler(text_to_image, recipe.scheduler)
@@ -374,20 +347,22 @@ def _base_pipeline(variant: Variant, root: Path, dtype: torch.dtype):
     return text_to_image
 
 
-def _task_pipelines(variant: Variant, text_to_image, tiny_vae, controlnets: dict, dtype: torch.dtype) -> dict:
+def _task_pipelines(
+    variant: Variant, family: Family, text_to_image, tiny_vae, controlnets: dict, dtype: torch.dtype
+) -> dict:
     """A pipeline per (task, vae, ControlNet), over text_to_image's components."""
     by_key = {}
     for vae, vae_module in ((FULL_VAE, None), (TINY_VAE, tiny_vae)):
         if vae == TINY_VAE and tiny_vae is None:
             continue
         swapped = {"vae": vae_module} if vae_module is not None else {}
-        for task in Task:
+        for task in family.tasks:
             for controlnet in (None, *(controlnets if task in CONTROLNET_TASKS else ())):
                 if task is Task.TEXT_TO_IMAGE and vae == FULL_VAE and controlnet is None:
                     pipeline = text_to_image
                 else:
                     extra = {**swapped, **({"controlnet": controlnets[controlnet]} if controlnet else {})}
-                    pipeline = _task_pipeline(task, variant.architecture, text_to_image, dtype, **extra)
+                    pipeline = _task_pipeline(task, variant, family, text_to_image, dtype, **extra)
                 pipeline.set_progress_bar_config(disable=True)
                 by_key[(task, vae, controlnet)] = pipeline
     return by_key

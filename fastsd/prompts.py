@@ -217,6 +217,10 @@ class PromptEncoder:
             result["negative_pooled_prompt_embeds"] = torch.zeros_like(result["pooled_prompt_embeds"])
         return result
 
+    def note(self, prompt: Prompt, name: str) -> str | None:
+        """Nothing to say: CLIP reads every form of the syntax (fastsd.families.base.Prompts)."""
+        return None
+
     def check(self, prompt: Prompt, name: str) -> None:
         """Refuse, with one sentence, a prompt past MAX_CHUNKS or MAX_ENCODER_PASSES (tokenizing only)."""
         if prompt.plain is None or not self._fits(prompt):
@@ -259,8 +263,8 @@ class PromptCache:
     fastsd.prompts reads its weighting and its chunks past 77 tokens.
     """
 
-    def __init__(self, pipeline, device: str, capacity: int = 32):
-        self._encoder = PromptEncoder(pipeline, device)
+    def __init__(self, encoder, capacity: int = 32):
+        self._encoder = encoder  # a family's Prompts (fastsd.families): PromptEncoder for the SD presets
         self._capacity = capacity
         self._entries: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()  # the batch worker and a direct caller may both ask
@@ -282,6 +286,11 @@ class PromptCache:
             with self._lock:  # the tokenizers are the encoder's: one thread at a time
                 for parsed, name in texts:
                     self._encoder.check(parsed, name)
+
+    def notes(self, prompt: str, negative_prompt: str | None) -> list[str]:
+        """Log lines for prompts the encoder reads otherwise than written (syntax it drops)."""
+        texts = [(prompt, "prompt"), *([(negative_prompt, "negative_prompt")] if negative_prompt else [])]
+        return [line for text, name in texts if (line := self._encoder.note(parse(text, name), name))]
 
     def _get(self, prompt: str, negative_prompt: str | None, guidance: bool, loras: tuple) -> dict[str, torch.Tensor]:
         key = (prompt, negative_prompt, guidance, loras)

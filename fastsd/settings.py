@@ -130,8 +130,9 @@ VARIABLES: tuple[Variable, ...] = (
              "the preset this server runs"),
     Variable("FASTSD_MODEL", "model", text(), "unset", "a hub id or a local diffusers folder",
              "a fine-tune to serve instead of a preset (its architecture is read from its configs)"),
-    Variable("FASTSD_ACCELERATION", "acceleration", text("lcm-lora"), "`lcm-lora`",
-             "`none`, `lcm-lora`, `lightning`, `hyper`, `tcd`, `dmd2`", "the fine-tune's acceleration"),
+    Variable("FASTSD_ACCELERATION", "acceleration", text(), "unset", "`none`, `lcm-lora`, `lightning`, `hyper`, "
+             "`tcd`, `dmd2`", "an SD fine-tune's acceleration (unset: `lcm-lora`); FLUX and Z-Image models run "
+             "their own schedule"),
     Variable("FASTSD_WEIGHTS_ROOT", "weights_root", path(PROJECT_ROOT), "the project folder", "a folder",
              "where `weights/` and `lora/` are"),
     Variable("FASTSD_WEIGHTS_URL", "weights_url", text(), "unset", "an http(s) URL, `file://` or a path",
@@ -200,7 +201,7 @@ class Settings:
 
     variant: str = "sd-turbo"
     model: str | None = None
-    acceleration: str = "lcm-lora"
+    acceleration: str | None = None  # None: fastsd.variants.DEFAULT_ACCELERATION for SD models
     weights_root: Path = PROJECT_ROOT
     weights_url: str | None = None
     dtype: str | None = None

@@ -15,6 +15,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 from fastsd import images, variants
+from fastsd.families import family_of
+from fastsd.tasks import Task
 from fastsd.weights import layout
 from fastsd_testing import random_models
 from fastsd_testing.cog_server import CogServer
@@ -188,6 +191,24 @@ def build_random_weights(variant: variants.Variant, root: Path, size: str, devic
         print(f"  built in {time.perf_counter() - started:.1f} s", flush=True)
 
 
+def too_large_here(variant: variants.Variant, size: str, device: str) -> str | None:
+    """Why a full-size transformer preset cannot be measured on this CPU (its fp32 weights alone
+    past the machine's memory), as a sentence for the report; None when it fits or is not one."""
+    from fastsd_testing import transformer_models
+
+    if size != random_models.FULL or device != "cpu" or variant.model not in transformer_models.PIPELINE_REPOS:
+        return None
+    needed = transformer_models.full_parameters(variant.model) * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed < 0.8 * memory:
+        return None
+    return (
+        f"{variant.name} at full size needs {needed / 2**30:.0f} GiB for its fp32 weights alone; this machine has "
+        f"{memory / 2**30:.0f} GiB: measured on the tiny models here (--quick), at full size on a GPU "
+        "(scripts/gpu-benchmark)"
+    )
+
+
 def worker_peak_rss_mib(server: CogServer) -> float | None:
     """Peak resident memory of the server's worker process (the one that holds the model)."""
     try:
@@ -234,8 +255,9 @@ def versions() -> dict:
 
 def bench_baseline(variant, root: Path, args, device: str, side: dict) -> dict:
     """What a user writes from the model card: AutoPipelineForText2Image with default settings,
-    the recipe's UNet, LoRAs (fused) and scheduler."""
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    the recipe's UNet, LoRAs (fused) and scheduler; for the transformers, the repo's pipeline with
+    the card's steps, guidance and sequence length, in bf16 on CUDA."""
+    dtype = (torch.float16 if variant.has_unet else torch.bfloat16) if device == "cuda" else torch.float32
     pipe, extra, fp16 = _card_pipeline(variant, root, device, dtype)
     width, height = side.get("width", variant.width), side.get("height", variant.height)
     common = dict(prompt=PROMPT, guidance_scale=variant.guidance_scale, width=width, height=height, **extra)
@@ -253,7 +275,7 @@ def bench_baseline(variant, root: Path, args, device: str, side: dict) -> dict:
             break  # a batch of full-size images on a CPU takes minutes and says nothing new
     if "inpaint" in args.cases:
         results["inpaint"] = _baseline_inpaint(pipe, variant, args, device, common)
-    if "controlnet" in args.cases:
+    if "controlnet" in args.cases and variant.controlnets:
         results["controlnet"] = _baseline_controlnet(pipe, variant, root, args, device, common, fp16)
     del pipe
     release(device)
@@ -268,6 +290,11 @@ def _card_pipeline(variant, root: Path, device: str, dtype):
 
     recipe = variant.recipe
     folder = root / "weights" / variant.model
+    if not variant.has_unet:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        length = recipe.max_sequence_length
+        return pipe, {"max_sequence_length": length} if length else {}, False
     has_full = any(path for path in folder.glob("text_encoder/*.safetensors") if ".fp16." not in path.name)
     fp16 = any(folder.glob("text_encoder/*.fp16.safetensors")) and (device == "cuda" or not has_full)
     options = dict(torch_dtype=dtype, variant="fp16" if fp16 else None)
@@ -297,7 +324,11 @@ def _baseline_inpaint(pipe, variant, args, device: str, common: dict) -> dict:
     strength (0.8): int(steps x strength) of them denoise, as in fastsd."""
     import diffusers
 
-    inpaint = diffusers.AutoPipelineForInpainting.from_pipe(pipe)
+    if variant.has_unet:
+        inpaint = diffusers.AutoPipelineForInpainting.from_pipe(pipe)
+    else:  # the class fastsd serves the task with: the family's (diffusers' auto pipelines lack klein's)
+        name = family_of(variant.architecture).pipeline_class(Task.INPAINTING, variant.architecture, False)
+        inpaint = getattr(diffusers, name).from_pipe(pipe)
     image, mask = inpainting_inputs(common["width"], common["height"])
     steps = min(variant.max_steps, math.ceil(variant.num_inference_steps / 0.8 - 1e-9))
 

@@ -32,19 +32,24 @@ def _title(name: str) -> str:
     return " ".join(part[:1].upper() + part[1:] for part in name.split("_"))
 
 
-def _annotation(node: ast.expr) -> tuple[str, bool]:
-    """(the primitive's name, whether None is allowed) of `T`, `T | None` or `Optional[T]`."""
+def _annotation(node: ast.expr) -> tuple[str, bool, bool]:
+    """(the primitive's name, whether None is allowed, whether it is a list) of `T`, `list[T]`, and
+    either `| None` or in `Optional[...]`."""
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
         sides = [
             side for side in (node.left, node.right) if not (isinstance(side, ast.Constant) and side.value is None)
         ]
-        return _annotation(sides[0])[0], True
+        name, _, repeated = _annotation(sides[0])
+        return name, True, repeated
     if isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("Optional"):
-        return _annotation(node.slice)[0], True
+        name, _, repeated = _annotation(node.slice)
+        return name, True, repeated
+    if isinstance(node, ast.Subscript) and ast.unparse(node.value) in ("list", "List", "typing.List"):
+        return _annotation(node.slice)[0], False, True
     name = ast.unparse(node).rsplit(".", 1)[-1]
     if name not in _JSON_TYPES:
         raise ValueError(f"predict.py: an input of type {ast.unparse(node)} is not described here")
-    return name, False
+    return name, False, False
 
 
 def _input_arguments(default: ast.expr | None) -> dict[str, Any]:
@@ -68,8 +73,9 @@ def read_inputs(predict_py: Path, class_name: str = "Predictor") -> list[dict[st
     for argument, default in zip(arguments, defaults, strict=True):
         if argument.annotation is None:
             raise ValueError(f"predict.py: input {argument.arg} has no type")
-        primitive, nullable = _annotation(argument.annotation)
-        found.append({"name": argument.arg, "type": primitive, "nullable": nullable, **_input_arguments(default)})
+        primitive, nullable, repeated = _annotation(argument.annotation)
+        found.append({"name": argument.arg, "type": primitive, "nullable": nullable, "repeated": repeated,
+                      **_input_arguments(default)})  # fmt: skip
     return found
 
 
@@ -79,6 +85,8 @@ def _input_schema(inputs: list[dict[str, Any]]) -> tuple[dict, dict]:
     enums: dict[str, dict] = {}
     for order, field in enumerate(inputs):
         name, json_type = field["name"], _JSON_TYPES[field["type"]]
+        if field["repeated"]:
+            json_type = {"type": "array", "items": json_type}
         prop: dict[str, Any] = {"x-order": order}
         if field.get("choices"):
             enums[name] = {"title": name, "description": "An enumeration.", "enum": list(field["choices"]),

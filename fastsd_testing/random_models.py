@@ -24,6 +24,8 @@ from fastsd.pipelines import quiet_library_noise
 from fastsd.weights import layout as disk
 from fastsd.weights.layout import Source
 
+from . import transformer_models
+
 TINY = "tiny"
 FULL = "full"
 
@@ -531,6 +533,8 @@ def build(hub_id: str, root: Path, size: str = TINY, seed: int = 0, fp16_only: b
     fp16_only writes what download_weights.py fetches (the fp16 files where the repo has them),
     half the bytes of the full repo: quicker to build on a machine rented by the minute.
     """
+    if hub_id in transformer_models.PIPELINE_REPOS or hub_id in transformer_models.TINY_VAE_REPOS:
+        return transformer_models.build(hub_id, root, size, seed)
     if hub_id in VAE_REPOS:
         return build_vae_repo(hub_id, root / "weights" / hub_id, size, seed)
     if hub_id in TINY_VAE_REPOS:

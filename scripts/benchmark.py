@@ -50,6 +50,7 @@ from fastsd_testing.bench import (
     summary,
     synchronize,
     timed,
+    too_large_here,
     worker_peak_rss_mib,
 )
 from fastsd_testing.cog_server import CogServer, declared_concurrency, decode_output
@@ -126,12 +127,13 @@ def bench_phases(variant, args, device: str, side: dict) -> dict:
         pipeline = engine.pipelines.get(Task.TEXT_TO_IMAGE, vae)
         samples: dict[str, list[float]] = {}
         for run in range(args.warmup + args.runs):
-            engine.prompts = type(engine.prompts)(pipeline, device)  # measure the text encoders every time
+            # A fresh cache: the text encoders are measured every time.
+            engine.prompts = type(engine.prompts)(engine.family.prompts(pipeline, device, variant))
             timer = PhaseTimer(device)
             for name in ("text_encoder", "text_encoder_2"):
                 if getattr(pipeline, name, None) is not None:
                     timer.watch("prompt_encoding", getattr(pipeline, name))
-            timer.watch("denoising", pipeline.unet)
+            timer.watch("denoising", getattr(pipeline, engine.family.denoiser))
             timer.watch("decoding", pipeline.vae.decoder)
             request = engine.validate(prompt=PROMPT, seed=1, vae=vae, **side)
             if device == "cuda":
@@ -286,8 +288,13 @@ def main() -> int:
 
     for name in args.variants:
         variant = variants.VARIANTS[name]
-        if "controlnet" in args.cases:
+        if "controlnet" in args.cases and variants.CANNY in variant.controlnet_choices():
             variant = variant.with_controlnets((variants.CANNY,))
+        reason = too_large_here(variant, args.size, device)
+        if reason:
+            print(reason, flush=True)
+            report["variants"][name] = {"not_measured": reason}
+            continue
         build_random_weights(variant, args.root, args.size, device)
         print(f"{name} on {report['device']} ({report['dtype']}, {args.size} weights)", flush=True)
         side = dict(width=64, height=64) if args.quick else {}
@@ -314,7 +321,7 @@ def main() -> int:
         cases = {
             (f"batch_{args.batch}" if case == "batch" else case): inputs
             for case, inputs in every_case.items()
-            if case in args.cases
+            if case in args.cases and (case != "controlnet" or variant.controlnets)
         }
         result = report["variants"][name] = {"server": {}}
         try:

@@ -49,12 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("variants", nargs="*", metavar="VARIANT", help="variant names (see --list)")
     parser.add_argument("--all", action="store_true", help="every variant")
     parser.add_argument("--list", action="store_true", help="list the variants, their repos and what is on disk")
-    parser.add_argument("--model", metavar="HUB_ID", help="a custom SD1.5/SD2.x/SDXL base model, by hub id")
+    parser.add_argument(
+        "--model", metavar="HUB_ID", help="a custom model by hub id: SD1.5/2.x/XL, FLUX.1, FLUX.2 [klein] or Z-Image"
+    )
     parser.add_argument(
         "--acceleration",
-        default="lcm-lora",
+        default=None,
         choices=list(ACCELERATIONS),
-        help="with --model: the acceleration recipe whose files to fetch too (default lcm-lora)",
+        help="with --model: the acceleration recipe whose files to fetch too (default: lcm-lora for SD models; "
+        "FLUX and Z-Image run their own schedule)",
     )
     parser.add_argument(
         "--no-tiny-vae",

@@ -50,8 +50,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         kind = _option_type(name, row)
         shown = f" (default {row.default})" if row.default is not None else ""
         parser.add_argument(
-            f"--{name.replace('_', '-')}", type=kind, choices=row.choices or None, help=f"{name}{shown}"
-        )
+            f"--{name.replace('_', '-')}", type=kind, choices=row.choices or None, help=f"{name}{shown}",
+            nargs="+" if row.many else None,
+        )  # fmt: skip
     return parser.parse_args(argv)
 
 

@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", metavar="HUB_ID", help="a custom base model under weights/ (variant: custom)")
     parser.add_argument(
         "--acceleration",
-        default="lcm-lora",
-        help="with --model: the acceleration whose files to pack too (default lcm-lora; see fastsd.variants)",
+        default=None,
+        help="with --model: the acceleration whose files to pack too (default: lcm-lora for SD models)",
     )
     parser.add_argument(
         "--no-tiny-vae",

@@ -4,9 +4,11 @@
     python3 scripts/predict.py prompt="a lighthouse at dawn" seed=42
     python3 scripts/predict.py prompt="a red barn at night" image=@barn.jpg strength=0.6 --out barns
     python3 scripts/predict.py prompt="a fox" num_outputs=2 output_format=png --url http://gpu-box:5000
+    python3 scripts/predict.py prompt="the cat on the sofa" reference_images=@cat.jpg reference_images=@sofa.jpg
 
 Each input is NAME=VALUE, as the API takes it (README's inputs table): numbers and true/false are
-read as such, @FILE sends a local image as a data URI, anything else is text. The images go to
+read as such, @FILE sends a local image as a data URI, anything else is text; a list input
+(reference_images) takes the name once per item. The images go to
 outputs/ (or --out), named after the seed; the metrics are printed. Standard library only: any
 python3 runs it, no .venv needed.
 """
@@ -23,6 +25,19 @@ import urllib.request
 from pathlib import Path
 
 EXTENSIONS = {"image/webp": "webp", "image/jpeg": "jpg", "image/png": "png"}
+LIST_INPUTS = {"reference_images"}  # predict.py's list[...] inputs
+
+
+def collect(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """The request's inputs: a list input's values in order, any other input's last value."""
+    inputs: dict[str, object] = {}
+    for name, value in pairs:
+        if name in LIST_INPUTS:
+            inputs.setdefault(name, [])
+            inputs[name].append(value)  # type: ignore[union-attr]
+        else:
+            inputs[name] = value
+    return inputs
 
 
 def parse_input(pair: str) -> tuple[str, object]:
@@ -51,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:5000", help="the server (default http://127.0.0.1:5000)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the images (default outputs)")
     args = parser.parse_args(argv)
-    body = json.dumps({"input": dict(parse_input(pair) for pair in args.inputs)}).encode()
+    body = json.dumps({"input": collect([parse_input(pair) for pair in args.inputs])}).encode()
     request = urllib.request.Request(
         f"{args.url.rstrip('/')}/predictions", data=body, headers={"Content-Type": "application/json"}
     )

@@ -26,10 +26,10 @@ from ..inputs import INPUTS, steps_for_strength
 from ..variants import FULL_VAE, TINY_VAE, Variant
 
 # What a client may set: the Cog inputs (fastsd.inputs) that make sense per frame. Not the LoRAs (a
-# download per frame), the mask or ControlNet, nor vae and the safety switch (the passes decide).
-NOT_PER_FRAME = {"mask", "control_image", "controlnet", "controlnet_conditioning_scale", "control_preprocess",
-                 "lora_weights", "lora_scale", "extra_lora", "extra_lora_scale", "vae", "num_outputs",
-                 "disable_safety_checker"}  # fmt: skip
+# download per frame), the mask, references or ControlNet, nor vae and the safety switch (the passes decide).
+NOT_PER_FRAME = {"mask", "reference_images", "control_image", "controlnet", "controlnet_conditioning_scale",
+                 "control_preprocess", "lora_weights", "lora_scale", "extra_lora", "extra_lora_scale", "vae",
+                 "num_outputs", "disable_safety_checker"}  # fmt: skip
 PARAMETERS = tuple(name for name in INPUTS if name not in NOT_PER_FRAME)  # "image": binary frames, or null
 OUTPUT_FORMATS = {"jpg": "image/jpeg", "webp": "image/webp"}
 # Cog puts its own words before fastsd's sentence: "Prediction failed: ... InputError: strength must ...".

@@ -82,9 +82,14 @@ def _weight_sets(names: list[str]) -> dict[str | None, list[str]]:
     return {variant: files for variant, files in sets.items() if any(f.endswith(".safetensors") for f in files)}
 
 
+# Configs, tokenizer and scheduler files: JSON and text, a chat template (Qwen3's), a SentencePiece
+# model (T5's spiece.model: a protobuf, not a pickle).
+_CONFIG_SUFFIXES = (".json", ".txt", ".jinja", ".model")
+
+
 def _config_files(names: list[str]) -> list[str]:
-    """Configs, tokenizer and scheduler files: the small text files next to the weights."""
-    return [name for name in names if name.endswith((".json", ".txt")) and not _WEIGHT_INDEX.match(name)]
+    """Configs, tokenizer and scheduler files: the small files next to the weights."""
+    return [name for name in names if name.endswith(_CONFIG_SUFFIXES) and not _WEIGHT_INDEX.match(name)]
 
 
 def select_files(
@@ -452,9 +457,9 @@ def fetch_variant(
     return results
 
 
-def resolve_custom(model: str, acceleration: str, settings: Settings) -> Variant:
-    """The variant for a custom base model: fetch its model_index.json and unet/config.json,
-    detect SD or SDXL from them, and pick the matching LCM-LoRA."""
+def resolve_custom(model: str, acceleration: str | None, settings: Settings) -> Variant:
+    """The variant for a custom base model: fetch its model_index.json and its denoiser's config
+    (unet/ or transformer/), detect the architecture from them, and pick the recipe."""
     hub = _hub()
     folder = model_folder(settings.weights_root, model)
     if folder.is_absolute() and (folder / "model_index.json").is_file():
@@ -463,8 +468,11 @@ def resolve_custom(model: str, acceleration: str, settings: Settings) -> Variant
     try:
         api = hub.HfApi(endpoint=endpoint, token=token)
         info = api.model_info(model, timeout=settings.hub_timeout_s)
-        for name in ("model_index.json", "unet/config.json"):
-            hub.hf_hub_download(model, name, revision=info.sha, local_dir=folder, token=token, endpoint=endpoint)
+        index = hub.hf_hub_download(model, "model_index.json", revision=info.sha, local_dir=folder, token=token,
+                                    endpoint=endpoint)  # fmt: skip
+        denoiser = "transformer" if "transformer" in json.loads(Path(index).read_text()) else "unet"
+        hub.hf_hub_download(model, f"{denoiser}/config.json", revision=info.sha, local_dir=folder, token=token,
+                            endpoint=endpoint)  # fmt: skip
     except Exception as error:  # noqa: BLE001
         raise explain(error, model, endpoint) from error
     return custom_variant(model, folder, acceleration)

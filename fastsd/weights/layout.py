@@ -132,5 +132,6 @@ def fetch_command(variant: Variant) -> str:
     controlnets += "" if variant.safety_checker else " --no-safety-checker"
     script = f"{python_command()} scripts/download_weights.py"
     if variant.is_custom:
-        return f"{script} --model {variant.model} --acceleration {variant.recipe.name}{controlnets}"
+        acceleration = f" --acceleration {variant.recipe.name}" if variant.has_unet else ""
+        return f"{script} --model {variant.model}{acceleration}{controlnets}"
     return f"{script} {variant.name}{controlnets}"

@@ -154,7 +154,8 @@ def ensure_model_folder(model: str, settings: Settings, url: str | None = None) 
         relative = [folder.relative_to(root)]
         fetch.fetch_archive(url, root, relative, optional, log.info, settings.download_workers, settings.no_pget)
         return
-    command = f"{python_command()} scripts/download_weights.py --model {model} --acceleration {settings.acceleration}"
+    acceleration = f" --acceleration {settings.acceleration}" if settings.acceleration else ""
+    command = f"{python_command()} scripts/download_weights.py --model {model}{acceleration}"
     if settings.hub_offline:
         raise WeightsMissing(
             f"The weights of {model} are missing ({folder}). Fetch them with: {command}, or set "
