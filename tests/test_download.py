@@ -64,6 +64,14 @@ SDXL_FP16 = sorted(
     ]
 )
 AUTOENCODER = ["config.json", "diffusion_pytorch_model.safetensors"]
+TRANSFORMER_REPOS = tuple(variants.VARIANTS[name].model for name in ("flux2-klein", "z-image-turbo", "flux-schnell"))
+
+
+def transformer_files(repo: str) -> list[str]:
+    """model_index.json and everything in the component folders the index lists."""
+    components = {name for name, spec in REPOS[repo]["index"].items() if isinstance(spec, list)}
+    return ["model_index.json", *(name for name in REPOS[repo]["files"] if name.split("/")[0] in components)]
+
 
 EXPECTED = {
     "stabilityai/sd-turbo": ("model", SD_FP16),
@@ -99,6 +107,11 @@ EXPECTED = {
             "diffusers/controlnet-depth-sdxl-1.0",
         )
     },
+    # The transformers: every component folder (shards and their index, the chat template, T5's
+    # spiece.model), never the original single-file checkpoints at the root.
+    **{repo: ("model", transformer_files(repo)) for repo in TRANSFORMER_REPOS},
+    "madebyollin/taef1": ("tiny_vae", AUTOENCODER),
+    "fal/FLUX.2-Tiny-AutoEncoder": ("tiny_vae", AUTOENCODER),
     # Published only as a pickle: fetched, then converted to safetensors (fetch_source).
     **{
         repo: ("controlnet", ["config.json", "diffusion_pytorch_model.bin"])
@@ -153,11 +166,10 @@ def test_a_repo_that_is_not_the_classifier_is_named():
 
 def every_source() -> set[layout.Source]:
     """Every source of every preset, and the acceleration files of every custom acceleration."""
-    every_controlnet = tuple(variants.CONTROLNETS)
     found = {
         source
         for variant in variants.VARIANTS.values()
-        for source in layout.sources(variant.with_controlnets(every_controlnet))
+        for source in layout.sources(variant.with_controlnets(variant.controlnet_choices()))
     }
     for recipe in variants.all_recipes():
         found |= {layout.Source(layout.LORA, lora.file.repo, lora.file.filename) for lora in recipe.loras}
@@ -540,3 +552,12 @@ def test_a_controlnet_published_as_a_pickle_is_converted_once_and_never_unpickle
         assert controlnet.dtype == torch.float32  # loaded from the safetensors: no pickle is left to read
     finally:
         hub.close()
+
+
+def test_the_transformers_fetch_their_folders_not_the_single_file_checkpoints_or_remote_code():
+    schnell = selected(layout.Source(layout.MODEL, "black-forest-labs/FLUX.1-schnell"))
+    assert "flux1-schnell.safetensors" not in schnell and "ae.safetensors" not in schnell
+    assert {"tokenizer_2/spiece.model", "transformer/diffusion_pytorch_model.safetensors.index.json"} <= set(schnell)
+    klein = selected(layout.Source(layout.MODEL, "black-forest-labs/FLUX.2-klein-4B"))
+    assert "flux-2-klein-4b.safetensors" not in klein and "tokenizer/chat_template.jinja" in klein
+    assert selected(layout.Source(layout.TINY_VAE, "fal/FLUX.2-Tiny-AutoEncoder")) == AUTOENCODER  # not its .py

@@ -208,6 +208,7 @@ def test_the_input_table_is_what_predict_py_declares():
         assert field.get("default") == row.default, field["name"]
         assert (field.get("ge"), field.get("le")) == (row.low, row.high), field["name"]
         assert tuple(field.get("choices") or ()) == row.choices, field["name"]
+        assert field["repeated"] == row.many, field["name"]
 
 
 def test_an_input_that_does_not_exist_is_named():

@@ -18,6 +18,7 @@ def test_cog_reads_the_fixed_inputs_with_literal_defaults_and_choices():
         "negative_prompt",
         "image",
         "mask",
+        "reference_images",
         "strength",
         "num_inference_steps",
         "guidance_scale",
@@ -57,6 +58,7 @@ def test_cog_reads_the_fixed_inputs_with_literal_defaults_and_choices():
         "seed",
         "image",
         "mask",
+        "reference_images",
         "lora_weights",
         "extra_lora",
     ):
@@ -67,7 +69,7 @@ def test_every_input_has_a_literal_description():
     """cog build reads the source without importing it: Input() arguments must be literals."""
     tree = ast.parse(PREDICT.read_text())
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Input"]
-    assert len(calls) == 23
+    assert len(calls) == 24
     for call in calls:
         keywords = {keyword.arg: keyword.value for keyword in call.keywords}
         assert "description" in keywords

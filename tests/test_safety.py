@@ -35,7 +35,8 @@ def checked_root(weights_root, folder, flags: str | None, verdict: str | None):
 
 
 def start(root, tmp_path_factory, **environment):
-    """A ready sd-turbo server on root's weights (a generator: stopped when closed)."""
+    """A ready sd-turbo server (unless FASTSD_VARIANT names another) on root's weights (a generator:
+    stopped when closed)."""
     log_path = tmp_path_factory.mktemp("logs") / "safety.log"
     environment = {"FASTSD_VARIANT": "sd-turbo", "FASTSD_WEIGHTS_ROOT": str(root), **environment}
     return ready_server(environment, log_path)
@@ -65,6 +66,23 @@ def test_an_image_both_call_nsfw_is_withheld_and_the_request_fails_saying_so(str
     assert several["status"] == "failed" and "withheld all 3 images" in several["error"]
     assert several["metrics"]["withheld"] == 3
     assert "the safety checker withheld 3 of 3 image(s)" in strict.log_path.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["flux2-klein", "z-image-turbo", "flux-schnell"])
+def test_the_transformer_presets_are_checked_alike(weights_root, tmp_path_factory, name):
+    """The same two checkers, on FLUX and Z-Image images: withheld, or returned when asked."""
+    root = checked_root(weights_root, tmp_path_factory.mktemp(f"strict-{name}"), random_models.FLAG_EVERYTHING,
+                        random_models.UNSAFE)  # fmt: skip
+    server = start(root, tmp_path_factory, FASTSD_VARIANT=name)
+    cog = next(server)
+    try:
+        withheld = cog.predict(**SMALL, num_outputs=2)
+        assert withheld["status"] == "failed" and "withheld all 2 images" in withheld["error"], withheld.get("error")
+        returned = cog.predict(**SMALL, disable_safety_checker=True)
+        assert returned["status"] == "succeeded" and len(returned["output"]) == 1, returned.get("error")
+    finally:
+        server.close()
 
 
 def test_disable_safety_checker_returns_the_images_and_the_next_request_is_checked_again(strict):

@@ -4,6 +4,7 @@ predict.py declares, the port asked for)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -79,17 +80,15 @@ def test_serve_refuses_a_port_out_of_range():
     assert result.returncode != 0 and "--port must be from 1 to 65535" in result.stderr
 
 
-def test_a_newcomers_first_server_from_random_weights_to_an_image_file(tmp_path):
-    """The README's quick start on an empty weights folder: scripts/serve --random-weights writes the
-    tiny model (with its manifests: no warning at start), serves with the image's input schema, and
-    scripts/predict.py turns the answer into an image file."""
+@contextlib.contextmanager
+def newcomers_server(tmp_path, variant: str):
+    """scripts/serve --random-weights on an empty weights folder, ready; yields scripts/predict.py
+    as a function of its NAME=VALUE arguments, and the server's log."""
     import sys
-
-    from PIL import Image
 
     port = _free_port()
     root = tmp_path / "root"
-    environment = dict(os.environ, FASTSD_VARIANT="sd-turbo", FASTSD_WEIGHTS_ROOT=str(root), TMPDIR=str(tmp_path))
+    environment = dict(os.environ, FASTSD_VARIANT=variant, FASTSD_WEIGHTS_ROOT=str(root), TMPDIR=str(tmp_path))
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
@@ -109,21 +108,48 @@ def test_a_newcomers_first_server_from_random_weights_to_an_image_file(tmp_path)
                 pass
             time.sleep(0.3)
         assert state.get("status") == "READY", log_path.read_text()[-3000:]
-        assert "has no .fastsd-manifest.json" not in log_path.read_text()
 
         def predict(*inputs: str) -> subprocess.CompletedProcess:
             command = [sys.executable, PROJECT_ROOT / "scripts" / "predict.py", *inputs, "--url", url]
             return subprocess.run(command + ["--out", str(tmp_path / "out")], capture_output=True, text=True)
 
+        yield predict, log_path
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_newcomers_first_server_from_random_weights_to_an_image_file(tmp_path):
+    """The README's quick start on an empty weights folder: scripts/serve --random-weights writes the
+    tiny model (with its manifests: no warning at start), serves with the image's input schema, and
+    scripts/predict.py turns the answer into an image file."""
+    from PIL import Image
+
+    with newcomers_server(tmp_path, "sd-turbo") as (predict, log_path):
+        assert "has no .fastsd-manifest.json" not in log_path.read_text()
         made = predict('prompt="a lighthouse at dawn"', "seed=5", "width=64", "height=64")
         assert made.returncode == 0, made.stderr
         assert made.stdout.split() == [str(tmp_path / "out" / "fastsd-seed-5.webp")]
         assert Image.open(made.stdout.strip()).size == (64, 64) and '"seed": 5' in made.stderr
         refused = predict("prompt=a", "width=4096")  # the image's schema answers, as a built image does
         assert refused.returncode == 1 and "width: 4096 is greater than the maximum of 2048" in refused.stderr
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+
+
+def test_a_newcomer_edits_from_reference_images_with_flux2_klein(tmp_path):
+    """The README's klein line: two local images as reference_images, through the Cog server's list
+    input, to an image file; and the sentence a preset without references answers with."""
+    from PIL import Image
+
+    for name, color in (("cat.png", (200, 120, 40)), ("sofa.png", (40, 60, 200))):
+        Image.new("RGB", (96, 64), color).save(tmp_path / name)
+    with newcomers_server(tmp_path, "flux2-klein") as (predict, log_path):
+        references = [f"reference_images=@{tmp_path / name}" for name in ("cat.png", "sofa.png")]
+        made = predict("prompt=the cat on the sofa", "seed=2", "width=64", "height=64", *references)
+        assert made.returncode == 0, made.stderr
+        assert Image.open(made.stdout.strip()).size == (64, 64)
+        assert "2 reference image(s)" in log_path.read_text()
+        refused = predict("prompt=a cat", "negative_prompt=blur")
+        assert refused.returncode == 1 and "negative_prompt has no effect on flux2-klein" in refused.stderr
 
 
 def test_serve_without_the_hub_says_so_and_names_the_random_model(tmp_path):
@@ -175,7 +201,12 @@ def test_the_schema_reads_predict_py_as_cog_itself_does():
     for field in ours:
         theirs = info.inputs[field["name"]]
         assert cog_schema._JSON_TYPES[field["type"]] == theirs.type.primitive.json_type(), field["name"]
-        assert field["nullable"] == (theirs.type.repetition is Repetition.OPTIONAL), field["name"]
+        nullable, repeated = (
+            (Repetition.OPTIONAL, Repetition.OPTIONAL_REPEATED),
+            (Repetition.REPEATED, Repetition.OPTIONAL_REPEATED),
+        )
+        assert field["nullable"] == (theirs.type.repetition in nullable), field["name"]
+        assert field["repeated"] == (theirs.type.repetition in repeated), field["name"]
         for keyword in ("default", "ge", "le", "choices", "description"):
             assert field.get(keyword) == getattr(theirs, keyword), (field["name"], keyword)
     schema = cog_schema.openapi_schema()["components"]["schemas"]

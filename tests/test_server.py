@@ -55,10 +55,10 @@ def test_default_size_is_the_variants(server):
     assert image.size == (server.variant.width, server.variant.height)
 
 
-def test_image_to_image_keeps_input_size_rounded_to_8(server):
+def test_image_to_image_keeps_input_size_rounded_to_the_models_multiple(server):
     response = server.predict(prompt="a red barn", image=data_uri(png_bytes(100, 70)), strength=0.5, seed=3)
     [(_, image)] = succeeded(response)
-    assert image.size == (104, 72)
+    assert image.size == {8: (104, 72), 16: (96, 64)}[server.variant.size_multiple]
 
 
 def test_image_to_image_is_fitted_to_width_and_height(server):
@@ -104,6 +104,8 @@ def _bad_inputs(variant: variants.Variant) -> list[tuple[str, dict]]:
     over_batch_budget = [("num_outputs x width x height", {"num_outputs": 8, "width": side, "height": side})]
     if 8 * side * side <= variant.max_batch_pixels:
         over_batch_budget = []  # this variant allows eight of its largest images
+    if 2048 * 2048 > variant.max_pixels:  # the largest sides the schema allows, past the pixel budget
+        over_batch_budget.append(("width x height", {"width": 2048, "height": 2048}))
     return over_batch_budget + [
         ("prompt", {}),
         ("prompt", {"prompt": ""}),
@@ -111,7 +113,6 @@ def _bad_inputs(variant: variants.Variant) -> list[tuple[str, dict]]:
         ("width", {"width": 65}),
         ("width", {"width": 4096}),
         ("height", {"height": "tall"}),
-        ("width x height", {"width": 2048, "height": 2048}),
         ("num_outputs", {"num_outputs": 9}),
         ("num_outputs", {"num_outputs": 0}),
         ("strength", {"strength": 1.5}),
@@ -132,7 +133,31 @@ def _bad_inputs(variant: variants.Variant) -> list[tuple[str, dict]]:
             "strength x num_inference_steps",
             {"image": data_uri(png_bytes(64, 64)), "num_inference_steps": 1, "strength": 0.5},
         ),
+        *_refused_by_the_model(variant),
     ]
+
+
+def _refused_by_the_model(variant: variants.Variant) -> list[tuple[str, dict]]:
+    """What a preset cannot honour, refused naming the input (and the preset where it is its own)."""
+    refused = []
+    if variant.size_multiple != 8:
+        refused.append(("multiple of 16", {"width": 72}))
+    if not variant.max_references:
+        refused.append(("reference_images", {"reference_images": [data_uri(png_bytes(64, 64))]}))
+    else:
+        refused.append(("at most 4", {"reference_images": [data_uri(png_bytes(64, 64))] * 5}))
+    if not variant.controlnet_choices():
+        refused.append(
+            ("no canny ControlNet is published", {"controlnet": "canny", "control_image": data_uri(png_bytes(64, 64))})
+        )
+    if not variant.has_unet:
+        refused.append((f"not served for {variant.name}", {"lora_weights": "someone/style"}))
+    if variant.recipe.guidance == variants.DISTILLED:
+        refused += [
+            (f"negative_prompt has no effect on {variant.name}", {"negative_prompt": "blur"}),
+            (f"guidance_scale is fixed at {variant.guidance_scale:g} on {variant.name}", {"guidance_scale": 3}),
+        ]
+    return refused
 
 
 def test_bad_inputs_fail_clearly_and_the_server_stays_ready(server):

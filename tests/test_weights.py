@@ -653,7 +653,9 @@ def test_a_custom_model_without_tar_or_hub_is_one_clear_error(tmp_path, monkeypa
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(
         provision.WeightsMissing,
-        match=r"python scripts/download_weights.py --model someone/x "
-        r"--acceleration lcm-lora.*cannot be reached",
+        match=r"python scripts/download_weights.py --model someone/x, .*cannot be reached",
     ):
+        provision.ensure_model_folder("someone/x", Settings.from_environment())
+    monkeypatch.setenv("FASTSD_ACCELERATION", "tcd")  # one named is passed on
+    with pytest.raises(provision.WeightsMissing, match=r"--model someone/x --acceleration tcd, "):
         provision.ensure_model_folder("someone/x", Settings.from_environment())
