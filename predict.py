@@ -157,7 +157,8 @@ class Predictor(BaseRunner):
             description="A LoRA to apply for this request, on top of the model's own acceleration: an https URL of a "
             ".safetensors file (Civitai, a Hugging Face resolve link), a Hugging Face repo id (owner/name or "
             "owner/name/file.safetensors), or the URL of a Replicate LoRA training's .tar (its trigger tokens then "
-            "work in the prompt). It must be made for the model's base (SD 1.5, SD 2.x or SDXL). Pickles are refused.",
+            "work in the prompt) or of a Replicate FLUX training. It must be made for the model's base (SD 1.5, "
+            "SD 2.x, SDXL, FLUX.1, FLUX.2 klein or Z-Image). Pickles are refused.",
         ),
         lora_scale: float = Input(
             default=1.0, ge=0.0, le=2.0, description="Strength of lora_weights, from 0 (off) to 2."

@@ -48,12 +48,14 @@ _COMPILED_REFUSAL = (
 
 
 def _lora_refusal(variant: Variant, loaded: pipelines.Pipelines, family: Family) -> str | None:
-    """Why this deployment serves no user LoRAs, or None when it does."""
-    if not family.serves_user_loras:
-        return f"lora_weights and extra_lora are not served for {variant.name}: user LoRAs load on the SD presets."
-    if loaded.compile_mode is not None and loaded.lora_slots is None:  # a compiled UNet: only through its slots
+    """Why this deployment serves no user LoRAs, or None when it does: a compiled denoiser takes
+    them only through a UNet's slots."""
+    if loaded.compile_mode is None or loaded.lora_slots is not None:
+        return None
+    if family.lora_slots:
         return _COMPILED_REFUSAL
-    return None
+    return (f"lora_weights and extra_lora are not served by this deployment: it compiles {variant.name}'s transformer "
+            "(FASTSD_COMPILE), and users' LoRAs load only where it is not compiled.")  # fmt: skip
 
 
 class Engine:
@@ -65,7 +67,9 @@ class Engine:
         self.pipelines = loaded
         self.family = family_of(variant.architecture)
         self.prompts = PromptCache(self.family.prompts(loaded.text_to_image, loaded.device, variant))
-        self.adapters = Adapters(loaded.text_to_image, variant, loaded.lora_slots, settings.loras_loaded)
+        self.adapters = Adapters(
+            loaded.text_to_image, variant, loaded.lora_slots, settings.loras_loaded, self.family.denoiser
+        )
         # FASTSD_GRAPHS=on: the hot modules replay captured graphs (fastsd.gpu); off: nothing installed.
         # A whole-model compile brings its own graphs; regional compilation's blocks go inside ours.
         whole_compile = loaded.compile_mode not in (None, REGIONAL)

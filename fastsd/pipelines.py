@@ -299,7 +299,7 @@ def load(
     mode = compile_mode(settings.compile)
     if mode:
         configure_libraries(settings, compiling=True)
-        if settings.lora_max_rank and family.serves_user_loras:  # before compiling: the slots are in the graph
+        if settings.lora_max_rank and family.lora_slots:  # before compiling: the slots are in the graph
             lora_slots = UnetSlots(denoiser, settings.lora_max_rank)
         _compile(family.compiled_modules(text_to_image, tiny_vae), device, mode, frozen=lora_slots is None)
     # 4. The safety checkers.

@@ -150,6 +150,7 @@ class Variant:
     max_batch_pixels: int = 8 * 512 * 512  # all images of one call: one request's, or a batch of requests'
     max_batch_images: int = 8  # images in one call when concurrent requests are batched
     controlnets: tuple[str, ...] = ()  # the ControlNets this deployment serves (FASTSD_CONTROLNETS)
+    realtime_side: int | None = None  # the realtime page's default size (None: width): fast before large
     safety_checker: bool = True  # the two checkers are loaded (FASTSD_SAFETY_CHECKER=off: not)
 
     @property
@@ -293,7 +294,9 @@ _XL: dict[str, Any] = dict(max_pixels=1536 * 1536, max_batch_pixels=8 * 1024 * 1
 _XL_FAST: dict[str, Any] = dict(_XL, vae=SDXL_VAE_FP16_FIX)  # fp16-safe VAE: decodes in half precision, no upcast
 # The transformers: up to 4 megapixels an image (what FLUX.2 and Z-Image were trained to; FLUX.1 to
 # about 2), 4 megapixels a call (four 1024x1024 images).
-_MEGAPIXELS_4: dict[str, Any] = dict(max_pixels=2048 * 2048, max_batch_pixels=4 * 1024 * 1024, max_batch_images=4)
+_MEGAPIXELS_4: dict[str, Any] = dict(
+    max_pixels=2048 * 2048, max_batch_pixels=4 * 1024 * 1024, max_batch_images=4, realtime_side=512
+)
 _MEGAPIXELS_2: dict[str, Any] = dict(_MEGAPIXELS_4, max_pixels=1536 * 1536)
 
 VARIANTS: dict[str, Variant] = {

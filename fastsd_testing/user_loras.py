@@ -5,7 +5,12 @@
   (text_model_encoder_...) that every published file carries;
 - diffusers/peft files (unet.<path>.lora_A/lora_B), as diffusers' training scripts save them;
 - a Replicate SDXL LoRA training's .tar: lora.safetensors under attention-processor names,
-  embeddings.pti for two new tokens, and special_params.json mapping TOK to them.
+  embeddings.pti for two new tokens, and special_params.json mapping TOK to them;
+- for the transformers (FLUX.1, FLUX.2 [klein], Z-Image): diffusers/peft files
+  (transformer.<path>.lora_A/lora_B, as ai-toolkit and diffusers' scripts save them), FLUX.1's
+  kohya files (lora_unet_double_blocks_<i>_img_attn_qkv..., BFL's layer names, Civitai's usual
+  FLUX format), and the .tar Replicate's FLUX LoRA trainer outputs (the trigger word is text the
+  LoRA learned: nothing to map).
 
 The shapes come from the configs in a model folder (weights/<hub id>), on the meta device, so the
 same code makes a tiny test LoRA and a full-size one for the benchmark.
@@ -120,6 +125,77 @@ def replicate_training_tar(model_folder: Path, seed: int = 2) -> bytes:
     return buffer.getvalue()
 
 
+# What the transformers' LoRAs train: the attention projections and the feed-forward layers.
+_TRANSFORMER_TARGETS = ("attn", "attention", "ff", "feed_forward")
+
+
+def _meta_transformer(model_folder: Path):
+    """A model folder's transformer, shapes only."""
+    import diffusers
+
+    config = json.loads((model_folder / "transformer" / "config.json").read_text())
+    with torch.device("meta"):
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def transformer_lora(model_folder: Path, key_format: str = PEFT, rank: int = 4, seed: int = 1) -> dict:
+    """A style LoRA's tensors for the transformer in model_folder: PEFT (diffusers' names) for any
+    of them, KOHYA (BFL's names, FLUX.1's double blocks) for FLUX.1."""
+    transformer = _meta_transformer(model_folder)
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+
+    def factors(key: str, inputs: int, outputs: int, down: str, up: str) -> None:
+        state[f"{key}.{down}.weight"] = torch.randn(rank, inputs, generator=generator) * 0.5
+        state[f"{key}.{up}.weight"] = torch.randn(outputs, rank, generator=generator) * 0.5
+
+    if key_format == KOHYA:
+        hidden = transformer.inner_dim
+        layers = {"attn_qkv": (hidden, 3 * hidden), "attn_proj": (hidden, hidden), "mlp_0": (hidden, 4 * hidden),
+                  "mlp_2": (4 * hidden, hidden)}  # fmt: skip
+        for index in range(len(transformer.transformer_blocks)):
+            for stream in ("img", "txt"):
+                for layer, (inputs, outputs) in layers.items():
+                    key = f"lora_unet_double_blocks_{index}_{stream}_{layer}"
+                    factors(key, inputs, outputs, "lora_down", "lora_up")
+                    state[f"{key}.alpha"] = torch.tensor(float(rank))
+        return state
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(part in name for part in _TRANSFORMER_TARGETS):
+            factors(f"transformer.{name}", module.in_features, module.out_features, "lora_A", "lora_B")
+    return state
+
+
+def write_transformer_lora(
+    model_folder: Path, path: Path, key_format: str = PEFT, rank: int = 4, seed: int = 1
+) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = transformer_lora(model_folder, key_format, rank, seed=seed)
+    save_file({key: value.to(torch.bfloat16).contiguous() for key, value in tensors.items()}, path)
+    return path
+
+
+def flux_training_tar(model_folder: Path, seed: int = 3) -> bytes:
+    """What Replicate's FLUX LoRA trainer outputs: output/flux_train_replicate/lora.safetensors
+    (diffusers' names) beside the run's config.yaml."""
+    from safetensors.torch import save
+
+    lora = {key: value.to(torch.bfloat16) for key, value in transformer_lora(model_folder, seed=seed).items()}
+    files = {
+        "output/flux_train_replicate/lora.safetensors": save(lora),
+        "output/flux_train_replicate/config.yaml": b"config:\n  trigger_word: TOK\n",
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, payload in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
 class FileServer(LoopbackServer):
     """Serves files by path, counts requests per path; `redirects` maps a path to a URL it answers
     302 with. The Hugging Face API shape is there too: /api/models/<repo> lists the files under
@@ -154,7 +230,16 @@ class FileServer(LoopbackServer):
         return self.root + path
 
 
-__all__ = ["KOHYA", "PEFT", "FileServer", "replicate_training_tar", "write_user_lora"]
+__all__ = [
+    "KOHYA",
+    "PEFT",
+    "FileServer",
+    "flux_training_tar",
+    "replicate_training_tar",
+    "transformer_lora",
+    "write_transformer_lora",
+    "write_user_lora",
+]
 
 
 def pickle_lora() -> bytes:

@@ -3,6 +3,7 @@
     python scripts/lora_benchmark.py                 # full-size sd-turbo, rank-64 kohya LoRAs with text-encoder layers
     python scripts/lora_benchmark.py --quick         # tiny models: a smoke run
     python scripts/lora_benchmark.py --compile 1     # a compiled UNet: LoRAs hot-swapped into its slots
+    python scripts/lora_benchmark.py --quick --variant flux-schnell   # a transformer's (diffusers-format) LoRAs
 
 Each run serves a LoRA the server has never seen (random weights in kohya's published format, as
 Civitai files are) from a loopback server, with FASTSD_ALLOW_PRIVATE_URLS=1 so the model may fetch
@@ -28,7 +29,7 @@ from fastsd.pipelines import select_device
 from fastsd.settings import Settings
 from fastsd_testing.bench import Report, add_options, build_random_weights, resolve_options, timed_prediction
 from fastsd_testing.cog_server import CogServer
-from fastsd_testing.user_loras import FileServer, write_user_lora
+from fastsd_testing.user_loras import FileServer, write_transformer_lora, write_user_lora
 
 PROMPT = "a watercolour of a harbour town at sunrise"
 
@@ -52,14 +53,18 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="fastsd-lora-bench-"))
     files, sizes = {}, []
     for index in range(args.runs):
-        path = write_user_lora(
-            root / "weights" / variant.model,
-            scratch / f"{index}.safetensors",
-            rank,
-            text_encoder=True,
-            seed=index,
-            convolutions=not args.compile,  # a compiled UNet's slots hold kohya's default layers only
-        )
+        if not variant.has_unet:  # the transformers' LoRAs: diffusers' names, attention and feed-forward
+            model = root / "weights" / variant.model
+            path = write_transformer_lora(model, scratch / f"{index}.safetensors", rank=rank, seed=index)
+        else:
+            path = write_user_lora(
+                root / "weights" / variant.model,
+                scratch / f"{index}.safetensors",
+                rank,
+                text_encoder=True,
+                seed=index,
+                convolutions=not args.compile,  # a compiled UNet's slots hold kohya's default layers only
+            )
         files[f"/style-{index}.safetensors"] = path.read_bytes()
         sizes.append(path.stat().st_size)
     print(f"{args.runs} LoRAs of rank {rank}, {statistics.median(sizes) / 2**20:.0f} MiB each", flush=True)
@@ -91,7 +96,9 @@ def main() -> int:
 
     medians = {case: round(statistics.median(values), 3) for case, values in timings.items()}
     report = Report(f"lora-{variant.name}", args, device, dtype, variant=variant.name, compile=args.compile)
-    report["lora"] = {"format": "kohya", "rank": rank, "text_encoder": True, "convolutions": not args.compile,
+    unet = variant.has_unet
+    report["lora"] = {"format": "kohya" if unet else "peft", "rank": rank, "text_encoder": unet,
+                      "convolutions": unet and not args.compile,
                       "mib": round(statistics.median(sizes) / 2**20, 1)}  # fmt: skip
     # The server's slots' rank, as it reads FASTSD_LORA_MAX_RANK (this process's environment).
     report["lora_slots_rank"] = Settings.from_environment().lora_max_rank if args.compile else None

@@ -38,14 +38,28 @@ def use_weights(weights_root, monkeypatch) -> Path:
 _SERVER_CALLS = ("CogServer(", "ready_server(", '"scripts" / "serve"', "fastsd_testing.serve", '"fastsd.realtime"')
 
 
-def _starts_a_server(function) -> bool:
+def _starts_a_server(function, seen: set | None = None) -> bool:
+    """Whether the function's code, or that of a function of its module it calls (a helper that a
+    fixture yields from), starts a server process or a browser."""
     import inspect
+    import re
 
+    seen = set() if seen is None else seen
+    if function in seen:
+        return False
+    seen.add(function)
     try:
         source = inspect.getsource(function)
     except (OSError, TypeError):
         return False
-    return any(call in source for call in _SERVER_CALLS)
+    if any(call in source for call in _SERVER_CALLS):
+        return True
+    module = getattr(function, "__module__", None)
+    helpers = (getattr(function, "__globals__", {}).get(name) for name in set(re.findall(r"(\w+)\(", source)))
+    return any(
+        inspect.isfunction(helper) and helper.__module__ == module and _starts_a_server(helper, seen)
+        for helper in helpers
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -85,6 +85,7 @@ def test_switching_loras_on_a_compiled_unet_never_recompiles_and_matches_the_unc
     assert np.array_equal(image(compiled, lora_weights=style, lora_scale=0.0), original)
 
 
+@pytest.mark.slow  # compiles a UNet: 25 s
 def test_a_lora_the_slots_cannot_hold_fails_cleanly_and_the_next_request_is_served(engines, lora_server):
     compiled, plain = engines
     with pytest.raises(InputError, match=r"its rank is 16, and this deployment's LoRA slots hold up to 8"):

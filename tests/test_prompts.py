@@ -265,6 +265,7 @@ def test_a_prompt_past_the_maximum_is_refused_before_the_request_queues(weights_
 # --- batching, LoRA tokens ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # loads SDXL twice: 8 s
 def test_a_request_batched_with_a_long_prompt_gets_the_image_it_gets_alone(weights_root):
     engine = load_engine(weights_root, "sd-turbo")
     short = engine.validate(prompt="a red boat", seed=7, width=64, height=64)

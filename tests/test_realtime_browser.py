@@ -195,3 +195,53 @@ def test_the_page_at_1200x900_shows_no_broken_image_and_no_cut_field(browser, ur
     finally:
         gate.open()
         opened.close()
+
+
+# --- a transformer preset: FLUX.2 [klein] ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def klein(weights_root):
+    """The realtime server on the tiny FLUX.2 [klein] and the session it serves."""
+    from fastsd_testing.helpers import load_engine
+
+    engine = load_engine(weights_root, "flux2-klein")
+    app = create_app(EngineBackend(engine, Batcher(engine)))
+    with serving(app) as base:
+        yield base, app
+
+
+def test_flux2_klein_draws_as_you_type_and_paint_at_its_fast_then_refined_pass(browser, klein):
+    """The page starts at 512x512 (the fast pass's size, not klein's 1024), says that painting
+    drives image-to-image, and shows klein's 2-step pass with the tiny autoencoder, then its 4-step
+    refined one; a stroke on the canvas sends a frame that comes back drawn."""
+    url, app = klein
+    opened = browser.new_page()
+    errors = []
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        opened.goto(url)
+        until_true(opened, "window.fastsd && window.fastsd.hello !== null")
+        assert opened.evaluate("document.querySelector('#size').value") == "512"
+        assert opened.evaluate("window.fastsd.hello.passes.fast") == {"num_inference_steps": 2, "vae": "tiny"}
+        opened.select_option("#size", "64")
+        opened.fill("#prompt", "a red fox in fresh snow")
+        until_true(opened, "window.fastsd.shown.some(s => s.pass === 'fast')")
+        until_true(opened, "window.fastsd.shown.at(-1).pass === 'refined'")
+        assert "4 step(s)" in opened.inner_text("#details") and "full VAE" in opened.inner_text("#details")
+        opened.click("#tab-paint")
+        assert "Painting drives image-to-image on flux2-klein" in opened.inner_text("#paint-mode")
+        session = session_of(app)
+        wait_for(lambda: session.image is not None, "the blank canvas as the first frame")
+        blank, inputs = session.image, session.counts["inputs"]
+        box = opened.locator("#canvas").bounding_box()
+        opened.mouse.move(box["x"] + 10, box["y"] + 10)
+        opened.mouse.down()
+        opened.mouse.move(box["x"] + 200, box["y"] + 150)
+        opened.mouse.up()
+        wait_for(lambda: session.image != blank, "a frame with the stroke")
+        until_true(opened, f"Number(document.querySelector('#output').dataset.input) > {inputs}")
+        shown_at_64(opened)
+    finally:
+        opened.close()
+    assert not errors, errors

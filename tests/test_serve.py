@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from fastsd_testing.cog_server import PROJECT_ROOT, _free_port, declared_concurrency
 
 
@@ -80,52 +82,58 @@ def test_serve_refuses_a_port_out_of_range():
     assert result.returncode != 0 and "--port must be from 1 to 65535" in result.stderr
 
 
-@contextlib.contextmanager
-def newcomers_server(tmp_path, variant: str):
-    """scripts/serve --random-weights on an empty weights folder, ready; yields scripts/predict.py
-    as a function of its NAME=VALUE arguments, and the server's log."""
-    import sys
+@pytest.fixture
+def newcomers_server(tmp_path):
+    """scripts/serve --random-weights on an empty weights folder, for a variant: a context that
+    yields, once the server is ready, scripts/predict.py as a function of its NAME=VALUE arguments,
+    and the server's log."""
 
-    port = _free_port()
-    root = tmp_path / "root"
-    environment = dict(os.environ, FASTSD_VARIANT=variant, FASTSD_WEIGHTS_ROOT=str(root), TMPDIR=str(tmp_path))
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [PROJECT_ROOT / "scripts" / "serve", "--random-weights", "--port", str(port)],
-            env=environment,
-            stdout=log,
-            stderr=log,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline, state = time.monotonic() + 300, {}
-        while time.monotonic() < deadline and state.get("status") not in ("READY", "SETUP_FAILED"):
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            try:
-                state = _get(f"{url}/health-check", timeout=5)
-            except OSError:
-                pass
-            time.sleep(0.3)
-        assert state.get("status") == "READY", log_path.read_text()[-3000:]
+    @contextlib.contextmanager
+    def start(variant: str):
+        import sys
 
-        def predict(*inputs: str) -> subprocess.CompletedProcess:
-            command = [sys.executable, PROJECT_ROOT / "scripts" / "predict.py", *inputs, "--url", url]
-            return subprocess.run(command + ["--out", str(tmp_path / "out")], capture_output=True, text=True)
+        port = _free_port()
+        root = tmp_path / "root"
+        environment = dict(os.environ, FASTSD_VARIANT=variant, FASTSD_WEIGHTS_ROOT=str(root), TMPDIR=str(tmp_path))
+        log_path = tmp_path / "serve.log"
+        with open(log_path, "wb") as log:
+            server = subprocess.Popen(
+                [PROJECT_ROOT / "scripts" / "serve", "--random-weights", "--port", str(port)],
+                env=environment,
+                stdout=log,
+                stderr=log,
+            )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline, state = time.monotonic() + 300, {}
+            while time.monotonic() < deadline and state.get("status") not in ("READY", "SETUP_FAILED"):
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    state = _get(f"{url}/health-check", timeout=5)
+                except OSError:
+                    pass
+                time.sleep(0.3)
+            assert state.get("status") == "READY", log_path.read_text()[-3000:]
 
-        yield predict, log_path
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+            def predict(*inputs: str) -> subprocess.CompletedProcess:
+                command = [sys.executable, PROJECT_ROOT / "scripts" / "predict.py", *inputs, "--url", url]
+                return subprocess.run(command + ["--out", str(tmp_path / "out")], capture_output=True, text=True)
+
+            yield predict, log_path
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    return start
 
 
-def test_a_newcomers_first_server_from_random_weights_to_an_image_file(tmp_path):
+def test_a_newcomers_first_server_from_random_weights_to_an_image_file(tmp_path, newcomers_server):
     """The README's quick start on an empty weights folder: scripts/serve --random-weights writes the
     tiny model (with its manifests: no warning at start), serves with the image's input schema, and
     scripts/predict.py turns the answer into an image file."""
     from PIL import Image
 
-    with newcomers_server(tmp_path, "sd-turbo") as (predict, log_path):
+    with newcomers_server("sd-turbo") as (predict, log_path):
         assert "has no .fastsd-manifest.json" not in log_path.read_text()
         made = predict('prompt="a lighthouse at dawn"', "seed=5", "width=64", "height=64")
         assert made.returncode == 0, made.stderr
@@ -135,14 +143,14 @@ def test_a_newcomers_first_server_from_random_weights_to_an_image_file(tmp_path)
         assert refused.returncode == 1 and "width: 4096 is greater than the maximum of 2048" in refused.stderr
 
 
-def test_a_newcomer_edits_from_reference_images_with_flux2_klein(tmp_path):
+def test_a_newcomer_edits_from_reference_images_with_flux2_klein(tmp_path, newcomers_server):
     """The README's klein line: two local images as reference_images, through the Cog server's list
     input, to an image file; and the sentence a preset without references answers with."""
     from PIL import Image
 
     for name, color in (("cat.png", (200, 120, 40)), ("sofa.png", (40, 60, 200))):
         Image.new("RGB", (96, 64), color).save(tmp_path / name)
-    with newcomers_server(tmp_path, "flux2-klein") as (predict, log_path):
+    with newcomers_server("flux2-klein") as (predict, log_path):
         references = [f"reference_images=@{tmp_path / name}" for name in ("cat.png", "sofa.png")]
         made = predict("prompt=the cat on the sofa", "seed=2", "width=64", "height=64", *references)
         assert made.returncode == 0, made.stderr

@@ -150,8 +150,6 @@ def _refused_by_the_model(variant: variants.Variant) -> list[tuple[str, dict]]:
         refused.append(
             ("no canny ControlNet is published", {"controlnet": "canny", "control_image": data_uri(png_bytes(64, 64))})
         )
-    if not variant.has_unet:
-        refused.append((f"not served for {variant.name}", {"lora_weights": "someone/style"}))
     if variant.recipe.guidance == variants.DISTILLED:
         refused += [
             (f"negative_prompt has no effect on {variant.name}", {"negative_prompt": "blur"}),

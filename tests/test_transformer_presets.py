@@ -261,7 +261,6 @@ def test_a_large_reference_is_read_at_one_megapixel_in_multiples_of_16(engines):
         ("flux2-klein", {"width": 72}, "width", "multiple of 16 between 64 and 2048 for flux2-klein"),
         ("z-image-turbo", {"reference_images": [b"x"]}, "reference_images", "z-image-turbo has no such mode"),
         ("flux-schnell", {"controlnet": "depth"}, "controlnet", "no depth ControlNet is published for FLUX.1"),
-        ("z-image-turbo", {"lora_weights": "someone/style"}, "lora_weights", "not served for z-image-turbo"),
         ("flux2-klein", {"prompt": '("a", "b").blend(1, 1)'}, "prompt", "reads one text"),
         (
             "flux-schnell",

@@ -502,6 +502,7 @@ def test_push_script_refuses_another_cog_release(project_copy, tmp_path):
     assert not (project_copy / "downloaded").exists()
 
 
+@pytest.mark.slow  # builds a virtualenv: 9 s
 def test_push_script_without_the_project_venv_makes_its_own(project_copy, tmp_path):
     # No .venv: scripts/push makes .venv-publish and installs requirements-publish.txt there. Here
     # pip may not reach an index, so it is told not to: the script must then say what failed.

@@ -42,8 +42,7 @@ class Family:
     gpu_dtype = torch.bfloat16  # fp16 overflows in these transformers and their LLM/T5 encoders
     channels_last = False  # NHWC speeds convolutions: the UNets', not the transformers'
     tasks: tuple[Task, ...] = tuple(Task)
-    max_references = 0  # reference images a request may give (FLUX.2 [klein]: editing)
-    serves_user_loras = False
+    lora_slots = False  # a compiled denoiser takes users' LoRAs in fixed slots (fastsd.loras.hotswap: UNets)
 
     def pipeline_class(self, task: Task, architecture: str, controlnet: bool) -> str | None:
         """The diffusers class of a task's pipeline; None: text-to-image's own (the base's)."""

@@ -58,7 +58,7 @@ class StableDiffusion(Family):
     denoiser = "unet"
     gpu_dtype = torch.float16
     channels_last = True
-    serves_user_loras = True
+    lora_slots = True
 
     def pipeline_class(self, task: Task, architecture: str, controlnet: bool) -> str | None:
         return _PIPELINE_CLASS[(task, controlnet)][architecture == SDXL]

@@ -25,17 +25,18 @@ log = logging.getLogger(__name__)
 UNSETTLED = None  # Adapters._active while the modules may hold part of a change
 
 
-def load_adapter(pipeline, path: Path, adapter: str) -> str | None:
-    """Load a LoRA file as the named adapter. None when it loaded, else why it does not fit
-    (the pipeline then holds no part of it)."""
+def load_adapter(pipeline, path: Path, adapter: str, denoiser: str = "unet") -> str | None:
+    """Load a LoRA file as the named adapter (denoiser: the pipeline's component that must take some
+    of it, unet or transformer). None when it loaded, else why it does not fit (the pipeline then
+    holds no part of it)."""
     try:
         pipeline.load_lora_weights(_readable(pipeline, path), adapter_name=adapter)
-    except (RuntimeError, ValueError, KeyError) as error:
+    except (RuntimeError, ValueError, KeyError, AssertionError) as error:  # diffusers' key conversions assert
         _forget(pipeline, adapter)
         return str(error).splitlines()[0] if str(error) else type(error).__name__
-    if adapter not in pipeline.get_list_adapters().get("unet", []):
+    if adapter not in pipeline.get_list_adapters().get(denoiser, []):
         _forget(pipeline, adapter)
-        return "none of its layers fits that UNet"
+        return f"none of its layers fits that {'UNet' if denoiser == 'unet' else 'transformer'}"
     return None
 
 
@@ -125,9 +126,12 @@ class Adapters:
     the failed one.
     """
 
-    def __init__(self, pipeline, variant: Variant, slots: UnetSlots | None = None, capacity: int = 4):
+    def __init__(
+        self, pipeline, variant: Variant, slots: UnetSlots | None = None, capacity: int = 4, denoiser: str = "unet"
+    ):
         self._pipeline = pipeline
         self._variant = variant
+        self._denoiser = denoiser  # the component a LoRA must fit: unet, or the transformers' transformer
         self._slots = slots  # a compiled UNet's: its LoRA parts go there, not into adapters
         self._unet_parts: dict[str, tuple | None] = {}  # with slots: adapter -> its UNet part
         self._encoders: dict[str, list[str]] = {}  # with slots: adapter -> text encoders holding it
@@ -205,7 +209,7 @@ class Adapters:
 
     def _load_adapter(self, lora) -> str | None:
         if self._slots is None:
-            return load_adapter(self._pipeline, lora.path, lora.adapter)
+            return load_adapter(self._pipeline, lora.path, lora.adapter, self._denoiser)
         try:
             part, encoders = load_split(self._pipeline, lora.path, lora.adapter)
         except (RuntimeError, ValueError, KeyError, IndexError) as error:

@@ -11,7 +11,8 @@ Files are fetched with fastsd.loras.remote (public https only, size cap, timeout
 cache keyed by the reference, so a repeated request pays no download. Only safetensors are taken:
 a pickle is refused by its first bytes, whatever its name, and never opened; a safetensors header
 is checked before anything loads it. The LoRA's base architecture is read from its shapes (the
-width of its cross-attention keys), so a LoRA for another base fails with one sentence.
+width of SD's cross-attention keys) or its layer names (the transformers'), so a LoRA for another
+base fails with one sentence.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from urllib.parse import quote
 
 from ..errors import InputError
 from ..settings import Settings
-from ..variants import ARCHITECTURE_NAMES, SD2, SD15, SDXL
+from ..variants import ARCHITECTURE_NAMES, FLUX1, FLUX2_KLEIN, SD2, SD15, SDXL, ZIMAGE
 from . import remote
 
 
@@ -297,12 +298,66 @@ def check_safetensors(name: str, path: Path) -> dict:
 
 
 def architecture_of(tensors: dict) -> str | None:
-    """SD15, SD2 or SDXL from a LoRA's cross-attention key width, in any key format."""
+    """The architecture a LoRA was made for, in any key format: SD15, SD2 or SDXL from its
+    cross-attention key width; the transformers from the layers they have (_transformer_of)."""
     for key, value in tensors.items():
         flat = key.replace(".", "_")
         if "attn2_to_k" in flat and ("lora_down" in flat or "lora_A" in flat) and len(value["shape"]) == 2:
             return _ARCHITECTURE_OF_WIDTH.get(value["shape"][1])
+    return _transformer_of(tensors)
+
+
+# Layer names that only one transformer has, as diffusers, peft, kohya and ComfyUI (BFL's names)
+# spell them once dots become underscores. Z-Image: its refiners and SwiGLU w1/w2/w3, its "layers"
+# with "attention". FLUX.2: SwiGLU linear_in/linear_out, the single blocks' fused projection, the
+# shared modulation. FLUX.1: GELU's net.0, the per-block modulation norms, the single blocks' own
+# to_q and proj_mlp (BFL: img_mod, txt_mod, modulation).
+_ONLY_IN = (
+    (ZIMAGE, re.compile(r"(context|noise)_refiner|feed_forward_w[123]|adaLN_modulation|(^|_)layers_\d+_attention")),
+    (FLUX2_KLEIN, re.compile(r"ff(_context)?_linear_(in|out)|to_qkv_mlp_proj|stream_modulation")),
+    (FLUX1, re.compile(r"ff(_context)?_net_[02]|norm1(_context)?_linear|proj_mlp|"
+                       r"single_transformer_blocks_\d+_attn_to_q|(img|txt)_mod_lin|single_blocks_\d+_modulation")),
+)  # fmt: skip
+_BLOCK = re.compile(r"(double|single)_blocks_(\d+)_")
+_UNET = re.compile(r"(down|up)_blocks|mid_block|(input|output|middle)_blocks")
+
+
+def _transformer_of(tensors: dict) -> str | None:
+    """FLUX.1, FLUX.2 [klein] or Z-Image from a LoRA's layer names; for BFL-named FLUX files that
+    name no such layer, from how much wider than the model a layer's output is (_WIDENING) or a
+    block FLUX.2 [klein] does not have."""
+    flat = [key.replace(".", "_") for key in tensors]
+    if any(_UNET.search(key) for key in flat):
+        return None  # a UNet's (SD's, whose feed-forward names FLUX.1 shares) without its cross-attention
+    for architecture, names in _ONLY_IN:
+        if any(names.search(key) for key in flat):
+            return architecture
+    for layer, by_ratio in _WIDENING.items():
+        down = [v["shape"] for k, v in tensors.items() if layer.search(k.replace(".", "_")) and _is_down(k)]
+        up = [v["shape"] for k, v in tensors.items() if layer.search(k.replace(".", "_")) and _is_up(k)]
+        if down and up and len(down[0]) == 2 and len(up[0]) == 2 and down[0][1]:
+            return by_ratio.get(up[0][0] / down[0][1])
+    blocks = {(kind, int(index)) for key in flat for kind, index in _BLOCK.findall(key)}
+    if any(kind == "double" and index > 7 or kind == "single" and index > 23 for kind, index in blocks):
+        return FLUX1  # klein's largest (9B) has 8 double and 24 single blocks; FLUX.1 19 and 38
     return None
+
+
+# BFL's names are FLUX.1's and FLUX.2's alike; their widths are not: a single block's first
+# projection holds attention and a 4x GELU MLP in FLUX.1 (7 widths), attention and a 3x SwiGLU's
+# two halves in FLUX.2 (9); a double block's first MLP layer is 4 widths in FLUX.1, 6 in FLUX.2.
+_WIDENING = {
+    re.compile(r"single_blocks_\d+_linear1"): {7.0: FLUX1, 9.0: FLUX2_KLEIN},
+    re.compile(r"double_blocks_\d+_(img|txt)_mlp_0"): {4.0: FLUX1, 6.0: FLUX2_KLEIN},
+}
+
+
+def _is_down(key: str) -> bool:
+    return "lora_A" in key or "lora_down" in key
+
+
+def _is_up(key: str) -> bool:
+    return "lora_B" in key or "lora_up" in key
 
 
 def _describe(name: str, reference: str, folder: Path) -> LoraFile:
@@ -334,9 +389,10 @@ def _describe(name: str, reference: str, folder: Path) -> LoraFile:
 
 def require_architecture(name: str, lora: LoraFile, architecture: str, served: str) -> None:
     if lora.architecture is not None and lora.architecture != architecture:
+        model = ARCHITECTURE_NAMES[architecture]
         raise InputError(
-            f"{name} is a LoRA for {ARCHITECTURE_NAMES[lora.architecture]} models; {served} is an "
-            f"{ARCHITECTURE_NAMES[architecture]} model.",
+            f"{name} is a LoRA for {ARCHITECTURE_NAMES[lora.architecture]} models; {served} is "
+            f"{'an' if model.startswith('S') else 'a'} {model} model.",
             field=name,
         )
 

@@ -63,8 +63,9 @@ class Realtime:
             "type": "ready",
             "backend": self.backend.description,
             "variant": variant.name,
-            "width": variant.width,
-            "height": variant.height,
+            "width": variant.realtime_side or variant.width,
+            "height": variant.realtime_side or variant.height,
+            "painting": "image-to-image",  # what a painted frame drives (the page says so)
             "max_pixels": variant.max_pixels,
             "max_steps": variant.max_steps,
             "seed": session.params["seed"],

@@ -113,6 +113,7 @@ function configure(hello) {
   $("steps").max = hello.max_steps;
   $("steps").placeholder = `auto (${hello.passes.fast.num_inference_steps}, then ${hello.passes.refined.num_inference_steps})`;
   if ($("seed").value === "") $("seed").value = hello.seed;
+  $("paint-mode").textContent = `Painting drives ${hello.painting} on ${hello.variant}: the canvas is the start image, strength how much changes.`;
   resizeCanvas(Number(size.value));
 }
 
