@@ -50,6 +50,9 @@ _COMPILED_REFUSAL = (
 def _lora_refusal(variant: Variant, loaded: pipelines.Pipelines, family: Family) -> str | None:
     """Why this deployment serves no user LoRAs, or None when it does: a compiled denoiser takes
     them only through a UNet's slots."""
+    if loaded.fp8:
+        return ("lora_weights and extra_lora are not served by this deployment: its transformer's weights are fp8 "
+                "(FASTSD_FP8), and users' LoRAs load only on bf16 weights.")  # fmt: skip
     if loaded.compile_mode is None or loaded.lora_slots is not None:
         return None
     if family.lora_slots:

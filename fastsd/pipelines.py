@@ -83,6 +83,7 @@ class Pipelines:
     safety: SafetyChecker | None = None  # None: FASTSD_SAFETY_CHECKER=off
     lora_slots: UnetSlots | None = None  # a compiled UNet's slots for users' LoRAs (fastsd.loras.hotswap)
     compile_mode: str | None = None  # the torch.compile mode the models were compiled with (or regional)
+    fp8: bool = False  # the denoiser's weights are fp8 (FASTSD_FP8)
 
     @property
     def text_to_image(self) -> DiffusionPipeline:
@@ -295,6 +296,7 @@ def load(
     if family.channels_last:
         _use_channels_last([denoiser, text_to_image.vae, *([tiny_vae] if tiny_vae else []), *controlnets.values()],
                            device)  # fmt: skip
+    fp8 = _transformer_tier(variant, family, denoiser, settings, device)
     lora_slots = None
     mode = compile_mode(settings.compile)
     if mode:
@@ -313,9 +315,50 @@ def load(
         safety=SafetyChecker.load(variant, root, device, dtype),
         lora_slots=lora_slots,
         compile_mode=mode,
+        fp8=fp8,
     )
     _log_loaded(variant, loaded, time.perf_counter() - started)
     return loaded
+
+
+def _transformer_tier(variant: Variant, family: Family, denoiser, settings: Settings, device: str) -> bool:
+    """The opt-in GPU tier of the transformers: their attention kernel (FASTSD_ATTENTION, diffusers'
+    dispatcher) and fp8 weights (FASTSD_FP8, torchao). True when the weights became fp8."""
+    if not (settings.attention or settings.fp8):
+        return False
+    if not family.transformer_tier:
+        log.info("FASTSD_ATTENTION and FASTSD_FP8 cover the transformer presets; %s runs without them", variant.name)
+        return False
+    if settings.attention:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        known = [backend.value for backend in AttentionBackendName]
+        if settings.attention not in known:
+            raise ConfigurationError(
+                f"FASTSD_ATTENTION={settings.attention!r} is not an attention backend diffusers knows; choose one of: "
+                f"{', '.join(known)}."
+            )
+        try:
+            denoiser.set_attention_backend(settings.attention)
+        except (RuntimeError, ValueError, ImportError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigurationError(f"FASTSD_ATTENTION={settings.attention} cannot run here: {reason}") from None
+    if settings.fp8:
+        _quantize_fp8(denoiser, device)
+    return settings.fp8
+
+
+def _quantize_fp8(module, device: str) -> None:
+    """The module's linear layers in fp8 (torchao): with fp8 matmuls (dynamic activation scales)
+    where the GPU computes them (compute capability 8.9: Ada, Hopper and newer), else stored in fp8
+    and computed in the module's precision (half the weights' memory, no speed: what a CPU can
+    check for correctness)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, quantize_
+
+    computes = device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+    quantize_(module, Float8DynamicActivationFloat8WeightConfig() if computes else Float8WeightOnlyConfig())
+    log.info("fp8 weights for the %s (%s)", type(module).__name__,
+             "fp8 matmuls" if computes else "stored in fp8, computed in the model's precision")  # fmt: skip
 
 
 def _base_pipeline(variant: Variant, family: Family, root: Path, dtype: torch.dtype):

@@ -148,6 +148,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("FASTSD_COMPILE", "compile", compile_mode, "off",
              f"off, on, `{REGIONAL}`, or a mode: {', '.join(f'`{mode}`' for mode in COMPILE_MODES)}",
              "torch.compile (on: the device's best mode; regional: the repeated blocks only)"),
+    Variable("FASTSD_ATTENTION", "attention", text(), "unset", "a diffusers attention backend: `_native_cudnn`, "
+             "`_native_flash`, `flash`, `_flash_3`, `sage`, ...",
+             "the transformers' attention kernel (unset: PyTorch's SDPA choice)"),
+    Variable("FASTSD_FP8", "fp8", switch(False), "off", "a switch",
+             "the transformers' weights in fp8 (torchao): fp8 matmuls on GPUs that compute them (H100 and newer)"),
     Variable("FASTSD_METRICS_PORT", "metrics_port", port, "unset", "a port",
              "the queue as Prometheus metrics on that port (docs/deploy.md)"),
     Variable("FASTSD_LORA_MAX_MB", "lora_max_mb", number(float, 2048.0, 0.001), "2048", "a number of MiB",
@@ -209,6 +214,8 @@ class Settings:
     safety_checker: bool = True
     graphs: bool = False
     compile: str | None = None
+    attention: str | None = None
+    fp8: bool = False
     metrics_port: int | None = None
     lora_max_mb: float = 2048.0
     lora_cache: Path | None = None

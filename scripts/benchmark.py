@@ -59,12 +59,20 @@ from fastsd_testing.load import run_clients
 CASES = ("default", "vae_full", "vae_tiny", "batch", "inpaint", "controlnet")
 
 
+def tier_name(args) -> str:
+    """The run's fastsd settings in a word: eager, or the tiers it turns on."""
+    parts = [f"compile-{args.compile}" if args.compile else "", f"attention-{args.attention}" if args.attention else "",
+             "fp8" if args.fp8 else ""]  # fmt: skip
+    return "-".join(part for part in parts if part) or "eager"
+
+
 def bench_server(variant, root: Path, cases: dict, args, log_dir: Path, results: dict) -> None:
     """Fills results as it goes, so a run stopped at a time limit still reports what it measured."""
     started = time.perf_counter()
-    log_name = f"server-{variant.name}" + (f"-compile-{args.compile}" if args.compile else "") + ".log"
+    log_name = f"server-{variant.name}-{tier_name(args)}.log"
     environment = {"FASTSD_VARIANT": variant.name, "FASTSD_WEIGHTS_ROOT": str(root)}
-    environment |= {"FASTSD_CONTROLNETS": ",".join(variant.controlnets), "FASTSD_COMPILE": args.compile or ""}
+    environment |= {"FASTSD_CONTROLNETS": ",".join(variant.controlnets), "FASTSD_COMPILE": args.compile or "",
+                    "FASTSD_ATTENTION": args.attention or "", "FASTSD_FP8": "on" if args.fp8 else "off"}  # fmt: skip
     server = CogServer(environment, log_dir / log_name)
     try:
         state = server.wait_for_setup()
@@ -120,7 +128,8 @@ class PhaseTimer:
 
 
 def bench_phases(variant, args, device: str, side: dict) -> dict:
-    engine = Engine.load(variant, Settings(weights_root=args.root, compile=args.compile))
+    tier = dict(compile=args.compile, attention=args.attention, fp8=args.fp8)
+    engine = Engine.load(variant, Settings(weights_root=args.root, **tier))
     engine.warm_up()
     results = {"dtype": str(engine.pipelines.dtype).removeprefix("torch.")}
     for vae in engine.pipelines.vae_choices:
@@ -267,6 +276,8 @@ def main() -> int:
         help="which server requests to time (batch: --batch images per request)",
     )
     parser.add_argument("--compile", help="FASTSD_COMPILE for fastsd's side (on, regional, or a torch.compile mode)")
+    parser.add_argument("--attention", help="FASTSD_ATTENTION for fastsd's side (the transformers: _native_cudnn, ...)")
+    parser.add_argument("--fp8", action="store_true", help="FASTSD_FP8=on for fastsd's side (the transformers)")
     parser.add_argument(
         "--load",
         type=int,
@@ -283,7 +294,8 @@ def main() -> int:
     if args.compile:
         args.compile = Settings.from_environment({"FASTSD_COMPILE": args.compile}).compile  # checked as the server will
     device, dtype = select_device()
-    report = Report("fastsd", args, device, dtype, compile=args.compile, variants={})
+    report = Report("fastsd", args, device, dtype, compile=args.compile, attention=args.attention, fp8=args.fp8,
+                    tier=tier_name(args), variants={})  # fmt: skip
     log_dir = report.path.parent
 
     for name in args.variants:

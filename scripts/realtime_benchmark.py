@@ -33,6 +33,7 @@ from PIL import Image
 from fastsd import images, variants
 from fastsd.batching import Batcher
 from fastsd.engine import Engine
+from fastsd.pipelines import select_device
 from fastsd.realtime.app import create_app
 from fastsd.realtime.backend import EngineBackend
 from fastsd.realtime.settings import Limits
@@ -132,9 +133,11 @@ def main() -> None:
     args = resolve_options(parser.parse_args())
     side = args.side or (64 if args.quick else 512)
     variant = variants.VARIANTS[args.variant]
-    settings = Settings.from_environment() if args.real else Settings(weights_root=args.root)
+    # The environment's settings (FASTSD_FP8, FASTSD_ATTENTION, FASTSD_COMPILE: the tier measured), on the
+    # random weights under --root unless --real.
+    settings = Settings.from_environment() if args.real else Settings.from_environment(weights_root=args.root)
     if not args.real:
-        build_random_weights(variant, args.root, args.size, "cpu")
+        build_random_weights(variant, args.root, args.size, select_device()[0])
     engine = Engine.load(variant, settings)
     engine.warm_up()
     params = dict(prompt="a watercolour of a harbour", width=side, height=side, strength=args.strength, seed=5)

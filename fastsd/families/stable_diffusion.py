@@ -59,6 +59,7 @@ class StableDiffusion(Family):
     gpu_dtype = torch.float16
     channels_last = True
     lora_slots = True
+    transformer_tier = False
 
     def pipeline_class(self, task: Task, architecture: str, controlnet: bool) -> str | None:
         return _PIPELINE_CLASS[(task, controlnet)][architecture == SDXL]
