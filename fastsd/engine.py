@@ -80,7 +80,9 @@ class Engine:
         if settings.graphs and not graphs:
             log.info("graphs: FASTSD_GRAPHS=on covers the UNet presets; %s runs eagerly", variant.name)
         self.graphs = Graphs.for_pipelines(loaded, variant.max_batch_images, whole_compile, graphs)
-        self.finish: Finish = DeviceFinish(loaded.safety) if self.graphs.active else Finish(loaded.safety)
+        # On CUDA the images stay on the GPU until encoded (uint8, composite, safety preprocessing there).
+        on_device = self.graphs.active or loaded.device == "cuda"
+        self.finish: Finish = DeviceFinish(loaded.safety) if on_device else Finish(loaded.safety)
         self.outputs = Outputs()
         self.call_parameters = {key: pipelines.call_parameters(pipeline) for key, pipeline in loaded.by_key.items()}
         self.served = Served(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import signal
 import statistics
 import sys
@@ -248,7 +249,7 @@ def print_table(report: dict) -> None:
         for case, r in rows:
             per_image = r["median_ms"] / r["inputs"].get("num_outputs", 1) if "inputs" in r else r["median_ms"]
             stock = baseline.get(case if case in baseline else "default", {}).get("median_ms", float("nan"))
-            ratio = "" if case.startswith("stock") else f"{stock / per_image:.2f}x"
+            ratio = "" if case.startswith("stock") or math.isnan(stock) else f"{stock / per_image:.2f}x"
             print(
                 f"{name:<16}{case:<14}{r['median_ms']:>11.1f}{r['min_ms']:>9.1f}{r['max_ms']:>9.1f}"
                 f"{r['images_per_s']:>9.2f}{ratio:>10}"

@@ -1,4 +1,4 @@
-"""With FASTSD_GRAPHS=on the images stay on the device until they are encoded: inpainting's
+"""On CUDA (and with FASTSD_GRAPHS=on) the images stay on the device until they are encoded: inpainting's
 composite (fastsd.gpu.postprocess.keep_unmasked) and the safety models' preprocessing (their
 torchvision image processors, given the uint8 tensors) run there. On the CPU the tensors are CPU
 tensors: the same code, checked here against the host path (images.keep_unmasked, PIL input)."""
@@ -154,3 +154,22 @@ def test_graphed_safety_check_withholds_what_the_eager_one_does(weights_root, tm
     assert (result.withheld, result.images) == (2, [])
     unchecked = graphed.validate(prompt="a kite", seed=2, width=64, height=64, disable_safety_checker=True)
     assert len(graphed.generate(unchecked).images) == 1
+
+
+@pytest.mark.parametrize("name", ["flux2-klein", "z-image-turbo", "flux-schnell"])
+def test_the_transformers_finish_on_the_device_as_on_the_host(weights_root, name, tmp_path):
+    """What runs on CUDA for them (DeviceFinish: the pipeline's tensors, uint8 and the composite on
+    the device), here on CPU tensors, against the host path."""
+    from fastsd.finish import DeviceFinish, Finish
+
+    engine = load_engine(weights_root, name)
+    assert type(engine.finish) is Finish  # a CPU engine finishes on the host
+    mask = saved(box_mask(16, 16, 48, 48), tmp_path / "mask.png")
+    requests = [dict(prompt="a red door", seed=3, width=64, height=64, num_outputs=2),
+                dict(prompt="a red door", image=saved(photo(), tmp_path / "image.png"), mask=mask, seed=3)]  # fmt: skip
+    expected = [engine.generate(engine.validate(**request)).images for request in requests]
+    engine.finish = DeviceFinish(engine.pipelines.safety)
+    for request, wanted in zip(requests, expected, strict=True):
+        got = engine.generate(engine.validate(**request)).images
+        for image, reference in zip(got, wanted, strict=True):
+            assert np.abs(np.asarray(image, dtype=int) - np.asarray(reference, dtype=int)).max() <= 1
