@@ -256,18 +256,21 @@ def _task_pipeline(task: Task, variant: Variant, family: Family, text_to_image, 
     return pipeline_class.from_pipe(text_to_image, dtype=dtype, **components)
 
 
-def _load_controlnet(variant: Variant, name: str, dtype: torch.dtype, root: Path):
-    """A ControlNet of the served architecture, in the precision the pipeline runs (its fp16 files
-    where published)."""
-    from diffusers import ControlNetModel
+def _load_controlnets(variant: Variant, family: Family, dtype: torch.dtype, root: Path, device: str) -> dict:
+    """The served ControlNets by name, in the precision the pipeline runs (their fp16 files where
+    published); a union ControlNet serving several names is loaded once."""
+    import diffusers
 
-    folder = repo_folder(root, CONTROLNET, variant.controlnet_repo(name))
-    half = dtype in (torch.float16, torch.bfloat16)
-    full = [path for path in folder.glob("*.safetensors") if not path.name.endswith(".fp16.safetensors")]
-    fp16 = any(folder.glob("*.fp16.safetensors")) and (half or not full)
-    return ControlNetModel.from_pretrained(
-        folder, dtype=dtype, use_safetensors=True, local_files_only=True, variant="fp16" if fp16 else None
-    )
+    by_repo = {}
+    for repo in dict.fromkeys(variant.controlnet_repo(name) for name in variant.controlnets):
+        folder = repo_folder(root, CONTROLNET, repo)
+        half = dtype in (torch.float16, torch.bfloat16)
+        full = [path for path in folder.glob("*.safetensors") if not path.name.endswith(".fp16.safetensors")]
+        fp16 = any(folder.glob("*.fp16.safetensors")) and (half or not full)
+        by_repo[repo] = getattr(diffusers, family.controlnet_class).from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, local_files_only=True, variant="fp16" if fp16 else None
+        ).to(device)  # fmt: skip
+    return {name: by_repo[variant.controlnet_repo(name)] for name in variant.controlnets}
 
 
 def load(
@@ -289,7 +292,7 @@ def load(
     tiny_vae = _load_tiny_vae(variant, family, dtype, root)
     if tiny_vae is not None:
         tiny_vae.to(device)  # ~10 MB; everything else is shared, not a second model
-    controlnets = {name: _load_controlnet(variant, name, dtype, root).to(device) for name in variant.controlnets}
+    controlnets = _load_controlnets(variant, family, dtype, root, device)
     by_key = _task_pipelines(variant, family, text_to_image, tiny_vae, controlnets, dtype)
     # 3. How the models run: channels last, compiled (with LoRA slots) where asked.
     denoiser = getattr(text_to_image, family.denoiser)

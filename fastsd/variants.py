@@ -57,23 +57,28 @@ FULL_VAE, TINY_VAE = "full", "tiny"
 VAE_CHOICES = (FULL_VAE, TINY_VAE)
 
 # ControlNets by conditioning and architecture (diffusers format, under weights/<hub id>/). An
-# image serves those FASTSD_CONTROLNETS names; none by default, so that an image stays small.
+# image serves those FASTSD_CONTROLNETS names; none by default, so that an image stays small. A
+# union ControlNet (one model, many conditionings) serves several names from one repo, loaded once.
 CANNY, DEPTH = "canny", "depth"
+FLUX1_UNION_CONTROLNET = "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro-2.0"  # no mode input: the map says it
 CONTROLNETS: dict[str, dict[str, str]] = {
     CANNY: {
         SD15: "lllyasviel/control_v11p_sd15_canny",
         SD2: "thibaud/controlnet-sd21-canny-diffusers",
         SDXL: "diffusers/controlnet-canny-sdxl-1.0",
+        FLUX1: FLUX1_UNION_CONTROLNET,
     },
     DEPTH: {
         SD15: "lllyasviel/control_v11f1p_sd15_depth",
         SD2: "thibaud/controlnet-sd21-depth-diffusers",
         SDXL: "diffusers/controlnet-depth-sdxl-1.0",
+        FLUX1: FLUX1_UNION_CONTROLNET,
     },
 }
 # controlnet_conditioning_scale when a request leaves it out: what the models' cards use (the SDXL
-# cards recommend 0.5 "for good generalization"; the SD1.5 and SD2.1 ones run at diffusers' 1.0).
-CONDITIONING_SCALE = {SD15: 1.0, SD2: 1.0, SDXL: 0.5, FLUX1: 1.0, FLUX2_KLEIN: 1.0, ZIMAGE: 1.0}
+# cards recommend 0.5 "for good generalization"; the SD1.5 and SD2.1 ones run at diffusers' 1.0;
+# the FLUX.1 union card 0.7 for canny, 0.8 for depth: the lower one).
+CONDITIONING_SCALE = {SD15: 1.0, SD2: 1.0, SDXL: 0.5, FLUX1: 0.7, FLUX2_KLEIN: 1.0, ZIMAGE: 1.0}
 CONTROLNETS_ENV = "FASTSD_CONTROLNETS"
 
 # Safety checking (fastsd.safety), for every variant: the classic Stable Diffusion checker (the

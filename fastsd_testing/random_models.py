@@ -547,6 +547,10 @@ def build_controlnet_repo(hub_id: str, root: Path, size: str = TINY, seed: int =
     config), config.json with full-precision and fp16 safetensors, or as its repo publishes it."""
     import diffusers
 
+    if CONTROLNET_REPOS[hub_id] == variants.FLUX1:
+        from .transformer_models import build_flux_controlnet_repo
+
+        return build_flux_controlnet_repo(root / "weights" / hub_id, size, seed)
     _seeded(seed + 2)
     base = diffusers.UNet2DConditionModel(**_unet_config(REPOS[BASE_FOR[CONTROLNET_REPOS[hub_id]]], size))
     controlnet = diffusers.ControlNetModel.from_unet(

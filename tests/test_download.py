@@ -107,6 +107,8 @@ EXPECTED = {
             "diffusers/controlnet-depth-sdxl-1.0",
         )
     },
+    # FLUX.1's union ControlNet: one file, bf16 (the images of its card are not fetched).
+    variants.FLUX1_UNION_CONTROLNET: ("controlnet", ["config.json", "diffusion_pytorch_model.safetensors"]),
     # The transformers: every component folder (shards and their index, the chat template, T5's
     # spiece.model), never the original single-file checkpoints at the root.
     **{repo: ("model", transformer_files(repo)) for repo in TRANSFORMER_REPOS},
@@ -547,8 +549,10 @@ def test_a_controlnet_published_as_a_pickle_is_converted_once_and_never_unpickle
         import torch
 
         from fastsd import pipelines
+        from fastsd.families import family_of
 
-        controlnet = pipelines._load_controlnet(sd_turbo, "canny", torch.float32, root)
+        family = family_of(sd_turbo.architecture)
+        controlnet = pipelines._load_controlnets(sd_turbo, family, torch.float32, root, "cpu")["canny"]
         assert controlnet.dtype == torch.float32  # loaded from the safetensors: no pickle is left to read
     finally:
         hub.close()

@@ -43,6 +43,7 @@ class Family:
     channels_last = False  # NHWC speeds convolutions: the UNets', not the transformers'
     tasks: tuple[Task, ...] = tuple(Task)
     lora_slots = False  # a compiled denoiser takes users' LoRAs in fixed slots (fastsd.loras.hotswap: UNets)
+    controlnet_class = "ControlNetModel"  # the diffusers class of the architecture's ControlNets
     transformer_tier = True  # FASTSD_ATTENTION and FASTSD_FP8 apply (diffusers' attention dispatcher, torchao)
 
     def pipeline_class(self, task: Task, architecture: str, controlnet: bool) -> str | None:

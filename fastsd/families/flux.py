@@ -1,10 +1,12 @@
 """FLUX.1 ([schnell], [dev] and their fine-tunes): a transformer on T5-XXL's token embeddings and
 CLIP-L's pooled one, FLUX.1's 16-channel autoencoder, TAEF1 as the tiny one. diffusers' Flux
-pipelines serve every task; the prompt is read by T5 up to the recipe's sequence length."""
+pipelines serve every task, and a FLUX.1-dev union ControlNet text-to-image and image-to-image;
+the prompt is read by T5 up to the recipe's sequence length."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,17 +15,42 @@ from ..variants import FLUX1, Variant
 from .base import Family
 from .plain_prompts import PlainPrompts
 
-_PIPELINE_CLASS = {Task.TEXT_TO_IMAGE: None, Task.IMAGE_TO_IMAGE: "FluxImg2ImgPipeline",
-                   Task.INPAINTING: "FluxInpaintPipeline"}  # fmt: skip
+if TYPE_CHECKING:
+    from ..inputs import GenerationRequest
+
+_PIPELINE_CLASS = {
+    (Task.TEXT_TO_IMAGE, False): None,
+    (Task.IMAGE_TO_IMAGE, False): "FluxImg2ImgPipeline",
+    (Task.INPAINTING, False): "FluxInpaintPipeline",
+    (Task.TEXT_TO_IMAGE, True): "FluxControlNetPipeline",
+    (Task.IMAGE_TO_IMAGE, True): "FluxControlNetImg2ImgPipeline",
+}
 T5_BUDGET = 512  # what FluxPipeline reads at most
+# The published FLUX.1 ControlNets are trained on [dev], whose guidance is an input: they read it
+# even where the transformer takes none ([schnell]), at their cards' value.
+CONTROLNET_GUIDANCE = 3.5
 
 
 class Flux(Family):
     name = "FLUX.1"
     architectures = (FLUX1,)
+    controlnet_class = "FluxControlNetModel"
 
     def pipeline_class(self, task: Task, architecture: str, controlnet: bool) -> str | None:
-        return _PIPELINE_CLASS[task]
+        return _PIPELINE_CLASS[(task, controlnet)]
+
+    def task_arguments(
+        self, requests: Sequence[GenerationRequest], pipeline, accepted: set[str], generators: list
+    ) -> dict[str, Any]:
+        called = super().task_arguments(requests, pipeline, accepted, generators)
+        first = requests[0]
+        if first.controlnet:
+            per_image = [request for request in requests for _ in range(request.num_outputs)]
+            called.update(control_image=[r.control_image for r in per_image],
+                          controlnet_conditioning_scale=first.conditioning_scale)  # fmt: skip
+            if not pipeline.transformer.config.guidance_embeds:
+                called["guidance_scale"] = CONTROLNET_GUIDANCE
+        return called
 
     def prompts(self, pipeline, device: str, variant: Variant) -> PlainPrompts:
         budget = variant.recipe.max_sequence_length or T5_BUDGET

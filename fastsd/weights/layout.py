@@ -108,7 +108,8 @@ def sources(variant: Variant, tiny_vae: bool = True) -> list[Source]:
     if recipe.unet:
         found.append(Source(UNET, recipe.unet.repo, recipe.unet.filename))
     found += [Source(LORA, lora.file.repo, lora.file.filename) for lora in recipe.loras]
-    found += [Source(CONTROLNET, variant.controlnet_repo(name)) for name in variant.controlnets]
+    repos = dict.fromkeys(variant.controlnet_repo(name) for name in variant.controlnets)  # a union serves several
+    found += [Source(CONTROLNET, repo) for repo in repos]
     if variant.safety_checker:
         found += [Source(SAFETY_CHECKER, SAFETY_CHECKER_REPO), Source(NSFW_CLASSIFIER, NSFW_CLASSIFIER_REPO)]
     if tiny_vae:
