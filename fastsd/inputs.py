@@ -38,6 +38,7 @@ from .variants import (
     ARCHITECTURE_NAMES,
     CANNY,
     CONDITIONING_SCALE,
+    CONTROLNET_IMAGE_TO_IMAGE,
     CONTROLNETS,
     CONTROLNETS_ENV,
     DISTILLED,
@@ -244,6 +245,13 @@ def _refuse_what_is_not_served(served: Served, given: dict[str, Any]) -> None:
             f"controlnet {wanted} is not served by this deployment (it serves: {listed}); it is chosen when "
             f"the container starts: {CONTROLNETS_ENV}={','.join((*served.controlnets, wanted))}.",
             field="controlnet",
+        )
+    if wanted and given["image"] is not None and variant.architecture not in CONTROLNET_IMAGE_TO_IMAGE:
+        raise InputError(
+            f"controlnet with image (image-to-image) is not available for {variant.name}: diffusers runs "
+            f"{ARCHITECTURE_NAMES[variant.architecture]} ControlNets with text-to-image only; send control_image "
+            "without image.",
+            field="image",
         )
     if served.lora_rules is None and (given["lora_weights"] or given["extra_lora"]):
         raise InputError(served.lora_refusal, field="lora_weights")

@@ -25,7 +25,17 @@ from .loras.hotswap import UnetSlots
 from .safety import SafetyChecker
 from .settings import BEST, REGIONAL, Settings, configure_libraries
 from .tasks import PipelineKey, Task
-from .variants import ARCHITECTURE_NAMES, CFG, FULL_VAE, TINY_VAE, Lora, Scheduler, Variant
+from .variants import (
+    ARCHITECTURE_NAMES,
+    CFG,
+    CONTROLNET_IMAGE_TO_IMAGE,
+    FULL_VAE,
+    SINGLE_FILE_CONTROLNETS,
+    TINY_VAE,
+    Lora,
+    Scheduler,
+    Variant,
+)
 from .weights.layout import CONTROLNET, LORA, model_folder, repo_folder
 from .weights.provision import require_weights
 
@@ -264,10 +274,18 @@ def _load_controlnets(variant: Variant, family: Family, dtype: torch.dtype, root
     by_repo = {}
     for repo in dict.fromkeys(variant.controlnet_repo(name) for name in variant.controlnets):
         folder = repo_folder(root, CONTROLNET, repo)
+        controlnet_class = getattr(diffusers, family.controlnet_class)
+        single = SINGLE_FILE_CONTROLNETS.get(repo)
+        if single:
+            by_repo[repo] = controlnet_class.from_single_file(
+                str(folder / single.filename), config=str(repo_folder(root, CONTROLNET, single.config_repo)),
+                local_files_only=True, dtype=dtype,
+            ).to(device)  # fmt: skip
+            continue
         half = dtype in (torch.float16, torch.bfloat16)
         full = [path for path in folder.glob("*.safetensors") if not path.name.endswith(".fp16.safetensors")]
         fp16 = any(folder.glob("*.fp16.safetensors")) and (half or not full)
-        by_repo[repo] = getattr(diffusers, family.controlnet_class).from_pretrained(
+        by_repo[repo] = controlnet_class.from_pretrained(
             folder, dtype=dtype, use_safetensors=True, local_files_only=True, variant="fp16" if fp16 else None
         ).to(device)  # fmt: skip
     return {name: by_repo[variant.controlnet_repo(name)] for name in variant.controlnets}
@@ -403,7 +421,8 @@ def _task_pipelines(
             continue
         swapped = {"vae": vae_module} if vae_module is not None else {}
         for task in family.tasks:
-            for controlnet in (None, *(controlnets if task in CONTROLNET_TASKS else ())):
+            controlled = task is Task.TEXT_TO_IMAGE or variant.architecture in CONTROLNET_IMAGE_TO_IMAGE
+            for controlnet in (None, *(controlnets if task in CONTROLNET_TASKS and controlled else ())):
                 if task is Task.TEXT_TO_IMAGE and vae == FULL_VAE and controlnet is None:
                     pipeline = text_to_image
                 else:

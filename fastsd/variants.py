@@ -61,24 +61,47 @@ VAE_CHOICES = (FULL_VAE, TINY_VAE)
 # union ControlNet (one model, many conditionings) serves several names from one repo, loaded once.
 CANNY, DEPTH = "canny", "depth"
 FLUX1_UNION_CONTROLNET = "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro-2.0"  # no mode input: the map says it
+ZIMAGE_UNION_CONTROLNET = "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.0"  # its 2.1 file (below)
 CONTROLNETS: dict[str, dict[str, str]] = {
     CANNY: {
         SD15: "lllyasviel/control_v11p_sd15_canny",
         SD2: "thibaud/controlnet-sd21-canny-diffusers",
         SDXL: "diffusers/controlnet-canny-sdxl-1.0",
         FLUX1: FLUX1_UNION_CONTROLNET,
+        ZIMAGE: ZIMAGE_UNION_CONTROLNET,
     },
     DEPTH: {
         SD15: "lllyasviel/control_v11f1p_sd15_depth",
         SD2: "thibaud/controlnet-sd21-depth-diffusers",
         SDXL: "diffusers/controlnet-depth-sdxl-1.0",
         FLUX1: FLUX1_UNION_CONTROLNET,
+        ZIMAGE: ZIMAGE_UNION_CONTROLNET,
     },
 }
+
+
+@dataclass(frozen=True)
+class SingleFileControlNet:
+    """A ControlNet published as one checkpoint and no config: diffusers' single-file loader reads it
+    with the config of the repo it names for that checkpoint (fetched beside it: nothing at load)."""
+
+    filename: str
+    config_repo: str
+
+
+# VideoX-Fun's Z-Image union ControlNet: the 2.1 checkpoint (15 control blocks, a refiner; canny,
+# HED, depth, pose, MLSD) sits in the 2.0 repo.
+SINGLE_FILE_CONTROLNETS = {
+    ZIMAGE_UNION_CONTROLNET: SingleFileControlNet(
+        "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors", "hlky/Z-Image-Turbo-Fun-Controlnet-Union-2.1"
+    ),
+}
+# The architectures diffusers has a ControlNet image-to-image pipeline for (Z-Image: text-to-image only).
+CONTROLNET_IMAGE_TO_IMAGE = (SD15, SD2, SDXL, FLUX1)
 # controlnet_conditioning_scale when a request leaves it out: what the models' cards use (the SDXL
 # cards recommend 0.5 "for good generalization"; the SD1.5 and SD2.1 ones run at diffusers' 1.0;
-# the FLUX.1 union card 0.7 for canny, 0.8 for depth: the lower one).
-CONDITIONING_SCALE = {SD15: 1.0, SD2: 1.0, SDXL: 0.5, FLUX1: 0.7, FLUX2_KLEIN: 1.0, ZIMAGE: 1.0}
+# the FLUX.1 union card 0.7 for canny, 0.8 for depth: the lower one; Z-Image's 0.65 to 0.80).
+CONDITIONING_SCALE = {SD15: 1.0, SD2: 1.0, SDXL: 0.5, FLUX1: 0.7, FLUX2_KLEIN: 1.0, ZIMAGE: 0.75}
 CONTROLNETS_ENV = "FASTSD_CONTROLNETS"
 
 # Safety checking (fastsd.safety), for every variant: the classic Stable Diffusion checker (the

@@ -92,6 +92,8 @@ TINY_VAE_REPOS = set(variants.TINY_VAE_FOR.values())  # a bare AutoencoderTiny a
 # default what download_weights.py leaves once it has converted it (safetensors).
 CONTROLNET_REPOS = {repo: arch for by_arch in variants.CONTROLNETS.values() for arch, repo in by_arch.items()}
 PICKLED_CONTROLNETS = {repo for repo, arch in CONTROLNET_REPOS.items() if arch == variants.SD2}
+# The config repo of a ControlNet published as one file, -> that ControlNet's repo (built together).
+CONTROLNET_OF_CONFIG = {single.config_repo: repo for repo, single in variants.SINGLE_FILE_CONTROLNETS.items()}
 # The base each architecture's acceleration files are made for (LoRAs, replacement UNets).
 BASE_FOR = {
     variants.SD15: "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -551,6 +553,10 @@ def build_controlnet_repo(hub_id: str, root: Path, size: str = TINY, seed: int =
         from .transformer_models import build_flux_controlnet_repo
 
         return build_flux_controlnet_repo(root / "weights" / hub_id, size, seed)
+    if CONTROLNET_REPOS[hub_id] == variants.ZIMAGE:
+        from .transformer_models import build_zimage_controlnet
+
+        return build_zimage_controlnet(root, size, seed)
     _seeded(seed + 2)
     base = diffusers.UNet2DConditionModel(**_unet_config(REPOS[BASE_FOR[CONTROLNET_REPOS[hub_id]]], size))
     controlnet = diffusers.ControlNetModel.from_unet(
@@ -581,7 +587,7 @@ def build_source(source: Source, root: Path, size: str = TINY, fp16_only: bool =
     if source.role == disk.UNET:
         return build_unet_file(variants.HubFile(source.repo, source.filename), root, size)
     if source.role == disk.CONTROLNET:
-        return build_controlnet_repo(source.repo, root, size)
+        return build_controlnet_repo(CONTROLNET_OF_CONFIG.get(source.repo, source.repo), root, size)
     if source.role == disk.SAFETY_CHECKER:
         return build_safety_checker(root / source.relative_folder, size, fp16_only=fp16_only)
     if source.role == disk.NSFW_CLASSIFIER:

@@ -353,6 +353,37 @@ def build_flux_controlnet_repo(folder: Path, size: str = TINY, seed: int = 0) ->
     return folder
 
 
+def build_zimage_controlnet(root: Path, size: str = TINY, seed: int = 0) -> Path:
+    """VideoX-Fun's Z-Image union ControlNet as published: one checkpoint (diffusers' keys are its
+    own for 2.x) in its repo, and the config diffusers' single-file loader reads from another."""
+    from diffusers import ZImageControlNetModel
+    from safetensors.torch import save_file
+
+    from fastsd.variants import SINGLE_FILE_CONTROLNETS, ZIMAGE_UNION_CONTROLNET
+
+    single = SINGLE_FILE_CONTROLNETS[ZIMAGE_UNION_CONTROLNET]
+    torch.manual_seed(seed + 2)
+    shape = (dict(control_layers_places=list(range(0, 30, 2)), control_refiner_layers_places=[0, 1])
+             if size == FULL else
+             dict(control_layers_places=[0], control_refiner_layers_places=[0], dim=32, n_refiner_layers=1,
+                  n_heads=2, n_kv_heads=2))  # fmt: skip
+    with torch.device("cuda" if size == FULL and torch.cuda.is_available() else "cpu"):
+        controlnet = ZImageControlNetModel(control_in_dim=33, add_control_noise_refiner="control_noise_refiner",
+                                           **shape)  # fmt: skip
+    # Trained, its zero-initialised projections are no longer zero (as build_flux_controlnet_repo).
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if name.endswith(("before_proj.weight", "after_proj.weight")):
+                parameter.normal_(0.0, 0.05)
+    if size == FULL:
+        controlnet = controlnet.to(torch.bfloat16)
+    folder = root / "weights" / ZIMAGE_UNION_CONTROLNET
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in controlnet.state_dict().items()}, folder / single.filename)
+    controlnet.save_config(root / "weights" / single.config_repo)
+    return folder
+
+
 def full_parameters(hub_id: str) -> int:
     """The published model's parameter count (every component), from its configs on the meta
     device: nothing allocated."""

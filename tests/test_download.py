@@ -150,6 +150,17 @@ def test_selection_is_exactly_what_the_pipeline_loads(hub_id):
     assert selected(layout.Source(role, hub_id)) == sorted(expected)
 
 
+def test_a_single_file_controlnet_fetches_its_checkpoint_and_the_config_its_loader_reads():
+    """Z-Image's union ControlNet: one checkpoint of a repo holding two versions, and the config
+    diffusers' single-file loader reads for it (from its own conversion repo), once for both names."""
+    zimage = variants.VARIANTS["z-image-turbo"].with_controlnets(("canny", "depth"))
+    found = [(source.repo, selected(source)) for source in layout.sources(zimage) if source.role == layout.CONTROLNET]
+    assert found == [
+        (variants.ZIMAGE_UNION_CONTROLNET, ["Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors"]),
+        ("hlky/Z-Image-Turbo-Fun-Controlnet-Union-2.1", ["config.json"]),
+    ]
+
+
 @pytest.mark.parametrize("role, repo", sorted(CHECKERS))
 def test_the_checkers_are_fetched_without_pickles_or_exports(role, repo):
     assert selected(layout.Source(role, repo)) == CHECKERS[role, repo]

@@ -1,7 +1,8 @@
-"""ControlNet for the transformer presets: FLUX.1 [schnell] with the FLUX.1 union ControlNet (one
-model serving canny and depth, loaded once) through the real Cog server, for text-to-image and
-image-to-image, the image stock diffusers' Flux ControlNet pipeline draws, and the presets with no
-published diffusers-format ControlNet refusing with one sentence."""
+"""ControlNet for the transformer presets, through the real Cog server: FLUX.1 [schnell] with the
+FLUX.1 union ControlNet (one model serving canny and depth, loaded once) for text-to-image and
+image-to-image, Z-Image-Turbo with VideoX-Fun's union ControlNet (one checkpoint, diffusers'
+single-file loader) for text-to-image; each draws what stock diffusers' ControlNet pipeline draws,
+and what is not published (klein's, Z-Image's image-to-image) is refused with one sentence."""
 
 from __future__ import annotations
 
@@ -41,35 +42,48 @@ def depth_map() -> Image.Image:
     return Image.fromarray(np.tile(np.linspace(0, 255, SIZE[0], dtype=np.uint8), (SIZE[1], 1))).convert("RGB")
 
 
+@pytest.fixture(scope="module", params=["flux-schnell", "z-image-turbo"])
+def preset(request) -> variants.Variant:
+    return variants.VARIANTS[request.param]
+
+
 @pytest.fixture(scope="module")
-def server(weights_root, tmp_path_factory):
+def server(preset, weights_root, tmp_path_factory):
     environment = {
-        "FASTSD_VARIANT": "flux-schnell",
+        "FASTSD_VARIANT": preset.name,
         "FASTSD_WEIGHTS_ROOT": str(weights_root),
         "FASTSD_CONTROLNETS": "canny,depth",
         "FASTSD_SAFETY_CHECKER": "off",
     }
-    yield from ready_server(environment, tmp_path_factory.mktemp("logs") / "controlnet-flux-schnell.log")
+    yield from ready_server(environment, tmp_path_factory.mktemp("logs") / f"controlnet-{preset.name}.log")
 
 
 @pytest.mark.parametrize("controlnet, control", [("canny", drawing), ("depth", depth_map)])
-def test_flux_text_to_image_follows_the_control_image(server, controlnet, control):
+def test_text_to_image_follows_the_control_image(server, preset, controlnet, control):
     response = server.predict(
         prompt="a house", control_image=data_uri(png(control())), controlnet=controlnet, seed=2, output_format="png"
     )
     [result] = output_pixels(response)
     assert result.shape == (SIZE[1], SIZE[0], 3)  # no width or height: the control image's size
-    assert f"controlnet {controlnet} at {variants.CONDITIONING_SCALE[variants.FLUX1]:g}" in response["logs"]
+    scale = variants.CONDITIONING_SCALE[preset.architecture]
+    assert f"controlnet {controlnet} at {scale:g}" in response["logs"]
     plain = server.predict(prompt="a house", seed=2, width=SIZE[0], height=SIZE[1], output_format="png")
     assert np.abs(result - output_pixels(plain)[0]).max() > 2  # the ControlNet changed the picture
 
 
-def test_flux_image_to_image_with_a_controlnet_and_a_batch(server):
+def test_image_to_image_with_a_controlnet_and_a_batch_or_one_sentence_where_none_is_published(server, preset):
     start = Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE[1], SIZE[0], 3), dtype=np.uint8))
-    response = server.predict(
-        prompt="a house", image=data_uri(png(start)), control_image=data_uri(png(drawing())), controlnet="canny",
-        controlnet_conditioning_scale=0.5, strength=0.6, seed=3, num_outputs=2,
-    )  # fmt: skip
+    control = data_uri(png(drawing()))
+    inputs = dict(prompt="a house", image=data_uri(png(start)), control_image=control, controlnet="canny",
+                  controlnet_conditioning_scale=0.5, strength=0.6, seed=3, num_outputs=2)  # fmt: skip
+    if preset.architecture not in variants.CONTROLNET_IMAGE_TO_IMAGE:
+        error = server.refusal(**inputs)
+        assert error.endswith(
+            "controlnet with image (image-to-image) is not available for z-image-turbo: diffusers runs Z-Image "
+            "ControlNets with text-to-image only; send control_image without image."
+        ), error
+        return
+    response = server.predict(**inputs)
     assert [r.shape for r in output_pixels(response)] == [(SIZE[1], SIZE[0], 3)] * 2
     assert "image-to-image" in response["logs"] and "controlnet canny at 0.5" in response["logs"]
 
@@ -77,7 +91,7 @@ def test_flux_image_to_image_with_a_controlnet_and_a_batch(server):
 def test_inpainting_with_a_controlnet_is_one_sentence_and_the_server_stays_ready(server):
     sources = data_uri(png(drawing()))
     error = server.refusal(prompt="x", control_image=sources, controlnet="canny", image=sources, mask=sources)
-    assert "does not combine" in error, error
+    assert "does not combine" in error or "image-to-image) is not available" in error, error
     assert server.predict(prompt="after", seed=1, width=64, height=64)["status"] == "succeeded"
 
 
@@ -137,8 +151,41 @@ def test_flux_controlnet_draws_what_stock_diffusers_draws(schnell, weights_root,
     assert np.abs(ours - np.asarray(theirs, dtype=int)).max() <= 1
 
 
-@pytest.mark.parametrize("name", ["flux2-klein", "z-image-turbo"])
-def test_a_preset_with_no_published_controlnet_refuses_it_in_one_sentence(weights_root, name):
+def test_zimage_controlnet_draws_what_stock_diffusers_draws(weights_root, tmp_path):
+    from diffusers import ZImageControlNetModel, ZImageControlNetPipeline
+
+    variant = variants.VARIANTS["z-image-turbo"].with_controlnets(("depth",))
+    engine = Engine.load(variant, settings_for(weights_root, safety_checker=False), "cpu", torch.float32)
+    depth_map().save(tmp_path / "depth.png")
+    request = engine.validate(prompt="a house", control_image=tmp_path / "depth.png", controlnet="depth", seed=4,
+                              vae="full")  # fmt: skip
+    ours = np.asarray(engine.generate(request).images[0], dtype=int)
+    single = variants.SINGLE_FILE_CONTROLNETS[variants.ZIMAGE_UNION_CONTROLNET]
+    controlnet = ZImageControlNetModel.from_single_file(
+        str(weights_root / "weights" / variants.ZIMAGE_UNION_CONTROLNET / single.filename),
+        config=str(weights_root / "weights" / single.config_repo), local_files_only=True, dtype=torch.float32,
+    )  # fmt: skip
+    stock = ZImageControlNetPipeline.from_pretrained(
+        model_folder(weights_root, variant.model), controlnet=controlnet, dtype=torch.float32
+    )
+    stock.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        theirs = stock(
+            prompt="a house", control_image=depth_map(), num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale, controlnet_conditioning_scale=0.75, width=SIZE[0], height=SIZE[1],
+            generator=torch.Generator("cpu").manual_seed(4),
+        ).images[0]  # fmt: skip
+    assert np.abs(ours - np.asarray(theirs, dtype=int)).max() <= 1
+    assert engine.pipelines.controlnets == ("depth",)
+    assert (
+        type(engine.pipelines.get(Task.TEXT_TO_IMAGE, variants.FULL_VAE, "depth")).__name__
+        == "ZImageControlNetPipeline"
+    )
+    assert (Task.IMAGE_TO_IMAGE, variants.FULL_VAE, "depth") not in engine.pipelines.by_key
+
+
+def test_klein_refuses_a_controlnet_in_one_sentence(weights_root):
+    name = "flux2-klein"
     engine = load_engine(weights_root, name, safety_checker=False)
     sentence = f"controlnet canny is not available for {name}: no canny ControlNet"
     with pytest.raises(InputError, match=sentence) as refused:

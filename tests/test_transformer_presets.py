@@ -260,7 +260,7 @@ def test_a_large_reference_is_read_at_one_megapixel_in_multiples_of_16(engines):
         ("flux-schnell", {"guidance_scale": 3.5}, "guidance_scale", "fixed at 0 on flux-schnell"),
         ("flux2-klein", {"width": 72}, "width", "multiple of 16 between 64 and 2048 for flux2-klein"),
         ("z-image-turbo", {"reference_images": [b"x"]}, "reference_images", "z-image-turbo has no such mode"),
-        ("flux-schnell", {"controlnet": "depth"}, "controlnet", "no depth ControlNet is published for FLUX.1"),
+        ("flux2-klein", {"controlnet": "depth"}, "controlnet", r"no depth ControlNet is published for FLUX.2 \[kl"),
         ("flux2-klein", {"prompt": '("a", "b").blend(1, 1)'}, "prompt", "reads one text"),
         (
             "flux-schnell",
@@ -314,8 +314,8 @@ def test_weighted_words_are_encoded_without_their_syntax_and_the_log_says_so(eng
 
 
 def test_a_controlnet_no_one_publishes_stops_setup_with_one_sentence():
-    with pytest.raises(ConfigurationError, match="no canny ControlNet is published for Z-Image models"):
-        variants.variant_for(Settings(variant="z-image-turbo", controlnets=("canny",)), lambda model: None)
+    with pytest.raises(ConfigurationError, match=r"no canny ControlNet is published for FLUX.2 \[klein\] models"):
+        variants.variant_for(Settings(variant="flux2-klein", controlnets=("canny",)), lambda model: None)
 
 
 def test_fine_tunes_run_the_schedule_their_configs_say(weights_root, tmp_path):

@@ -74,6 +74,9 @@ class Family:
             called.update(image=[r.image for r in per_image], strength=first.strength)
         if first.task is Task.INPAINTING:
             called["mask_image"] = [r.mask for r in per_image]
+        if first.controlnet:  # the transformers' ControlNet pipelines take the map as control_image
+            called.update(control_image=[r.control_image for r in per_image],
+                          controlnet_conditioning_scale=first.conditioning_scale)  # fmt: skip
         return called
 
     def compiled_modules(self, pipeline, tiny_vae) -> list[torch.nn.Module]:

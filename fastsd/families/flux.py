@@ -43,13 +43,8 @@ class Flux(Family):
         self, requests: Sequence[GenerationRequest], pipeline, accepted: set[str], generators: list
     ) -> dict[str, Any]:
         called = super().task_arguments(requests, pipeline, accepted, generators)
-        first = requests[0]
-        if first.controlnet:
-            per_image = [request for request in requests for _ in range(request.num_outputs)]
-            called.update(control_image=[r.control_image for r in per_image],
-                          controlnet_conditioning_scale=first.conditioning_scale)  # fmt: skip
-            if not pipeline.transformer.config.guidance_embeds:
-                called["guidance_scale"] = CONTROLNET_GUIDANCE
+        if requests[0].controlnet and not pipeline.transformer.config.guidance_embeds:
+            called["guidance_scale"] = CONTROLNET_GUIDANCE
         return called
 
     def prompts(self, pipeline, device: str, variant: Variant) -> PlainPrompts:

@@ -1,7 +1,8 @@
 """Z-Image (Z-Image-Turbo and its fine-tunes): a single-stream transformer on Qwen3's
 second-to-last hidden states, FLUX.1's autoencoder (so TAEF1 decodes it too). The prompt goes
 through Qwen3's chat template, thinking on, as ZImagePipeline writes it; each prompt keeps its own
-length (no padding), so requests of any prompt length share a call."""
+length (no padding), so requests of any prompt length share a call. VideoX-Fun's union ControlNet
+(one checkpoint, read by diffusers' single-file loader) serves canny and depth with text-to-image."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from ..variants import ZIMAGE, Variant
 from .base import Family
 from .plain_prompts import PlainPrompts
 
-_PIPELINE_CLASS = {Task.TEXT_TO_IMAGE: None, Task.IMAGE_TO_IMAGE: "ZImageImg2ImgPipeline",
-                   Task.INPAINTING: "ZImageInpaintPipeline"}  # fmt: skip
+_PIPELINE_CLASS = {
+    (Task.TEXT_TO_IMAGE, False): None,
+    (Task.IMAGE_TO_IMAGE, False): "ZImageImg2ImgPipeline",
+    (Task.INPAINTING, False): "ZImageInpaintPipeline",
+    (Task.TEXT_TO_IMAGE, True): "ZImageControlNetPipeline",  # the ControlNet shares the transformer's embedders
+}
 QWEN_BUDGET = 512  # the pipeline's max_sequence_length: the chat template's tokens included
 
 
@@ -30,9 +35,10 @@ def chat_tokens(tokenizer, text: str, thinking: bool) -> int:
 class ZImage(Family):
     name = "Z-Image"
     architectures = (ZIMAGE,)
+    controlnet_class = "ZImageControlNetModel"
 
     def pipeline_class(self, task: Task, architecture: str, controlnet: bool) -> str | None:
-        return _PIPELINE_CLASS[task]
+        return _PIPELINE_CLASS[(task, controlnet)]
 
     def prompts(self, pipeline, device: str, variant: Variant) -> PlainPrompts:
         def embed(text: str, negative: str | None) -> dict[str, Any]:

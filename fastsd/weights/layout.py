@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..variants import NSFW_CLASSIFIER_REPO, SAFETY_CHECKER_REPO, Variant
+from ..variants import NSFW_CLASSIFIER_REPO, SAFETY_CHECKER_REPO, SINGLE_FILE_CONTROLNETS, Variant
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent  # fastsd/weights/layout.py -> the project
 
@@ -108,8 +108,10 @@ def sources(variant: Variant, tiny_vae: bool = True) -> list[Source]:
     if recipe.unet:
         found.append(Source(UNET, recipe.unet.repo, recipe.unet.filename))
     found += [Source(LORA, lora.file.repo, lora.file.filename) for lora in recipe.loras]
-    repos = dict.fromkeys(variant.controlnet_repo(name) for name in variant.controlnets)  # a union serves several
-    found += [Source(CONTROLNET, repo) for repo in repos]
+    for repo in dict.fromkeys(variant.controlnet_repo(name) for name in variant.controlnets):  # a union: once
+        single = SINGLE_FILE_CONTROLNETS.get(repo)
+        found += ([Source(CONTROLNET, repo, single.filename), Source(CONTROLNET, single.config_repo, "config.json")]
+                  if single else [Source(CONTROLNET, repo)])  # fmt: skip
     if variant.safety_checker:
         found += [Source(SAFETY_CHECKER, SAFETY_CHECKER_REPO), Source(NSFW_CLASSIFIER, NSFW_CLASSIFIER_REPO)]
     if tiny_vae:
