@@ -276,7 +276,7 @@ def bench_baseline(variant, root: Path, args, device: str, side: dict) -> dict:
     if "inpaint" in args.cases:
         results["inpaint"] = _baseline_inpaint(pipe, variant, args, device, common)
     if "controlnet" in args.cases and variant.controlnets:
-        results["controlnet"] = _baseline_controlnet(pipe, variant, root, args, device, common, fp16)
+        results["controlnet"] = _baseline_controlnet(pipe, variant, root, args, device, common)
     del pipe
     release(device)
     return results
@@ -341,20 +341,23 @@ def _baseline_inpaint(pipe, variant, args, device: str, common: dict) -> dict:
     return result
 
 
-def _baseline_controlnet(pipe, variant, root: Path, args, device: str, common: dict, fp16: bool) -> dict:
+def _baseline_controlnet(pipe, variant, root: Path, args, device: str, common: dict) -> dict:
     """Stock ControlNet text-to-image over the same components and ControlNet weights: the card's
     code, with the edges found the way the cards find them (cv2.Canny 100/200)."""
     import diffusers
 
-    repo = root / "weights" / variant.controlnet_repo(variants.CANNY)
-    controlnet = diffusers.ControlNetModel.from_pretrained(
-        repo, torch_dtype=pipe.dtype, variant="fp16" if any(repo.glob("*.fp16.safetensors")) and fp16 else None
-    ).to(device)
-    guided = diffusers.AutoPipelineForText2Image.from_pipe(pipe, controlnet=controlnet)
+    from fastsd.pipelines import _load_controlnets
+
+    family = family_of(variant.architecture)
+    controlnet = _load_controlnets(variant.with_controlnets((variants.CANNY,)), family, pipe.dtype, root, device)
+    guided_class = getattr(diffusers, family.pipeline_class(Task.TEXT_TO_IMAGE, variant.architecture, True))
+    guided = guided_class.from_pipe(pipe, controlnet=controlnet[variants.CANNY])
     edges = images.canny_edges(drawing(common["width"], common["height"]))
+    # The SD pipelines take the map as `image`; the transformers' as `control_image`.
+    map_argument = "image" if family.controlnet_class == "ControlNetModel" else "control_image"
 
     def controlnet_call(pipe=guided):
-        pipe(image=edges, num_inference_steps=variant.num_inference_steps,
+        pipe(**{map_argument: edges}, num_inference_steps=variant.num_inference_steps,
              controlnet_conditioning_scale=variants.CONDITIONING_SCALE[variant.architecture],
              generator=torch.Generator("cpu").manual_seed(1), **common)  # fmt: skip
 
