@@ -6,12 +6,11 @@ and what is not published (klein's, Z-Image's image-to-image) is refused with on
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_controlnet import SIZE, depth_map, drawing, png  # 96x64: multiples of 16, as the transformers take
 
 from fastsd import images, variants
 from fastsd.engine import Engine
@@ -21,25 +20,6 @@ from fastsd.tasks import Task
 from fastsd.weights.layout import model_folder
 from fastsd_testing.cog_server import data_uri, output_pixels, ready_server
 from fastsd_testing.helpers import load_engine, settings_for
-
-SIZE = (96, 64)  # multiples of 16, as the transformers take
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def drawing() -> Image.Image:
-    canvas = np.full((SIZE[1], SIZE[0], 3), 255, dtype=np.uint8)
-    canvas[12:40, 16:48] = (20, 40, 200)
-    canvas[30:56, 56:88] = (200, 30, 30)
-    return Image.fromarray(canvas)
-
-
-def depth_map() -> Image.Image:
-    return Image.fromarray(np.tile(np.linspace(0, 255, SIZE[0], dtype=np.uint8), (SIZE[1], 1))).convert("RGB")
 
 
 @pytest.fixture(scope="module", params=["flux-schnell", "z-image-turbo"])
