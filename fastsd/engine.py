@@ -28,7 +28,7 @@ from .weights.layout import model_folder
 from .weights.provision import ensure_model_folder, ensure_weights
 
 log = logging.getLogger(__name__)
-__all__ = ["Engine", "Interrupted", "Result", "batch_key"]
+__all__ = ["Engine", "Interrupted", "Result", "batch_key", "lora_refusal_of"]
 
 
 def batch_key(request: GenerationRequest) -> tuple:
@@ -41,24 +41,17 @@ def batch_key(request: GenerationRequest) -> tuple:
             request.guidance_scale, strength, scale, loras, request.references_digest)  # fmt: skip
 
 
-_COMPILED_REFUSAL = (
-    "lora_weights and extra_lora are not served by this deployment: it compiles its UNet (FASTSD_COMPILE) without "
-    "LoRA slots (FASTSD_LORA_MAX_RANK=0)."
-)
-
-
-def _lora_refusal(variant: Variant, loaded: pipelines.Pipelines, family: Family) -> str | None:
+def lora_refusal_of(loaded: pipelines.Pipelines, family: Family) -> str | None:
     """Why this deployment serves no user LoRAs, or None when it does: a compiled denoiser takes
-    them only through a UNet's slots."""
+    them only through its slots, fp8 weights not at all."""
     if loaded.fp8:
         return ("lora_weights and extra_lora are not served by this deployment: its transformer's weights are fp8 "
                 "(FASTSD_FP8), and users' LoRAs load only on bf16 weights.")  # fmt: skip
     if loaded.compile_mode is None or loaded.lora_slots is not None:
         return None
-    if family.lora_slots:
-        return _COMPILED_REFUSAL
-    return (f"lora_weights and extra_lora are not served by this deployment: it compiles {variant.name}'s transformer "
-            "(FASTSD_COMPILE), and users' LoRAs load only where it is not compiled.")  # fmt: skip
+    denoiser = "UNet" if family.denoiser == "unet" else "transformer"
+    return (f"lora_weights and extra_lora are not served by this deployment: it compiles its {denoiser} "
+            "(FASTSD_COMPILE) without LoRA slots (FASTSD_LORA_MAX_RANK=0).")  # fmt: skip
 
 
 class Engine:
@@ -85,12 +78,13 @@ class Engine:
         self.finish: Finish = DeviceFinish(loaded.safety) if on_device else Finish(loaded.safety)
         self.outputs = Outputs()
         self.call_parameters = {key: pipelines.call_parameters(pipeline) for key, pipeline in loaded.by_key.items()}
+        lora_refusal = lora_refusal_of(loaded, self.family)
         self.served = Served(
             variant,
             vae_choices=loaded.vae_choices,
             controlnets=loaded.controlnets,
-            lora_rules=None if _lora_refusal(variant, loaded, self.family) else Rules.from_settings(settings),
-            lora_refusal=_lora_refusal(variant, loaded, self.family) or _COMPILED_REFUSAL,
+            lora_rules=None if lora_refusal else Rules.from_settings(settings),
+            lora_refusal=lora_refusal or Served.lora_refusal,
             accepts_negative_prompt=loaded.accepts_negative_prompt,
             check_prompts=self.prompts.check,
         )

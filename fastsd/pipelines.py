@@ -21,7 +21,7 @@ import torch
 from .errors import ConfigurationError
 from .families import Family, family_of
 from .loras.adapters import load_adapter
-from .loras.hotswap import UnetSlots
+from .loras.hotswap import LoraSlots
 from .safety import SafetyChecker
 from .settings import BEST, REGIONAL, Settings, configure_libraries
 from .tasks import PipelineKey, Task
@@ -91,7 +91,7 @@ class Pipelines:
     dtype: torch.dtype
     accepts_negative_prompt: bool  # the distilled LCM pipeline embeds guidance and takes none
     safety: SafetyChecker | None = None  # None: FASTSD_SAFETY_CHECKER=off
-    lora_slots: UnetSlots | None = None  # a compiled UNet's slots for users' LoRAs (fastsd.loras.hotswap)
+    lora_slots: LoraSlots | None = None  # a compiled denoiser's slots for users' LoRAs (fastsd.loras.hotswap)
     compile_mode: str | None = None  # the torch.compile mode the models were compiled with (or regional)
     fp8: bool = False  # the denoiser's weights are fp8 (FASTSD_FP8)
 
@@ -322,8 +322,8 @@ def load(
     mode = compile_mode(settings.compile)
     if mode:
         configure_libraries(settings, compiling=True)
-        if settings.lora_max_rank and family.lora_slots:  # before compiling: the slots are in the graph
-            lora_slots = UnetSlots(denoiser, settings.lora_max_rank)
+        if settings.lora_max_rank and not fp8:  # before compiling: the slots are in the graph
+            lora_slots = LoraSlots(denoiser, settings.lora_max_rank, family.lora_slot_layers(denoiser), family.denoiser)
         _compile(family.compiled_modules(text_to_image, tiny_vae), device, mode, frozen=lora_slots is None)
     # 4. The safety checkers.
     parameters = call_parameters(text_to_image)

@@ -166,7 +166,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("FASTSD_LORAS_LOADED", "loras_loaded", number(int, 4, 1, 64), "4", "1 to 64",
              "user LoRAs kept loaded between requests"),
     Variable("FASTSD_LORA_MAX_RANK", "lora_max_rank", number(int, 64, 0, 1024), "64", "0 to 1024",
-             "the rank of a compiled UNet's LoRA slots; 0: none, and no user LoRAs there"),
+             "the rank of a compiled UNet's or transformer's LoRA slots; 0: none, and no user LoRAs there"),
     Variable("FASTSD_ALLOW_PRIVATE_URLS", "allow_private_urls", switch(False), "off", "a switch",
              "on: LoRAs may be fetched from private addresses and over http (tests only)"),
     Variable("FASTSD_DOWNLOAD_WORKERS", "download_workers", number(int, 8, 1, 64), "8", "1 to 64",

@@ -129,7 +129,7 @@ def replicate_training_tar(model_folder: Path, seed: int = 2) -> bytes:
 _TRANSFORMER_TARGETS = ("attn", "attention", "ff", "feed_forward")
 
 
-def _meta_transformer(model_folder: Path):
+def meta_transformer(model_folder: Path):
     """A model folder's transformer, shapes only."""
     import diffusers
 
@@ -141,7 +141,7 @@ def _meta_transformer(model_folder: Path):
 def transformer_lora(model_folder: Path, key_format: str = PEFT, rank: int = 4, seed: int = 1) -> dict:
     """A style LoRA's tensors for the transformer in model_folder: PEFT (diffusers' names) for any
     of them, KOHYA (BFL's names, FLUX.1's double blocks) for FLUX.1."""
-    transformer = _meta_transformer(model_folder)
+    transformer = meta_transformer(model_folder)
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
 

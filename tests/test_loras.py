@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastsd import variants
-from fastsd.engine import Engine
+from fastsd.engine import Engine, lora_refusal_of
 from fastsd.errors import InputError
 from fastsd.loras import references as loras
 from fastsd.loras import remote
@@ -311,7 +311,9 @@ def test_every_redirect_is_checked_again(lora_server, monkeypatch, tmp_path):
 
 def test_a_compiled_deployment_refuses_loras_before_fetching(sdxl, lora_server, monkeypatch):
     # As FASTSD_COMPILE with FASTSD_LORA_MAX_RANK=0 serves it: no rules for fetching LoRAs.
-    monkeypatch.setattr(sdxl, "served", replace(sdxl.served, lora_rules=None))
+    compiled = replace(sdxl.pipelines, compile_mode="default", lora_slots=None)
+    refusal = lora_refusal_of(compiled, sdxl.family)
+    monkeypatch.setattr(sdxl, "served", replace(sdxl.served, lora_rules=None, lora_refusal=refusal))
     before = dict(lora_server.requests)
     with pytest.raises(
         InputError,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from ..loras.hotswap import SlotLayers, block_layers
 from ..tasks import Task
 from ..variants import Variant
 
@@ -42,7 +43,6 @@ class Family:
     gpu_dtype = torch.bfloat16  # fp16 overflows in these transformers and their LLM/T5 encoders
     channels_last = False  # NHWC speeds convolutions: the UNets', not the transformers'
     tasks: tuple[Task, ...] = tuple(Task)
-    lora_slots = False  # a compiled denoiser takes users' LoRAs in fixed slots (fastsd.loras.hotswap: UNets)
     controlnet_class = "ControlNetModel"  # the diffusers class of the architecture's ControlNets
     transformer_tier = True  # FASTSD_ATTENTION and FASTSD_FP8 apply (diffusers' attention dispatcher, torchao)
 
@@ -78,6 +78,10 @@ class Family:
             called.update(control_image=[r.control_image for r in per_image],
                           controlnet_conditioning_scale=first.conditioning_scale)  # fmt: skip
         return called
+
+    def lora_slot_layers(self, denoiser) -> SlotLayers:
+        """The layers a compiled denoiser's LoRA slots cover (fastsd.loras.hotswap)."""
+        return block_layers(denoiser)
 
     def compiled_modules(self, pipeline, tiny_vae) -> list[torch.nn.Module]:
         """What torch.compile compiles: the denoiser and the decoders."""

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigurationError
+from ..loras.hotswap import UNET_LAYERS, SlotLayers
 from ..prompts import PromptEncoder
 from ..tasks import Task
 from ..variants import SD2, SD15, SDXL, HubFile, Variant
@@ -58,7 +59,6 @@ class StableDiffusion(Family):
     denoiser = "unet"
     gpu_dtype = torch.float16
     channels_last = True
-    lora_slots = True
     transformer_tier = False
 
     def pipeline_class(self, task: Task, architecture: str, controlnet: bool) -> str | None:
@@ -89,6 +89,9 @@ class StableDiffusion(Family):
             called["image" if first.task is Task.TEXT_TO_IMAGE else "control_image"] = control
             called["controlnet_conditioning_scale"] = first.conditioning_scale
         return called
+
+    def lora_slot_layers(self, denoiser) -> SlotLayers:
+        return UNET_LAYERS
 
     def compiled_modules(self, pipeline, tiny_vae) -> list[torch.nn.Module]:
         return [pipeline.unet, pipeline.vae.decoder, *([tiny_vae.decoder] if tiny_vae else [])]

@@ -4,12 +4,13 @@ The acceleration (LCM-LoRA, Hyper-SD, ...) is fused into the weights at setup an
 step. A request's own LoRAs (fastsd.loras.references resolves and checks the files) are loaded as peft
 adapters through diffusers, which reads the key formats people publish (kohya, diffusers, peft),
 text-encoder layers included. The most recent few stay loaded; a call without LoRAs runs with
-every adapter disabled, which is the base model exactly as it was. On a compiled UNet the UNet
+every adapter disabled, which is the base model exactly as it was. On a compiled denoiser its
 parts go into fixed slots instead (fastsd.loras.hotswap), so that switching never recompiles.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from collections import OrderedDict
@@ -19,7 +20,7 @@ import torch
 
 from ..errors import InputError
 from ..variants import Variant
-from .hotswap import UnetSlots
+from .hotswap import LoraSlots
 
 log = logging.getLogger(__name__)
 UNSETTLED = None  # Adapters._active while the modules may hold part of a change
@@ -40,34 +41,49 @@ def load_adapter(pipeline, path: Path, adapter: str, denoiser: str = "unet") -> 
     return None
 
 
-def load_split(pipeline, path: Path, adapter: str) -> tuple[tuple | None, list[str]]:
-    """For a compiled UNet: the LoRA's UNet part, peft-keyed with its alphas (for UnetSlots), and
-    its text-encoder parts loaded as the named adapter. Returns (UNet part or None, the text
-    encoders holding it). Raises ValueError when none of it fits."""
+def load_split(pipeline, path: Path, adapter: str, denoiser: str = "unet") -> tuple[tuple | None, list[str]]:
+    """For a compiled denoiser: the LoRA's denoiser part, peft-keyed with its alphas (for
+    LoraSlots), and its text-encoder parts loaded as the named adapter. Returns (denoiser part,
+    the text encoders holding it). Raises ValueError when none of it fits."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    tensors, alphas = pipeline.lora_state_dict(_readable(pipeline, path))
-    unet_part = {key: value for key, value in tensors.items() if key.startswith("unet.")}
+    tensors, alphas = _state_dict(pipeline, _readable(pipeline, path))
+    part = {key: value for key, value in tensors.items() if key.startswith(f"{denoiser}.") and "lora" in key}
     encoders: list[str] = []
-    for name in ("text_encoder", "text_encoder_2"):
-        encoder = getattr(pipeline, name, None)
-        if encoder is None or not any(key.startswith(f"{name}.") for key in tensors):
+    for name in _text_encoders(pipeline):
+        if not any(key.startswith(f"{name}.") for key in tensors):
             continue
         try:
             pipeline.load_lora_into_text_encoder(
-                tensors, network_alphas=alphas, text_encoder=encoder, prefix=name, adapter_name=adapter
+                tensors, network_alphas=alphas, text_encoder=getattr(pipeline, name), prefix=name, adapter_name=adapter
             )
         except (RuntimeError, ValueError, KeyError, IndexError):
             for loaded in (*encoders, name):
                 delete_from_text_encoder(getattr(pipeline, loaded), adapter)
             raise
         encoders.append(name)
-    if not unet_part:
+    if not part:
         for loaded in encoders:
             delete_from_text_encoder(getattr(pipeline, loaded), adapter)
-        raise ValueError("none of its layers fits that UNet")
-    unet_alphas = {key: value for key, value in (alphas or {}).items() if key.startswith("unet.")} or None
-    return (convert_unet_state_dict_to_peft(unet_part), unet_alphas), encoders
+        raise ValueError(f"none of its layers fits that {'UNet' if denoiser == 'unet' else 'transformer'}")
+    part_alphas = {key: value for key, value in (alphas or {}).items() if key.startswith(f"{denoiser}.")} or None
+    return (convert_unet_state_dict_to_peft(part), part_alphas), encoders
+
+
+def _state_dict(pipeline, readable) -> tuple[dict, dict | None]:
+    """The LoRA's tensors in diffusers' names (kohya's and the trainers' converted) and its alphas,
+    however the pipeline's loader returns them (FLUX.1's on request, FLUX.2's and Z-Image's never)."""
+    if "return_alphas" in inspect.signature(pipeline.lora_state_dict).parameters:
+        return pipeline.lora_state_dict(readable, return_alphas=True)
+    loaded = pipeline.lora_state_dict(readable)
+    return loaded if isinstance(loaded, tuple) else (loaded, None)
+
+
+def _text_encoders(pipeline) -> list[str]:
+    """The text encoders the pipeline's LoRA loader can put a LoRA in (FLUX.1's CLIP and SD's; not
+    the LLM encoders of FLUX.2 and Z-Image)."""
+    loadable = getattr(pipeline, "_lora_loadable_modules", ())
+    return [name for name in ("text_encoder", "text_encoder_2") if name in loadable and getattr(pipeline, name, None)]
 
 
 def delete_from_text_encoder(encoder, adapter: str) -> None:
@@ -127,13 +143,13 @@ class Adapters:
     """
 
     def __init__(
-        self, pipeline, variant: Variant, slots: UnetSlots | None = None, capacity: int = 4, denoiser: str = "unet"
+        self, pipeline, variant: Variant, slots: LoraSlots | None = None, capacity: int = 4, denoiser: str = "unet"
     ):
         self._pipeline = pipeline
         self._variant = variant
         self._denoiser = denoiser  # the component a LoRA must fit: unet, or the transformers' transformer
-        self._slots = slots  # a compiled UNet's: its LoRA parts go there, not into adapters
-        self._unet_parts: dict[str, tuple | None] = {}  # with slots: adapter -> its UNet part
+        self._slots = slots  # a compiled denoiser's: its LoRA parts go there, not into adapters
+        self._parts: dict[str, tuple | None] = {}  # with slots: adapter -> its denoiser part
         self._encoders: dict[str, list[str]] = {}  # with slots: adapter -> text encoders holding it
         self._loaded: OrderedDict[str, object] = OrderedDict()  # adapter name -> LoraFile
         self._capacity = max(1, capacity)  # FASTSD_LORAS_LOADED
@@ -211,10 +227,10 @@ class Adapters:
         if self._slots is None:
             return load_adapter(self._pipeline, lora.path, lora.adapter, self._denoiser)
         try:
-            part, encoders = load_split(self._pipeline, lora.path, lora.adapter)
+            part, encoders = load_split(self._pipeline, lora.path, lora.adapter, self._denoiser)
         except (RuntimeError, ValueError, KeyError, IndexError) as error:
             return str(error).splitlines()[0] if str(error) else type(error).__name__
-        self._unet_parts[lora.adapter], self._encoders[lora.adapter] = part, encoders
+        self._parts[lora.adapter], self._encoders[lora.adapter] = part, encoders
         return self._slots.refusal(part)
 
     def _delete(self, adapter: str) -> None:
@@ -222,14 +238,13 @@ class Adapters:
         if self._slots is None:
             _forget(self._pipeline, adapter)
             return
-        self._unet_parts.pop(adapter, None)
+        self._parts.pop(adapter, None)
         self._encoders.pop(adapter, None)
-        for name in ("text_encoder", "text_encoder_2"):
-            if getattr(self._pipeline, name, None) is not None:
-                delete_from_text_encoder(getattr(self._pipeline, name), adapter)
+        for name in _text_encoders(self._pipeline):
+            delete_from_text_encoder(getattr(self._pipeline, name), adapter)
 
     def _apply_to_slots(self, loras: tuple) -> None:
-        """UNet parts into the slots (lora_weights, extra_lora; the rest emptied), text-encoder
+        """Denoiser parts into the slots (lora_weights, extra_lora; the rest emptied), text-encoder
         parts as adapters, set on each text encoder that holds any."""
         from diffusers.loaders.lora_base import (
             disable_lora_for_text_encoder,
@@ -238,12 +253,12 @@ class Adapters:
         )
 
         slots = self._slots
-        assert slots is not None  # only a compiled UNet's adapters go into slots
+        assert slots is not None  # only a compiled denoiser's adapters go into slots
         for index in range(len(slots.holding)):
             lora, scale = loras[index] if index < len(loras) else (None, 0.0)
             adapter = lora.adapter if lora else None
             try:
-                slots.hold(index, adapter, self._unet_parts.get(adapter) if adapter else None, scale)
+                slots.hold(index, adapter, self._parts.get(adapter) if adapter else None, scale)
             except ValueError as error:
                 if lora is None:  # emptying a slot failed: the deployment's fault, not the request's
                     raise RuntimeError(f"LoRA slot {index} could not be emptied: {error}") from None
@@ -251,8 +266,8 @@ class Adapters:
                     f"{lora.name} {lora.reference} does not fit this compiled deployment's LoRA slot: {error}.",
                     field=lora.name,
                 ) from None
-        for name in ("text_encoder", "text_encoder_2"):
-            encoder = getattr(self._pipeline, name, None)
+        for name in _text_encoders(self._pipeline):
+            encoder = getattr(self._pipeline, name)
             chosen = [(lora.adapter, scale) for lora, scale in loras if name in self._encoders.get(lora.adapter, [])]
             if chosen:
                 enable_lora_for_text_encoder(encoder)
