@@ -33,7 +33,7 @@ class SlotLayers:
     """The denoiser's layers the slots cover: peft's target_modules (a pattern over module names,
     or the names themselves), and what they are, for the sentence refusing a LoRA that trains others."""
 
-    targets: str | tuple[str, ...]
+    targets: str | frozenset[str]
     described: str
 
     def holds(self, layer: str) -> bool:
@@ -59,7 +59,7 @@ def block_layers(transformer) -> SlotLayers:
     blocks = [
         name for name, module in transformer.named_modules() if type(module).__name__ in transformer._repeated_blocks
     ]
-    names = tuple(
+    names = frozenset(
         name
         for name, module in transformer.named_modules()
         if isinstance(module, torch.nn.Linear) and any(name.startswith(f"{block}.") for block in blocks)
@@ -82,7 +82,7 @@ class LoraSlots:
         from peft import LoraConfig
         from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-        targets = layers.targets if isinstance(layers.targets, str) else list(layers.targets)
+        targets = layers.targets if isinstance(layers.targets, str) else sorted(layers.targets)
         for slot in SLOTS:  # lora_B starts at zero: an empty slot changes nothing
             denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), adapter_name=slot)
         denoiser.set_adapters(list(SLOTS), [1.0] * len(SLOTS))
