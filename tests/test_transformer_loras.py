@@ -1,7 +1,8 @@
 """Per-request LoRAs on FLUX.2 [klein], Z-Image-Turbo and FLUX.1 [schnell], through the real Cog
 server: the formats people publish for each (diffusers/peft; FLUX.1's kohya files and Replicate's
 FLUX trainer tar), the image they change and the exact image without them, a LoRA for another
-architecture refused naming both, and no state left behind by one that fails."""
+architecture refused naming both, and no state left behind by one that fails; FLUX.1 [schnell]
+also compiled (FASTSD_COMPILE=regional), its LoRAs in slots (tests/test_hotswap.py in process)."""
 
 from __future__ import annotations
 
@@ -43,11 +44,16 @@ def lora_server(files):
         yield server
 
 
-@pytest.fixture(scope="module", params=PRESETS)
+# Each preset eager, and FLUX.1 [schnell] compiled (its LoRAs hot-swapped into the blocks' slots).
+SERVERS = [(name, None) for name in PRESETS] + [("flux-schnell", "regional")]
+
+
+@pytest.fixture(scope="module", params=SERVERS, ids=[f"{name}-{mode or 'eager'}" for name, mode in SERVERS])
 def cog(request, weights_root, lora_server, tmp_path_factory):
-    name = request.param
-    log_path = tmp_path_factory.mktemp("logs") / f"loras-{name}.log"
+    name, compile_mode = request.param
+    log_path = tmp_path_factory.mktemp("logs") / f"loras-{name}-{compile_mode or 'eager'}.log"
     environment = {
+        **({"FASTSD_COMPILE": compile_mode} if compile_mode else {}),
         "FASTSD_VARIANT": name,
         "FASTSD_WEIGHTS_ROOT": str(weights_root),
         "FASTSD_ALLOW_PRIVATE_URLS": "1",
@@ -57,6 +63,8 @@ def cog(request, weights_root, lora_server, tmp_path_factory):
     server = CogServer(environment, log_path)
     try:
         assert server.wait_for_setup()["status"] == "READY", log_path.read_text()[-3000:]
+        if compile_mode:
+            assert "LoRA slots of rank 64 in the transformer" in log_path.read_text()
         server.variant = variants.VARIANTS[name]
         yield server
     finally:
