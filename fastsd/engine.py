@@ -16,7 +16,7 @@ from .families import Family, family_of, join_embeddings, length_of
 from .finish import DeviceFinish, Finish
 from .gpu import Graphs
 from .inputs import GenerationRequest, Served
-from .loras.adapters import Adapters
+from .loras.adapters import Adapters, denoiser_label
 from .loras.references import Rules
 from .outputs import Outputs
 from .prompts import PromptCache
@@ -49,7 +49,7 @@ def lora_refusal_of(loaded: pipelines.Pipelines, family: Family) -> str | None:
                 "(FASTSD_FP8), and users' LoRAs load only on bf16 weights.")  # fmt: skip
     if loaded.compile_mode is None or loaded.lora_slots is not None:
         return None
-    denoiser = "UNet" if family.denoiser == "unet" else "transformer"
+    denoiser = denoiser_label(family.denoiser)
     return (f"lora_weights and extra_lora are not served by this deployment: it compiles its {denoiser} "
             "(FASTSD_COMPILE) without LoRA slots (FASTSD_LORA_MAX_RANK=0).")  # fmt: skip
 

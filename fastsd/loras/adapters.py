@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 UNSETTLED = None  # Adapters._active while the modules may hold part of a change
 
 
+def denoiser_label(denoiser: str) -> str:
+    """The denoiser component as sentences name it: UNet, or transformer."""
+    return "UNet" if denoiser == "unet" else denoiser
+
+
 def load_adapter(pipeline, path: Path, adapter: str, denoiser: str = "unet") -> str | None:
     """Load a LoRA file as the named adapter (denoiser: the pipeline's component that must take some
     of it, unet or transformer). None when it loaded, else why it does not fit (the pipeline then
@@ -37,7 +42,7 @@ def load_adapter(pipeline, path: Path, adapter: str, denoiser: str = "unet") -> 
         return str(error).splitlines()[0] if str(error) else type(error).__name__
     if adapter not in pipeline.get_list_adapters().get(denoiser, []):
         _forget(pipeline, adapter)
-        return f"none of its layers fits that {'UNet' if denoiser == 'unet' else 'transformer'}"
+        return f"none of its layers fits that {denoiser_label(denoiser)}"
     return None
 
 
@@ -65,7 +70,7 @@ def load_split(pipeline, path: Path, adapter: str, denoiser: str = "unet") -> tu
     if not part:
         for loaded in encoders:
             delete_from_text_encoder(getattr(pipeline, loaded), adapter)
-        raise ValueError(f"none of its layers fits that {'UNet' if denoiser == 'unet' else 'transformer'}")
+        raise ValueError(f"none of its layers fits that {denoiser_label(denoiser)}")
     part_alphas = {key: value for key, value in (alphas or {}).items() if key.startswith(f"{denoiser}.")} or None
     return (convert_unet_state_dict_to_peft(part), part_alphas), encoders
 
